@@ -1,0 +1,24 @@
+# Two commands do all the set-up: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo clean
+
+# The editable install in "compat" mode puts this checkout on sys.path, so Twisted finds
+# twisted/plugins/eke_plugin.py here (a strict editable install would hide it from twistd).
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	bash contrib/demo.sh
+
+clean:
+	rm -rf $(VENV) demo build *.egg-info .pytest_cache .hypothesis

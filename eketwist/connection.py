@@ -1,0 +1,131 @@
+"""What the server's and the client's protocol machines share: frames in, messages dispatched
+through an explicit state table, records sealed and opened once the handshake has keys.
+
+Each subclass declares TRANSITIONS: for every state, the message types it accepts and the method
+that handles each. A message that its state does not list is a protocol error; so is anything
+after the connection has started closing.
+"""
+
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from . import records, wire
+from .errors import EketwistError, IntegrityError, ProtocolError
+
+
+class StopReading(Exception):
+    """Internal: the connection is closing, drop whatever else is buffered."""
+
+
+class SecureConnection(Protocol):
+    log = Logger()
+    TRANSITIONS = {}
+    state = "closed"
+
+    def connectionMade(self):
+        self.decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_PAYLOAD)
+        self._send_cipher = None
+        self._receive_cipher = None
+        self.closing = False
+
+    @property
+    def authenticated(self):
+        return self._send_cipher is not None
+
+    def start_records(self, k_shared, *, is_client):
+        self._send_cipher, self._receive_cipher = records.traffic_ciphers(k_shared, is_client=is_client)
+        self.decoder.max_payload = wire.MAX_RECORD_PAYLOAD
+
+    # -- sending
+
+    def send_handshake(self, message):
+        payload = wire.encode_message(message)
+        self.transport.write(wire.header(wire.HANDSHAKE, len(payload)) + payload)
+
+    def send_control(self, message):
+        self._send_record(wire.CONTROL, wire.encode_message(message))
+
+    def send_data(self, chunk):
+        self._send_record(wire.DATA, chunk)
+
+    def _send_record(self, kind, plaintext):
+        head = wire.header(kind, len(plaintext) + records.TAG_BYTES)
+        self.transport.writeSequence((head, self._send_cipher.seal(head, plaintext)))
+
+    def send_error(self, error):
+        message = {"type": "error", "code": error.code, "message": error.message}
+        if self.authenticated:
+            self.send_control(message)
+        else:
+            self.send_handshake(message)
+
+    # -- receiving
+
+    def dataReceived(self, data):
+        if self.closing:
+            return
+        try:
+            self.decoder.feed(data, self._frame_received)
+        except StopReading:
+            pass
+        except EketwistError as error:
+            self.fail(error)
+
+    def _frame_received(self, kind, head, payload):
+        if self.closing:
+            raise StopReading()
+        if kind == wire.HANDSHAKE:
+            if self.authenticated:
+                raise ProtocolError("plaintext message after the handshake")
+            self._dispatch(wire.decode_message(payload))
+            return
+        if not self.authenticated:
+            raise ProtocolError("record before the handshake completed")
+        try:
+            plaintext = self._receive_cipher.open(head, payload)
+        except records.RecordAuthenticationError:
+            raise IntegrityError("a record failed authentication: the connection was tampered with") from None
+        if kind == wire.DATA:
+            self._dispatch_to(self.state, "data", plaintext)
+        else:
+            if len(plaintext) > wire.MAX_CONTROL_PLAINTEXT:
+                raise ProtocolError("control message too large")
+            self._dispatch(wire.decode_message(plaintext))
+
+    def _dispatch(self, message):
+        self._dispatch_to(self.state, message["type"], message)
+
+    def _dispatch_to(self, state, message_type, argument):
+        handler = self.TRANSITIONS.get(state, {}).get(message_type)
+        if handler is None:
+            self.unexpected(state, message_type, argument)
+        else:
+            getattr(self, handler)(argument)
+
+    def unexpected(self, state, message_type, argument):
+        if message_type == "error":
+            self.peer_error(argument)
+        else:
+            raise ProtocolError(f"unexpected {message_type!r} message in state {state!r}")
+
+    def peer_error(self, message):
+        """The peer reported an error; subclasses decide what it means."""
+        raise ProtocolError("the peer reported an error")
+
+    # -- closing
+
+    def fail(self, error):
+        """Tell the peer what went wrong (never a traceback), then close."""
+        if self.closing:
+            return
+        try:
+            self.send_error(error)
+        except Exception:
+            pass  # the error message is a courtesy; the close is what matters
+        self.close(error)
+
+    def close(self, reason=None):
+        if not self.closing:
+            self.closing = True
+            self.state = "closed"
+            self.transport.loseConnection()

@@ -1,0 +1,145 @@
+"""Every failure eketwist reports, in one table: wire code, exit code and user-facing message.
+
+An exception's docstring is its default message. The server sends only `code` and a message it
+chose (never a traceback); the client maps the code back to the same class and to an exit code.
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONNECTION = 3
+EXIT_AUTH = 4
+EXIT_NOT_FOUND = 5
+EXIT_INTEGRITY = 6
+EXIT_PROTOCOL = 7
+EXIT_LOCAL_IO = 8
+EXIT_REFUSED = 9
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  success
+  1  unexpected failure (a bug, or an internal error on the server)
+  2  usage error (bad command line)
+  3  connection failed, was lost, or timed out
+  4  authentication failed (wrong user or password, or the server could not prove it knows it)
+  5  remote file not found, or not a regular file
+  6  integrity failure (a record, the size or the SHA-1 did not verify); nothing was written
+  7  protocol error (the peer broke the protocol, or asked for something unsupported)
+  8  local I/O error (cannot read or write a local file)
+  9  refused by the server (permission denied, or a path outside the root)
+"""
+
+
+class EketwistError(Exception):
+    """Unexpected failure."""
+
+    code = "internal"
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message=None):
+        super().__init__(message or self.__doc__.strip())
+
+    @property
+    def message(self):
+        return self.args[0]
+
+
+class UsageError(EketwistError):
+    """Bad usage."""
+
+    code = "usage"
+    exit_code = EXIT_USAGE
+
+
+class ConnectionFailed(EketwistError):
+    """The connection to the server failed or was lost."""
+
+    code = "connection"
+    exit_code = EXIT_CONNECTION
+
+
+class Timeout(ConnectionFailed):
+    """The connection timed out."""
+
+    code = "timeout"
+
+
+class AuthenticationFailed(EketwistError):
+    """Authentication failed: wrong username or password."""
+
+    code = "auth-failed"
+    exit_code = EXIT_AUTH
+
+
+class ServerNotAuthenticated(AuthenticationFailed):
+    """The server could not prove it knows your password: wrong password, or not the server you think."""
+
+    code = "server-auth-failed"
+
+
+class NotFound(EketwistError):
+    """No such file on the server."""
+
+    code = "not-found"
+    exit_code = EXIT_NOT_FOUND
+
+
+class NotAFile(NotFound):
+    """Not a regular file."""
+
+    code = "not-a-file"
+
+
+class PermissionDenied(EketwistError):
+    """Permission denied on the server."""
+
+    code = "permission-denied"
+    exit_code = EXIT_REFUSED
+
+
+class BadPath(PermissionDenied):
+    """Path refused: it must be relative and stay inside the server's root."""
+
+    code = "bad-path"
+
+
+class IntegrityError(EketwistError):
+    """Integrity check failed: the data was altered or cut short."""
+
+    code = "integrity"
+    exit_code = EXIT_INTEGRITY
+
+
+class ProtocolError(EketwistError):
+    """The peer broke the protocol."""
+
+    code = "protocol"
+    exit_code = EXIT_PROTOCOL
+
+
+class Unsupported(ProtocolError):
+    """The peer does not support this request."""
+
+    code = "unsupported"
+
+
+class LocalIOError(EketwistError):
+    """Local I/O error."""
+
+    code = "local-io"
+    exit_code = EXIT_LOCAL_IO
+
+
+def _all_subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+BY_CODE = {cls.code: cls for cls in [EketwistError, *_all_subclasses(EketwistError)]}
+
+
+def from_wire(code, message):
+    """The exception a peer's error message stands for; unknown codes are generic failures."""
+    cls = BY_CODE.get(code, EketwistError)
+    return cls(message if isinstance(message, str) and message else None)

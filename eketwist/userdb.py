@@ -1,0 +1,285 @@
+"""The users file: verifiers only (salt, scrypt cost, w0, L), never passwords.
+
+Format (docs/protocol.md, "Users file"): UTF-8 text, one JSON object per line; blank lines and
+lines starting with '#' are ignored. The first object is the header
+  {"eketwist-users": 1, "secret": "<64 hex>"}
+whose secret makes the answers for unknown usernames stable; every other line is a user
+  {"user": "alice", "scrypt": {"n": 32768, "r": 8, "p": 1}, "salt": "<hex>", "w0": "<hex>", "L": "<hex>"}
+Unknown fields are kept as they are, so later versions can add per-user settings.
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import tempfile
+import unicodedata
+from dataclasses import dataclass, field
+
+from . import spake2plus
+
+FORMAT_VERSION = 1
+SALT_BYTES = 16
+DEFAULT_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
+# What a client accepts from a server, so a fake server cannot make it burn minutes or
+# gigabytes (2**20 * 8 * 128 bytes = 1 GiB is the most it will spend).
+SCRYPT_BOUNDS = {"n": (2**10, 2**20), "r": (1, 16), "p": (1, 4)}
+MAX_SCRYPT_MEMORY = 1 << 30
+MAX_USERNAME_BYTES = 64
+
+
+class UsersFileError(Exception):
+    """The users file cannot be used; the message names the file and line."""
+
+
+def check_username(name):
+    """Return a problem with a username, or None. Names are 1-64 bytes of printable UTF-8."""
+    if not isinstance(name, str) or not name:
+        return "a username must not be empty"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_USERNAME_BYTES:
+        return f"a username is at most {MAX_USERNAME_BYTES} bytes"
+    if any(ch.isspace() or unicodedata.category(ch)[0] in "CZ" for ch in name):
+        return "a username must not contain spaces or control characters"
+    return None
+
+
+def check_scrypt(params):
+    """Return a problem with scrypt parameters, or None."""
+    try:
+        n, r, p = params["n"], params["r"], params["p"]
+    except (KeyError, TypeError):
+        return "scrypt parameters must have n, r and p"
+    for key, value in (("n", n), ("r", r), ("p", p)):
+        low, high = SCRYPT_BOUNDS[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            return f"scrypt {key} must be between {low} and {high}"
+    if n & (n - 1):
+        return "scrypt n must be a power of two"
+    if 128 * n * r > MAX_SCRYPT_MEMORY:
+        return "scrypt parameters would need more than 1 GiB"
+    return None
+
+
+@dataclass(frozen=True)
+class User:
+    """A user's verifier. repr() shows the name only."""
+
+    name: str
+    scrypt: dict = field(repr=False)
+    salt: bytes = field(repr=False)
+    w0: int = field(repr=False)
+    L: bytes = field(repr=False)
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def to_json(self):
+        return {
+            **self.extra,
+            "user": self.name,
+            "scrypt": dict(self.scrypt),
+            "salt": self.salt.hex(),
+            "w0": self.w0.to_bytes(spake2plus.SCALAR_BYTES, "big").hex(),
+            "L": self.L.hex(),
+        }
+
+
+def make_user(name, password, scrypt=None, salt=None):
+    """Register a user: scrypt over the password, then keep only w0 and L = w1*P."""
+    scrypt = dict(scrypt or DEFAULT_SCRYPT)
+    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
+    w0, w1 = spake2plus.register(password.encode("utf-8"), salt, name.encode("utf-8"), **scrypt)
+    w0, L = spake2plus.verifier_record(w0, w1)
+    return User(name=name, scrypt=scrypt, salt=salt, w0=w0, L=L)
+
+
+class Users:
+    """A parsed users file: the server secret and the users by name."""
+
+    def __init__(self, secret, users=(), secret_is_stored=True):
+        self.secret = secret
+        self.secret_is_stored = secret_is_stored
+        self.by_name = {user.name: user for user in users}
+        self._fake_L = spake2plus.encode_point(
+            spake2plus.GENERATOR * (self._derive(b"L", b"") % (spake2plus.ORDER - 1) + 1)
+        )
+
+    def __repr__(self):
+        return f"<Users {len(self.by_name)} users>"
+
+    def _derive(self, purpose, name_bytes):
+        digest = hmac.new(self.secret, b"eketwist/1 fake " + purpose + b"\0" + name_bytes, hashlib.sha512)
+        return int.from_bytes(digest.digest(), "big")
+
+    @classmethod
+    def new(cls):
+        return cls(secrets.token_bytes(32))
+
+    def lookup(self, name):
+        """(user, known). An unknown name gets a stable fake verifier of the same shape, so
+        the handshake looks the same for it and fails only at the key confirmation."""
+        user = self.by_name.get(name)
+        if user is not None:
+            return user, True
+        name_bytes = name.encode("utf-8", "surrogatepass")
+        fake = User(
+            name=name,
+            scrypt=dict(DEFAULT_SCRYPT),
+            salt=self._derive(b"salt", name_bytes).to_bytes(64, "big")[:SALT_BYTES],
+            w0=self._derive(b"w0", name_bytes) % spake2plus.ORDER,
+            L=self._fake_L,
+        )
+        return fake, False
+
+
+def _parse_user(obj):
+    name = obj.get("user")
+    problem = check_username(name)
+    if problem:
+        raise ValueError(problem)
+    problem = check_scrypt(obj.get("scrypt"))
+    if problem:
+        raise ValueError(problem)
+    try:
+        salt = bytes.fromhex(obj["salt"])
+        w0 = int.from_bytes(bytes.fromhex(obj["w0"]), "big")
+        L = bytes.fromhex(obj["L"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("salt, w0 and L must be hex strings") from None
+    if not 8 <= len(salt) <= 64:
+        raise ValueError("salt must be 8 to 64 bytes")
+    if not 0 < w0 < spake2plus.ORDER:
+        raise ValueError("w0 is out of range")
+    try:
+        spake2plus.decode_point(L)
+    except spake2plus.InvalidPoint:
+        raise ValueError("L is not a valid point") from None
+    known = {"user", "scrypt", "salt", "w0", "L"}
+    extra = {k: v for k, v in obj.items() if k not in known}
+    return User(name=name, scrypt=dict(obj["scrypt"]), salt=salt, w0=w0, L=L, extra=extra)
+
+
+def parse(text, source="users file"):
+    """Parse the users file text; raise UsersFileError naming the line of the first problem."""
+    secret = None
+    users = []
+    seen = set()
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        where = f"{source}, line {lineno}"
+        try:
+            obj = json.loads(stripped)
+        except ValueError:
+            raise UsersFileError(f"{where}: not a JSON object") from None
+        if not isinstance(obj, dict):
+            raise UsersFileError(f"{where}: not a JSON object")
+        if "eketwist-users" in obj:
+            if obj["eketwist-users"] != FORMAT_VERSION:
+                raise UsersFileError(f"{where}: unsupported format version {obj['eketwist-users']!r}")
+            try:
+                secret = bytes.fromhex(obj["secret"])
+            except (KeyError, TypeError, ValueError):
+                secret = b""
+            if len(secret) < 16:
+                raise UsersFileError(f"{where}: the header's secret must be at least 16 bytes of hex")
+            continue
+        try:
+            user = _parse_user(obj)
+        except ValueError as problem:
+            raise UsersFileError(f"{where}: {problem}") from None
+        if user.name in seen:
+            raise UsersFileError(f"{where}: user {user.name!r} appears twice")
+        seen.add(user.name)
+        users.append(user)
+    if secret is None:
+        # A hand-written file without a header: answers for unknown names then change at
+        # each start, which the server logs as a warning.
+        return Users(secrets.token_bytes(32), users, secret_is_stored=False)
+    return Users(secret, users)
+
+
+def load(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise UsersFileError(f"{path}: no such file (create it with: eke-users add NAME)") from None
+    except (OSError, UnicodeDecodeError) as problem:
+        raise UsersFileError(f"{path}: cannot read: {getattr(problem, 'strerror', None) or problem}") from None
+    return parse(text, source=str(path))
+
+
+def dumps(users):
+    lines = [
+        "# eketwist users file: verifiers only, never passwords. Edit with eke-users.",
+        json.dumps({"eketwist-users": FORMAT_VERSION, "secret": users.secret.hex()}),
+    ]
+    lines += [json.dumps(user.to_json(), ensure_ascii=False) for user in users.by_name.values()]
+    return "\n".join(lines) + "\n"
+
+
+def save(path, users):
+    """Atomically replace the users file: a 0600 temporary file in the same directory, fsync,
+    rename, fsync the directory. Readers see the old file or the new one, never a mix."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".eke-users.", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(dumps(users))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class UsersStore:
+    """The server's view of the users file: re-read when it changes on disk, keeping the last
+    good copy (and logging why) when the new one is broken."""
+
+    def __init__(self, path, log):
+        self.path = path
+        self.log = log
+        self._stamp = self._current_stamp()
+        self.users = load(path)  # a broken file at start is fatal: the caller reports it
+        if not self.users.secret_is_stored:
+            log.warn(
+                "users file {path} has no header secret: unknown usernames get answers that "
+                "change at each restart; run 'eke-users' once to add one",
+                path=path,
+            )
+
+    def _current_stamp(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def current(self):
+        stamp = self._current_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                users = load(self.path)
+            except UsersFileError as problem:
+                self.log.error(
+                    "users file not reloaded, keeping the last good copy: {problem}",
+                    problem=str(problem),
+                )
+            else:
+                self.users = users
+                self.log.info("users file reloaded: {count} users", count=len(users.by_name))
+        return self.users

@@ -1,0 +1,107 @@
+"""The users command: `python -m eketwist.users` / `eke-users`.
+
+Adds, changes and removes users in the users file, which holds verifiers only. Every change
+rewrites the file atomically (mode 0600); a running server picks it up at its next handshake.
+"""
+
+import argparse
+import dataclasses
+import getpass
+import os
+import sys
+
+from . import userdb
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="eke-users",
+        description="Manage eketwist users. The file stores a salt, scrypt cost, w0 and L = w1*P "
+        "per user (SPAKE2+ verifiers), never a password.",
+        epilog="exit codes: 0 success, 1 failure (e.g. no such user, unreadable file), 2 usage error",
+    )
+    parser.add_argument("--users", default="./eke-users", metavar="FILE", help="the users file (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, text in (("add", "add a user"), ("passwd", "change a user's password")):
+        sub = commands.add_parser(name, help=text, description=text + ". The password is asked twice without echo.")
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument("--password-stdin", action="store_true", help="read the password from the first line of standard input")
+        sub.add_argument(
+            "--scrypt-n",
+            type=int,
+            default=userdb.DEFAULT_SCRYPT["n"],
+            help="scrypt cost N, a power of two (default: %(default)s; r=8, p=1)",
+        )
+    remove = commands.add_parser("remove", help="remove a user")
+    remove.add_argument("name", metavar="NAME")
+    commands.add_parser("list", help="list the users")
+    return parser
+
+
+def read_new_password(args, stdin=sys.stdin):
+    if args.password_stdin:
+        password = stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"New password for {args.name}: ")
+        if getpass.getpass("Again: ") != password:
+            raise ValueError("the passwords do not match")
+    if not password:
+        raise ValueError("the password is empty")
+    return password
+
+
+def _load_or_new(path, create):
+    if create and not os.path.exists(path):
+        return userdb.Users.new()
+    return userdb.load(path)
+
+
+def run(args, out=sys.stdout):
+    path = args.users
+    if args.command == "list":
+        users = userdb.load(path)
+        for user in users.by_name.values():
+            out.write(f"{user.name}\tscrypt n={user.scrypt['n']} r={user.scrypt['r']} p={user.scrypt['p']}\n")
+        return EXIT_OK
+    users = _load_or_new(path, create=args.command == "add")
+    problem = userdb.check_username(args.name)
+    if problem:
+        raise ValueError(problem)
+    exists = args.name in users.by_name
+    if args.command == "add" and exists:
+        raise ValueError(f"user {args.name!r} already exists (use passwd to change the password)")
+    if args.command in ("passwd", "remove") and not exists:
+        raise ValueError(f"no user {args.name!r} in {path}")
+    if args.command == "remove":
+        del users.by_name[args.name]
+    else:
+        scrypt = dict(userdb.DEFAULT_SCRYPT, n=args.scrypt_n)
+        problem = userdb.check_scrypt(scrypt)
+        if problem:
+            raise ValueError(problem)
+        password = read_new_password(args)
+        previous = users.by_name.get(args.name)
+        user = userdb.make_user(args.name, password, scrypt)
+        if previous is not None:
+            user = dataclasses.replace(user, extra=previous.extra)
+        users.by_name[args.name] = user
+    if not users.secret_is_stored:
+        users.secret_is_stored = True
+    userdb.save(path, users)
+    return EXIT_OK
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, userdb.UsersFileError, OSError) as problem:
+        message = getattr(problem, "strerror", None) or str(problem)
+        sys.stderr.write(f"eke-users: {message}\n")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
