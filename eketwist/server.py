@@ -108,6 +108,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         if version != wire.PROTOCOL_VERSION:
             raise Unsupported(f"protocol version {version} is not supported (this server speaks {wire.PROTOCOL_VERSION})")
         name = wire.text_field(message, "user", userdb.MAX_USERNAME_BYTES)
+        problem = userdb.check_username(name)
+        if problem:
+            raise ProtocolError(problem)
         self.username = name
         self._user, self._user_known = self.factory.users.current().lookup(name)
         self.state = "share"
@@ -233,6 +236,7 @@ def _describe_peer(address):
 
 class ServerFactory(protocol.Factory):
     protocol = ServerProtocol
+    noisy = False
 
     def __init__(
         self,

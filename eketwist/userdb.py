@@ -8,6 +8,7 @@ whose secret makes the answers for unknown usernames stable; every other line is
 Unknown fields are kept as they are, so later versions can add per-user settings.
 """
 
+import collections
 import hashlib
 import hmac
 import json
@@ -99,6 +100,9 @@ class Users:
         self.secret = secret
         self.secret_is_stored = secret_is_stored
         self.by_name = {user.name: user for user in users}
+        # Fake users get the cost most real users have, so the cost does not tell them apart.
+        costs = collections.Counter(tuple(sorted(user.scrypt.items())) for user in self.by_name.values())
+        self._fake_scrypt = dict(costs.most_common(1)[0][0]) if costs else dict(DEFAULT_SCRYPT)
         self._fake_L = spake2plus.encode_point(
             spake2plus.GENERATOR * (self._derive(b"L", b"") % (spake2plus.ORDER - 1) + 1)
         )
@@ -123,7 +127,7 @@ class Users:
         name_bytes = name.encode("utf-8", "surrogatepass")
         fake = User(
             name=name,
-            scrypt=dict(DEFAULT_SCRYPT),
+            scrypt=dict(self._fake_scrypt),
             salt=self._derive(b"salt", name_bytes).to_bytes(64, "big")[:SALT_BYTES],
             w0=self._derive(b"w0", name_bytes) % spake2plus.ORDER,
             L=self._fake_L,

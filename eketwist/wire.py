@@ -101,7 +101,11 @@ def _field(message, name, kind):
 
 def text_field(message, name, max_bytes, *, allow_empty=False):
     value = _field(message, name, str)
-    if len(value.encode("utf-8", "surrogatepass")) > max_bytes or (not value and not allow_empty):
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON can carry lone surrogates, which are not UTF-8
+        raise ProtocolError(f"{message['type']}: field {name!r} is not valid UTF-8") from None
+    if len(encoded) > max_bytes or (not value and not allow_empty):
         raise ProtocolError(f"{message['type']}: field {name!r} is empty or too long")
     if "\x00" in value:
         raise ProtocolError(f"{message['type']}: field {name!r} contains NUL")
