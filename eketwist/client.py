@@ -142,7 +142,9 @@ async def run(reactor, args, password, out=sys.stdout, err=sys.stderr):
         out.write(f"{result['sha1']}  {destination}\n")
         out.flush()
     finally:
+        # Let the last message (a goodbye or an error) reach the server before we exit.
         client.close()
+        await client.when_closed.addTimeout(5, reactor).addErrback(lambda _: None)
 
 
 def main(argv=None):

@@ -215,7 +215,6 @@ class ClientProtocol(SecureConnection):
             self.authenticated_deferred.errback(error)
 
     def connectionLost(self, reason):
-        self.closing = True
-        self.state = "closed"
+        super().connectionLost(reason)
         self._password = None
         self._fail_pending(ConnectionFailed("the connection to the server was lost"))

@@ -6,6 +6,7 @@ that handles each. A message that its state does not list is a protocol error; s
 after the connection has started closing.
 """
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
@@ -27,6 +28,12 @@ class SecureConnection(Protocol):
         self._send_cipher = None
         self._receive_cipher = None
         self.closing = False
+        self.when_closed = Deferred()
+
+    def connectionLost(self, reason):
+        self.closing = True
+        self.state = "closed"
+        self.when_closed.callback(None)
 
     @property
     def authenticated(self):

@@ -78,8 +78,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def connectionLost(self, reason):
         self.setTimeout(None)
-        self.closing = True
-        self.state = "closed"
+        if self.state == "confirm":
+            # The client saw our confirmation and hung up: its password did not match.
+            self._log_auth_failure()
+        super().connectionLost(reason)
         self.log.info("connection from {peer} closed", peer=self.peer)
 
     def fail(self, error):
@@ -91,10 +93,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def peer_error(self, message):
         code = str(message.get("code"))[:40]
-        if self.state == "confirm":
-            # The client refused our confirmation: its password does not match this user's.
-            self._log_auth_failure()
-        else:
+        if self.state != "confirm":  # in "confirm", connectionLost logs the failed authentication
             self.log.info("client {peer} reported an error: {code}", peer=self.peer, code=code)
         self.close()
 

@@ -1,0 +1,170 @@
+"""End to end: a real `twistd eke` process, the real client and users commands, 127.0.0.1."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import PASSWORD, VENV_BIN, free_port, wait_for_port
+
+CLIENT = [sys.executable, "-m", "eketwist.client"]
+
+
+def run_client(port, *args, password=PASSWORD, user="alice", cwd=None, extra_env=None):
+    env = dict(os.environ, EKE_PASSWORD=password, **(extra_env or {}))
+    return subprocess.run(
+        [*CLIENT, "--port", str(port), "--user", user, *args],
+        capture_output=True, text=True, env=env, cwd=cwd, timeout=120,
+    )
+
+
+def test_large_download_through_twistd_and_the_client_command(twistd_server, root, tmp_path):
+    port, log = twistd_server
+    big = root / "big.bin"
+    with open(big, "wb") as handle:
+        for _ in range(52):
+            handle.write(os.urandom(1024 * 1024))
+    expected = hashlib.sha1(big.read_bytes()).hexdigest()
+    result = run_client(port, "get", "big.bin", str(tmp_path / "out.bin"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{expected}  {tmp_path / 'out.bin'}\n"
+    assert hashlib.sha1((tmp_path / "out.bin").read_bytes()).hexdigest() == expected
+    assert "Traceback" not in result.stderr
+    text = log.read_text()
+    assert "alice authenticated from 127.0.0.1" in text
+    assert f"sent big.bin ({52 * 1024 * 1024} bytes" in text and expected in text
+    assert PASSWORD not in text
+
+
+def test_default_destination_and_directory_destination(twistd_server, root, tmp_path):
+    port, _ = twistd_server
+    assert run_client(port, "get", "hello.txt", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "hello.txt").read_bytes() == (root / "hello.txt").read_bytes()
+    (tmp_path / "into").mkdir()
+    assert run_client(port, "-q", "get", "sub/data.bin", str(tmp_path / "into")).returncode == 0
+    assert (tmp_path / "into" / "data.bin").read_bytes() == (root / "sub" / "data.bin").read_bytes()
+
+
+def test_exit_codes_and_messages(twistd_server, tmp_path):
+    port, log = twistd_server
+    wrong = run_client(port, "get", "hello.txt", password="wrong", cwd=tmp_path)
+    assert wrong.returncode == 4 and "could not prove it knows your password" in wrong.stderr
+    unknown = run_client(port, "get", "hello.txt", user="nobody", cwd=tmp_path)
+    assert unknown.returncode == 4 and unknown.stderr == wrong.stderr
+    missing = run_client(port, "get", "missing.txt", cwd=tmp_path)
+    assert missing.returncode == 5 and "missing.txt: no such file on the server" in missing.stderr
+    escape = run_client(port, "get", "../x", cwd=tmp_path)
+    assert escape.returncode == 9 and "path refused" in escape.stderr
+    refused = run_client(free_port(), "get", "hello.txt", cwd=tmp_path)
+    assert refused.returncode == 3 and "cannot connect" in refused.stderr
+    usage = subprocess.run([*CLIENT, "get", "x"], capture_output=True, text=True)
+    assert usage.returncode == 2
+    for result in (wrong, unknown, missing, escape, refused):
+        assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (tmp_path / "hello.txt").exists() and not (tmp_path / "missing.txt").exists()
+    assert "authentication failed for nobody from 127.0.0.1" in log.read_text()
+
+
+def test_password_file_and_help(twistd_server, tmp_path):
+    port, _ = twistd_server
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    result = subprocess.run(
+        [*CLIENT, "--port", str(port), "--user", "alice", "--password-file", str(tmp_path / "pw"), "get", "hello.txt"],
+        capture_output=True, text=True, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "EKE_PASSWORD"},
+    )
+    assert result.returncode == 0, result.stderr
+    help_text = subprocess.run([str(VENV_BIN / "eke-client"), "--help"], capture_output=True, text=True).stdout
+    for code in ("3  connection", "4  authentication", "5  remote file not found", "6  integrity", "EKE_PASSWORD"):
+        assert code in help_text
+
+
+def test_users_tool_and_live_reload(twistd_server, users_file, tmp_path):
+    port, log = twistd_server
+    users = [str(VENV_BIN / "eke-users"), "--users", str(users_file)]
+    add = subprocess.run([*users, "add", "bob", "--password-stdin", "--scrypt-n", "1024"], input="bob pw\n", text=True, capture_output=True)
+    assert add.returncode == 0, add.stderr
+    assert oct(users_file.stat().st_mode & 0o777) == "0o600"
+    assert "bob pw" not in users_file.read_text()
+    # Picked up by the running server without a restart.
+    assert run_client(port, "get", "hello.txt", user="bob", password="bob pw", cwd=tmp_path).returncode == 0
+    again = subprocess.run([*users, "add", "bob", "--password-stdin"], input="x\n", text=True, capture_output=True)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    passwd = subprocess.run([*users, "passwd", "bob", "--password-stdin", "--scrypt-n", "1024"], input="new pw\n", text=True, capture_output=True)
+    assert passwd.returncode == 0
+    assert run_client(port, "get", "hello.txt", user="bob", password="bob pw", cwd=tmp_path).returncode == 4
+    listing = subprocess.run([*users, "list"], capture_output=True, text=True).stdout
+    assert "alice" in listing and "bob" in listing
+    assert subprocess.run([*users, "remove", "bob"]).returncode == 0
+    assert run_client(port, "get", "hello.txt", user="bob", password="new pw", cwd=tmp_path).returncode == 4
+    # A broken file is not loaded: the last good copy keeps serving, and the log says why.
+    users_file.write_text(users_file.read_text() + "{not json\n")
+    assert run_client(port, "get", "hello.txt", cwd=tmp_path).returncode == 0
+    assert "not reloaded" in log.read_text()
+
+
+def test_default_scrypt_cost_end_to_end(twistd_server, users_file, tmp_path):
+    port, _ = twistd_server
+    subprocess.run([str(VENV_BIN / "eke-users"), "--users", str(users_file), "add", "carol", "--password-stdin"],
+                   input="carol pw\n", text=True, check=True)
+    assert '"n": 32768' in users_file.read_text()
+    assert run_client(port, "get", "hello.txt", user="carol", password="carol pw", cwd=tmp_path).returncode == 0
+
+
+def test_twistd_refuses_a_port_in_use(root, users_file, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [str(VENV_BIN / "twistd"), "--nodaemon", "--pidfile=", "--logfile", "-", "eke",
+             "--port", f"tcp:{port}:interface=127.0.0.1", "--root", str(root), "--users", str(users_file)],
+            capture_output=True, text=True, timeout=30, cwd=tmp_path,
+        )
+    assert result.returncode != 0
+    assert "Address already in use" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "no such file"), ('{"user": "x"}\n', "line 1"), ('# c\n\n{"eketwist-users": 1, "secret": "zz"}\n', "line 3")],
+)
+def test_twistd_refuses_a_bad_users_file(root, tmp_path, content, message):
+    users = tmp_path / "users"
+    if content is not None:
+        users.write_text(content)
+    result = subprocess.run(
+        [str(VENV_BIN / "twistd"), "--nodaemon", "--pidfile=", "eke", "--port", "tcp:0:interface=127.0.0.1",
+         "--root", str(root), "--users", str(users)],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+
+
+def test_twistd_help_explains_options(tmp_path):
+    result = subprocess.run([str(VENV_BIN / "twistd"), "eke", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0
+    for option in ("--port", "--root", "--users", "--server-id", "--handshake-timeout", "--idle-timeout"):
+        assert option in result.stdout
+
+
+def test_a_plain_pip_install_provides_the_plugin_and_commands(tmp_path):
+    """`pip install .` (not editable) must install twisted/plugins/eke_plugin.py beside eketwist."""
+    source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), source],
+        check=True, timeout=300,
+    )
+    assert (target / "twisted" / "plugins" / "eke_plugin.py").exists()
+    assert not (target / "twisted" / "__init__.py").exists()
+    assert not (target / "twisted" / "plugins" / "__init__.py").exists()
+    assert (target / "bin" / "eke-client").exists() and (target / "bin" / "eke-users").exists()
+    code = "from twisted.plugin import getPlugins; from twisted.application.service import IServiceMaker; " \
+           "import eketwist; print(eketwist.__file__); print([p.tapname for p in getPlugins(IServiceMaker)])"
+    env = dict(os.environ, PYTHONPATH=str(target))
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
+    assert shown.startswith(str(target)) and "'eke'" in shown
