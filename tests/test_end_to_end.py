@@ -168,3 +168,39 @@ def test_a_plain_pip_install_provides_the_plugin_and_commands(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(target))
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
     assert shown.startswith(str(target)) and "'eke'" in shown
+
+
+def test_progress_bar_on_a_terminal_only(twistd_server, root, tmp_path):
+    import pty
+
+    port, _ = twistd_server
+    (root / "mid.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = dict(os.environ, EKE_PASSWORD=PASSWORD, COLUMNS="100")
+    process = subprocess.Popen(
+        [*CLIENT, "--port", str(port), "--user", "alice", "get", "mid.bin"],
+        stdout=subprocess.PIPE, stderr=slave, cwd=tmp_path, env=env,
+    )
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO once the client has exited
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert process.wait(60) == 0
+    assert process.stdout.read().decode().endswith("  mid.bin\n")
+    text = shown.decode(errors="replace")
+    assert "mid.bin" in text and "100%" in text and "3.00M" in text
+    # Not a terminal: no bar at all.
+    plain = run_client(port, "get", "mid.bin", str(tmp_path / "again.bin"))
+    assert plain.returncode == 0 and "%" not in plain.stderr
