@@ -44,7 +44,7 @@ def build_parser():
     parser.add_argument(
         "--password-file", metavar="FILE", help="read the password from the first line of FILE"
     )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to connect and authenticate (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="give up when the server does not answer for this many seconds (default: %(default)s)")
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors and the result")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -121,16 +121,11 @@ def make_endpoint(reactor, args):
 async def run(reactor, args, password, out=sys.stdout, err=sys.stderr):
     endpoint = make_endpoint(reactor, args)
     try:
-        client = await connectProtocol(endpoint, ClientProtocol(args.user, password))
+        client = await connectProtocol(endpoint, ClientProtocol(args.user, password, timeout=args.timeout))
     except Exception as problem:
         raise errors.ConnectionFailed(f"cannot connect to the server: {problem}") from None
     try:
-        authenticated = client.authenticated_deferred
-        authenticated.addTimeout(args.timeout, reactor)
-        try:
-            await authenticated
-        except defer.TimeoutError:
-            raise errors.Timeout("the server did not complete the handshake in time") from None
+        await client.authenticated_deferred
         destination = local_destination(args.remote, args.local)
         show_progress = not (args.quiet or args.no_progress) and err.isatty()
         started = time.monotonic()

@@ -16,6 +16,7 @@ import os
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 
 from . import errors, spake2plus, userdb, wire
 from .connection import SecureConnection
@@ -56,7 +57,7 @@ class _Get:
         self.mtime = None
 
 
-class ClientProtocol(SecureConnection):
+class ClientProtocol(SecureConnection, TimeoutMixin):
     log = Logger()
     TRANSITIONS = {
         "params": {"params": "on_params"},
@@ -68,7 +69,13 @@ class ClientProtocol(SecureConnection):
         "receiving": {"data": "on_data", "end": "on_end"},
     }
 
-    def __init__(self, username, password):
+    def __init__(self, username, password, timeout=None, clock=None):
+        """`timeout`: seconds without a byte from the server, while we wait for one, after
+        which the connection is abandoned (None: wait for ever)."""
+        from twisted.internet import reactor
+
+        self.timeout = timeout
+        self.callLater = (clock or reactor).callLater
         self.username = username
         self._password = password
         self.authenticated_deferred = Deferred()
@@ -81,6 +88,7 @@ class ClientProtocol(SecureConnection):
     def connectionMade(self):
         super().connectionMade()
         self.state = "params"
+        self.setTimeout(self.timeout)
         self.send_handshake({"type": "hello", "version": wire.PROTOCOL_VERSION, "user": self.username})
 
     # -- handshake
@@ -138,6 +146,7 @@ class ClientProtocol(SecureConnection):
         self.start_records(self._k_shared, is_client=True)
         self._k_shared = None
         self.state = "ready"
+        self.setTimeout(None)  # nothing is expected from the server until the next request
         self.authenticated_deferred.callback(self)
 
     # -- requests
@@ -148,6 +157,7 @@ class ClientProtocol(SecureConnection):
             raise RuntimeError(f"get() while {self.state}")
         self._request = _Get(remote, local, progress)
         self.state = "header"
+        self.setTimeout(self.timeout)
         self.send_control({"type": "get", "path": remote})
         return self._request.deferred
 
@@ -179,7 +189,15 @@ class ClientProtocol(SecureConnection):
         request.progress.close()
         self._request = None
         self.state = "ready"
+        self.setTimeout(None)
         request.deferred.callback({"path": request.local, "size": request.size, "sha1": digest})
+
+    def dataReceived(self, data):
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def timeoutConnection(self):
+        self.fail(errors.Timeout(f"the server sent nothing for {self.timeout:g} s"))
 
     # -- failures
 
@@ -189,6 +207,7 @@ class ClientProtocol(SecureConnection):
             # The request failed; the connection stays usable for the next one.
             request, self._request = self._request, None
             self.state = "ready"
+            self.setTimeout(None)
             request.progress.close()
             request.deferred.errback(error)
             return
@@ -215,6 +234,7 @@ class ClientProtocol(SecureConnection):
             self.authenticated_deferred.errback(error)
 
     def connectionLost(self, reason):
+        self.setTimeout(None)
         super().connectionLost(reason)
         self._password = None
         self._fail_pending(ConnectionFailed("the connection to the server was lost"))

@@ -77,6 +77,10 @@ class SecureConnection(Protocol):
             pass
         except EketwistError as error:
             self.fail(error)
+        except Exception:
+            # A bug of ours: log it here, tell the peer only that something failed.
+            self.log.failure("internal error while handling a message")
+            self.fail(EketwistError("internal error"))
 
     def _frame_received(self, kind, head, payload):
         if self.closing:

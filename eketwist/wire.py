@@ -81,10 +81,14 @@ def encode_message(message):
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity
+
+
 def decode_message(payload):
     """A JSON object with a string "type"; unknown fields are ignored by the readers."""
     try:
-        message = json.loads(bytes(payload).decode("utf-8"))
+        message = json.loads(bytes(payload).decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError("malformed message: not UTF-8 JSON") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):

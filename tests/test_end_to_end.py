@@ -204,3 +204,26 @@ def test_progress_bar_on_a_terminal_only(twistd_server, root, tmp_path):
     # Not a terminal: no bar at all.
     plain = run_client(port, "get", "mid.bin", str(tmp_path / "again.bin"))
     assert plain.returncode == 0 and "%" not in plain.stderr
+
+
+def test_connect_endpoint_and_silent_server_timeout(twistd_server, tmp_path):
+    import socket
+
+    port, _ = twistd_server
+    env = dict(os.environ, EKE_PASSWORD=PASSWORD)
+    result = subprocess.run(
+        [*CLIENT, "--connect", f"tcp:host=127.0.0.1:port={port}", "--user", "alice", "get", "hello.txt"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    with socket.socket() as silent:  # accepts (by the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        started = __import__("time").monotonic()
+        result = run_client(silent.getsockname()[1], "--timeout", "1", "get", "hello.txt", cwd=tmp_path)
+        elapsed = __import__("time").monotonic() - started
+    assert result.returncode == 3 and "sent nothing for 1 s" in result.stderr
+    assert elapsed < 20
+    bad = subprocess.run([*CLIENT, "--connect", "nonsense:x", "--user", "alice", "get", "hello.txt"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "bad --connect endpoint" in bad.stderr
