@@ -1,12 +1,14 @@
 """The client command: `python -m eketwist.client` / `eke-client`.
 
-Status goes to stderr, data (the verified SHA-1) to stdout; every failure is one line naming
-the file and the reason, and a distinct exit code (see --help).
+Status and progress go to stderr, data (verified digests, listings, --json) to stdout. Every
+failure is one line naming the file and the reason, and a distinct exit code (see --help).
 """
 
 import argparse
 import getpass
+import json
 import os
+import stat
 import sys
 import time
 
@@ -18,44 +20,99 @@ from .client_protocol import ClientProtocol
 from .errors import EketwistError, UsageError
 
 DEFAULT_PORT = 4000
+FATAL = (errors.ConnectionFailed, errors.ProtocolError, errors.IntegrityError, errors.AuthenticationFailed)
+
+
+def _environ_default(name, fallback):
+    return os.environ.get(name) or fallback
+
+
+def _add_common_options(parser, suppress):
+    """Options accepted before or after the command (`eke-client -q get x`, `eke-client get -q x`)."""
+
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--host", default=default(_environ_default("EKE_HOST", "127.0.0.1")),
+        help="server host name or address (default: $EKE_HOST or 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=default(int(_environ_default("EKE_PORT", DEFAULT_PORT))),
+        help=f"server TCP port (default: $EKE_PORT or {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--connect", metavar="ENDPOINT", default=default(None),
+        help="a Twisted client endpoint instead of --host/--port, e.g. tcp:host=example.org:port=4000",
+    )
+    parser.add_argument(
+        "--user", "-u", default=default(os.environ.get("EKE_USER")),
+        help="your username on the server (default: $EKE_USER)",
+    )
+    parser.add_argument(
+        "--password-file", metavar="FILE", default=default(None),
+        help="read the password from the first line of FILE",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=default(30.0),
+        help="give up when the server makes no progress for this many seconds (default: 30)",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", default=default(False), help="print nothing but errors and results")
+    parser.add_argument("--no-progress", action="store_true", default=default(False), help="no progress bars even on a terminal")
+    parser.add_argument(
+        "--json", action="store_true", default=default(False),
+        help="print one JSON document on stdout: files, bytes, digests, seconds, status",
+    )
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="eke-client",
         description=(
-            "Fetch files from an eketwist server. Client and server prove to each other that "
-            "they share the password (SPAKE2+), then every byte is encrypted and authenticated, "
-            "and a file appears under its name only when it is whole and its SHA-1 matches."
+            "Fetch and send files to an eketwist server. Client and server prove to each other "
+            "that they share the password (SPAKE2+), then every byte is encrypted and "
+            "authenticated, and a file appears under its name only when it is whole and its "
+            "SHA-1 matches. Interrupted transfers resume when run again."
         ),
         epilog=errors.EXIT_CODES_HELP
-        + "\nenvironment:\n  EKE_PASSWORD  the password (otherwise --password-file or a prompt)\n",
+        + "\nenvironment:\n  EKE_HOST, EKE_PORT, EKE_USER  defaults for --host, --port, --user\n"
+        "  EKE_PASSWORD                  the password (otherwise --password-file or a prompt)\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", default="127.0.0.1", help="server host name or address (default: %(default)s)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--port", type=int, default=DEFAULT_PORT, help="server TCP port (default: %(default)s)")
-    where.add_argument(
-        "--connect",
-        metavar="ENDPOINT",
-        help="a Twisted client endpoint instead of --host/--port, e.g. tcp:host=example.org:port=4000",
-    )
-    parser.add_argument("--user", "-u", required=True, help="your username on the server")
-    parser.add_argument(
-        "--password-file", metavar="FILE", help="read the password from the first line of FILE"
-    )
-    parser.add_argument("--timeout", type=float, default=30.0, help="give up when the server does not answer for this many seconds (default: %(default)s)")
-    parser.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors and the result")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    _add_common_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
     get = commands.add_parser(
-        "get",
-        help="download a file",
-        description="Download REMOTE (a path inside the server's root) to LOCAL "
-        "(default: its name, in the current directory; an existing directory receives it).",
+        "get", help="download files or directories",
+        description="Download REMOTE (a path inside your root on the server) to LOCAL: by default "
+        "its name in the current directory; an existing directory receives it inside. With several "
+        "REMOTEs the last argument must be an existing directory. An interrupted download leaves "
+        "LOCAL.part, and the same command continues from it.",
     )
-    get.add_argument("remote", metavar="REMOTE")
-    get.add_argument("local", metavar="LOCAL", nargs="?")
+    get.add_argument("paths", nargs="+", metavar="REMOTE... [LOCAL]")
+    get.add_argument("-r", "--recursive", action="store_true", help="download directories and their contents")
+    get.add_argument("--no-resume", action="store_true", help="start over instead of continuing a .part file")
+
+    put = commands.add_parser(
+        "put", help="upload files or directories (needs a read-write account)",
+        description="Upload LOCAL to REMOTE: by default its name at the top of your root; an "
+        "existing remote directory receives it inside. With several LOCALs the last argument must "
+        "be an existing remote directory. An existing remote file is replaced only with --force. "
+        "An interrupted upload continues when the same command is run again.",
+    )
+    put.add_argument("paths", nargs="+", metavar="LOCAL... [REMOTE]")
+    put.add_argument("-r", "--recursive", action="store_true", help="upload directories and their contents")
+    put.add_argument("-f", "--force", action="store_true", help="replace existing remote files")
+
+    ls = commands.add_parser("ls", help="list a remote directory", description="List PATH (default: the top of your root): name, type, size and modification time, one per line, in name order.")
+    ls.add_argument("path", nargs="?", default="", metavar="PATH")
+    ls.add_argument("-l", "--long", action="store_true", help="long form: mode, size, date, name")
+    ls.add_argument("-R", "--recursive", action="store_true", help="list subdirectories too")
+
+    for sub in (get, put, ls):
+        _add_common_options(sub, suppress=True)
+        sub.epilog = errors.EXIT_CODES_HELP
+        sub.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -78,30 +135,111 @@ def read_password(args, environ=os.environ):
     return password
 
 
-def local_destination(remote, local):
+def remote_basename(remote):
     name = remote.rstrip("/").rsplit("/", 1)[-1]
     if not name or name in (".", ".."):
         raise UsageError(f"{remote}: not a file name")
-    if local is None:
-        return name
-    if os.path.isdir(local) or local.endswith(os.sep):
-        return os.path.join(local, name)
-    return local
+    return name
 
 
-class TqdmProgress:
-    """One progress bar on stderr per file."""
+def remote_join(directory, name):
+    directory = directory.rstrip("/")
+    return f"{directory}/{name}" if directory else name
 
-    def __init__(self):
+
+class Reporter:
+    """Everything the user sees: progress bars (stderr, terminals only), status lines, and the
+    results (stdout: `SHA1  PATH` lines, or one JSON document)."""
+
+    def __init__(self, args, out=sys.stdout, err=sys.stderr):
+        self.quiet = args.quiet
+        self.json = args.json
+        self.out = out
+        self.err = err
+        self.bars = not (args.quiet or args.no_progress) and err.isatty()
+        self.files = []
+        self.started = time.monotonic()
+        self._overall = None
+
+    def say(self, text):
+        if not self.quiet:
+            self._write(text)
+
+    def warn(self, text):
+        self._write(f"eke-client: warning: {text}")
+
+    def error(self, text):
+        self._write(f"eke-client: {text}")
+
+    def _write(self, text):
+        if self.bars:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=self.err)
+        else:
+            self.err.write(text + "\n")
+            self.err.flush()
+
+    def overall(self, total_bytes, count):
+        if self.bars and count > 1:
+            from tqdm import tqdm
+
+            self._overall = tqdm(
+                total=total_bytes, desc=f"{count} files", unit="B", unit_scale=True,
+                unit_divisor=1024, file=self.err, position=0, leave=True,
+            )
+
+    def progress(self):
+        if not self.bars:
+            return None
+        return _FileBar(self.err, self._overall)
+
+    def done(self, record):
+        self.files.append(record)
+        if record["status"] == "ok" and not self.json:
+            self.out.write(f"{record['sha1']}  {record['local']}\n")
+            self.out.flush()
+
+    def finish(self, command, error=None):
+        if self._overall is not None:
+            self._overall.close()
+        if self.json:
+            summary = {
+                "command": command,
+                "status": "error" if error or any(f["status"] == "error" for f in self.files) else "ok",
+                "files": self.files,
+                "bytes": sum(f.get("bytes", 0) for f in self.files),
+                "seconds": round(time.monotonic() - self.started, 6),
+            }
+            if error is not None:
+                summary["error"] = {"code": error.code, "message": error.message, "exit": error.exit_code}
+            self.out.write(json.dumps(summary, ensure_ascii=False) + "\n")
+            self.out.flush()
+
+
+class _FileBar:
+    """One tqdm bar per file, feeding the overall bar if there is one."""
+
+    def __init__(self, err, overall):
+        self._err = err
+        self._overall = overall
         self._bar = None
 
-    def start(self, name, size):
+    def start(self, name, size, initial=0):
         from tqdm import tqdm
 
-        self._bar = tqdm(total=size, desc=name, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=True)
+        self._bar = tqdm(
+            total=size, initial=initial, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
+            file=self._err, position=1 if self._overall is not None else 0,
+            leave=self._overall is None,
+        )
+        if self._overall is not None:
+            self._overall.update(initial)
 
     def update(self, nbytes):
         self._bar.update(nbytes)
+        if self._overall is not None:
+            self._overall.update(nbytes)
 
     def close(self):
         if self._bar is not None:
@@ -118,40 +256,252 @@ def make_endpoint(reactor, args):
     return HostnameEndpoint(reactor, args.host, args.port, timeout=args.timeout)
 
 
-async def run(reactor, args, password, out=sys.stdout, err=sys.stderr):
+class Session:
+    """One authenticated connection and the transfers run over it for one command."""
+
+    def __init__(self, client, reporter):
+        self.client = client
+        self.reporter = reporter
+        self.first_error = None
+
+    def failed(self, name, error, record):
+        record.update(status="error", error={"code": error.code, "message": error.message})
+        self.reporter.done(record)
+        self.reporter.error(error.message if error.message.startswith(name) else f"{name}: {error.message}")
+        if self.first_error is None:
+            self.first_error = error
+        if isinstance(error, FATAL) or self.client.closing:
+            raise error
+
+    async def transfer(self, direction, source, destination, **options):
+        """One file, get or put; records the outcome; raises only when the connection is gone."""
+        remote = source if direction == "get" else destination
+        local = destination if direction == "get" else source
+        record = {"remote": remote, "local": local}
+        started = time.monotonic()
+        try:
+            if direction == "get":
+                result = await self.client.get(remote, local, self.reporter.progress(), **options)
+            else:
+                result = await self.client.put(local, remote, self.reporter.progress(), **options)
+        except EketwistError as error:
+            self.failed(remote if direction == "get" else local, error, record)
+            return None
+        seconds = time.monotonic() - started
+        record.update(
+            status="ok", bytes=result["size"], sha1=result["sha1"], seconds=round(seconds, 6),
+            resumed_from=result["resumed_from"],
+        )
+        moved = result["size"] - result["resumed_from"]
+        rate = moved / seconds / 1e6 if seconds > 0 else 0.0
+        resumed = f", resumed at {result['resumed_from']}" if result["resumed_from"] else ""
+        self.reporter.say(f"{local if direction == 'get' else remote}: {result['size']} bytes verified in {seconds:.2f} s ({rate:.1f} MB/s{resumed})")
+        self.reporter.done(record)
+        return result
+
+    def skipped(self, remote, local, reason):
+        self.reporter.files.append({"remote": remote, "local": local, "status": "skipped", "reason": reason})
+        self.reporter.say(f"{remote}: skipped ({reason})")
+
+    async def remote_entry(self, remote):
+        try:
+            return await self.client.stat(remote)
+        except errors.NotFound:
+            return None
+
+
+def _same_file(st, entry):
+    return st.st_size == entry["size"] and abs(st.st_mtime - entry["mtime"]) < 1e-3
+
+
+def _local_directory_target(paths, noun):
+    """Split `A B C DEST` for several sources: DEST must be an existing directory."""
+    *sources, destination = paths
+    if not os.path.isdir(destination):
+        raise UsageError(f"{destination}: with several {noun}, the last argument must be an existing directory")
+    return sources, destination
+
+
+async def run_get(session, args):
+    reporter = session.reporter
+    if len(args.paths) > 2:
+        remotes, local = _local_directory_target(args.paths, "files to get")
+    else:
+        remotes, local = args.paths[:1], (args.paths[1] if len(args.paths) == 2 else None)
+    plan = []  # (remote, local path)
+    directories = []  # (local dir, entry) to finish after their contents
+    for remote in remotes:
+        name = remote_basename(remote)
+        if local is None:
+            target = name
+        elif os.path.isdir(local) or local.endswith(os.sep):
+            target = os.path.join(local, name)
+        else:
+            target = local
+        if not args.recursive:
+            plan.append((remote, target))
+            continue
+        try:
+            entries = await session.client.list(remote, recursive=True)
+        except EketwistError as error:
+            session.failed(remote, error, {"remote": remote, "local": target})
+            continue
+        if len(entries) == 1 and entries[0]["kind"] == "file" and entries[0]["name"] == name:
+            plan.append((remote, target))  # a file named with -r
+            continue
+        os.makedirs(target, exist_ok=True)
+        for entry in entries:
+            source = remote_join(remote, entry["name"])
+            destination = os.path.join(target, *entry["name"].split("/"))
+            if entry["kind"] == "dir":
+                os.makedirs(destination, exist_ok=True)
+                directories.append((destination, entry))
+            elif entry["kind"] == "file":
+                try:
+                    if _same_file(os.stat(destination), entry):
+                        session.skipped(source, destination, "already complete")
+                        continue
+                except FileNotFoundError:
+                    pass
+                plan.append((source, destination))
+            else:
+                reporter.warn(f"{source}: skipped: a {entry['kind']}, not a regular file or directory")
+    reporter.overall(0, len(plan))
+    for remote, target in plan:
+        await session.transfer("get", remote, target, resume=not args.no_resume)
+    for path, entry in sorted(directories, key=lambda item: item[0].count(os.sep), reverse=True):
+        os.chmod(path, entry["mode"])
+        os.utime(path, (entry["mtime"], entry["mtime"]))
+
+
+async def run_put(session, args):
+    reporter = session.reporter
+    client = session.client
+    if len(args.paths) == 1:
+        locals_, remote = args.paths, None
+    else:
+        *locals_, remote = args.paths
+    into_directory = remote is None or remote.endswith("/") or len(locals_) > 1
+    if remote is not None and not into_directory:
+        entry = await session.remote_entry(remote)
+        into_directory = entry is not None and entry["kind"] == "dir"
+    elif remote is not None and remote.strip("/"):
+        entry = await session.remote_entry(remote)
+        if entry is None or entry["kind"] != "dir":
+            raise UsageError(f"{remote}: with several files to put, the last argument must be an existing remote directory")
+    plan = []  # (local, remote)
+    directories = []  # (remote dir, stat) to finish after their contents
+    for local in locals_:
+        name = os.path.basename(os.path.normpath(local))
+        target = remote_join(remote or "", name) if into_directory else remote
+        if not (args.recursive and os.path.isdir(local)):
+            plan.append((local, target))
+            continue
+        existing = {}
+        entry = await session.remote_entry(target)
+        if entry is not None and entry["kind"] == "dir":
+            existing = {e["name"]: e for e in await client.list(target, recursive=True)}
+        await client.mkdir(target, mode=os.stat(local).st_mode)
+        directories.append((target, os.stat(local)))
+        for directory, subdirectories, filenames in os.walk(local):
+            subdirectories.sort()
+            relative = os.path.relpath(directory, local)
+            prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+            for name_ in list(subdirectories):
+                path = os.path.join(directory, name_)
+                if os.path.islink(path):
+                    reporter.warn(f"{path}: skipped: a symlink")
+                    subdirectories.remove(name_)
+                    continue
+                await client.mkdir(remote_join(target, prefix + name_), mode=os.stat(path).st_mode)
+                directories.append((remote_join(target, prefix + name_), os.stat(path)))
+            for name_ in sorted(filenames):
+                path = os.path.join(directory, name_)
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    reporter.warn(f"{path}: skipped: a symlink")
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    reporter.warn(f"{path}: skipped: not a regular file")
+                    continue
+                theirs = existing.get(prefix + name_)
+                if theirs is not None and theirs["kind"] == "file" and _same_file(st, theirs):
+                    session.skipped(path, remote_join(target, prefix + name_), "already complete")
+                    continue
+                plan.append((path, remote_join(target, prefix + name_)))
+    reporter.overall(sum(_size(path) for path, _ in plan), len(plan))
+    for local, target in plan:
+        await session.transfer("put", local, target, force=args.force)
+    for target, st in sorted(directories, key=lambda item: item[0].count("/"), reverse=True):
+        await client.mkdir(target, mode=st.st_mode, mtime=st.st_mtime)
+
+
+def _size(path):
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _mode_string(entry):
+    kinds = {"dir": "d", "symlink": "l", "file": "-", "other": "?"}
+    return kinds[entry["kind"]] + stat.filemode(entry["mode"])[1:]
+
+
+async def run_ls(session, args):
+    entries = await session.client.list(args.path, recursive=args.recursive)
+    reporter = session.reporter
+    if reporter.json:
+        reporter.out.write(json.dumps({"command": "ls", "status": "ok", "path": args.path, "entries": entries}, ensure_ascii=False) + "\n")
+        return
+    for entry in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["mtime"]))
+        if args.long:
+            line = f"{_mode_string(entry)} {entry['size']:>12} {when} {entry['name']}"
+        else:
+            line = f"{entry['name']}\t{entry['kind']}\t{entry['size']}\t{when}"
+        reporter.out.write(line + "\n")
+
+
+COMMANDS = {"get": run_get, "put": run_put, "ls": run_ls}
+
+
+async def run(reactor, args, password, reporter):
     endpoint = make_endpoint(reactor, args)
     try:
         client = await connectProtocol(endpoint, ClientProtocol(args.user, password, timeout=args.timeout))
     except Exception as problem:
         raise errors.ConnectionFailed(f"cannot connect to the server: {problem}") from None
+    session = Session(client, reporter)
     try:
         await client.authenticated_deferred
-        destination = local_destination(args.remote, args.local)
-        show_progress = not (args.quiet or args.no_progress) and err.isatty()
-        started = time.monotonic()
-        result = await client.get(args.remote, destination, TqdmProgress() if show_progress else None)
-        seconds = time.monotonic() - started
-        if not args.quiet:
-            rate = result["size"] / seconds / 1e6 if seconds > 0 else 0.0
-            err.write(f"{destination}: {result['size']} bytes verified in {seconds:.2f} s ({rate:.1f} MB/s)\n")
-        out.write(f"{result['sha1']}  {destination}\n")
-        out.flush()
+        await COMMANDS[args.command](session, args)
     finally:
         # Let the last message (a goodbye or an error) reach the server before we exit.
         client.close()
         await client.when_closed.addTimeout(5, reactor).addErrback(lambda _: None)
+    return session.first_error
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.user:
+        parser.error("--user is required (or set EKE_USER)")
+    reporter = Reporter(args)
 
     async def react_main(reactor):
+        error = None
         try:
             password = read_password(args)
-            await run(reactor, args, password)
-        except EketwistError as error:
-            sys.stderr.write(f"eke-client: {error.message}\n")
+            error = await run(reactor, args, password, reporter)
+        except EketwistError as failure:
+            error = failure
+            if not any(f.get("error", {}).get("message") == failure.message for f in reporter.files):
+                reporter.error(failure.message)
+        if args.command != "ls" or error is not None:
+            reporter.finish(args.command, error)
+        if error is not None:
             raise SystemExit(error.exit_code)
 
     task.react(lambda reactor: defer.ensureDeferred(react_main(reactor)))

@@ -1,40 +1,54 @@
 """The client's protocol machine: SPAKE2+ Prover, then requests, with Deferreds at its edge.
 
-States and the messages each accepts:
-  params     -> params     : check the scrypt cost, derive w0 and w1 in a thread
-  deriving   -> (nothing)  : scrypt is running
-  share      -> share      : check confirmV BEFORE revealing confirmP, then send confirmP
-  ok         -> ok         : records start; `authenticated` fires
-  ready      -> (nothing)  : waiting for the caller's next request
-  header     -> file       : the server accepted a get (or answered an error, which fails only
-                             that request)
-  receiving  -> data, end  : write to the .part file; `end` verifies and renames
+States and the messages each accepts (docs/protocol.md, section 9):
+  params      -> params       : check the scrypt cost, derive w0 and w1 in a thread
+  deriving    -> (nothing)    : scrypt is running
+  share       -> share        : check confirmV BEFORE revealing confirmP, then send confirmP
+  ok          -> ok           : records start; `authenticated_deferred` fires
+  ready       -> (nothing)    : waiting for the caller's next request
+  preparing   -> (nothing)    : hashing the part of a file we already have, to resume
+  get-header  -> file         : the server accepted a get
+  get-data    -> data, end    : write to the .part file; `end` verifies and renames
+  listing     -> entries      : one or more batches of a listing
+  stat        -> entry
+  mkdir       -> done
+  put-offer   -> ready        : the server says where the upload may resume
+  put-sending -> (nothing)    : our file is streaming to the server
+  put-stored  -> stored       : the server verified and stored it
+In the request states marked by REQUEST_STATES an ERROR fails only that request; elsewhere
+it ends the connection.
 """
 
+import hashlib
+import hmac
 import os
+import stat as stat_module
 
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
-from . import errors, spake2plus, userdb, wire
-from .connection import SecureConnection
+from . import errors, files, spake2plus, userdb, wire
+from .connection import SecureConnection, send_file
 from .errors import (
     ConnectionFailed,
+    EketwistError,
     IntegrityError,
+    LocalIOError,
+    NotAFile,
+    NotFound,
     ProtocolError,
     ServerNotAuthenticated,
     Unsupported,
 )
-from .files import PartFile
-from .server import CONTEXT
+from .server import CONTEXT, MAX_FILE_SIZE, MTIME_RANGE
 
-MAX_FILE_SIZE = 2**63 - 1
+REQUEST_STATES = ("get-header", "listing", "stat", "mkdir", "put-offer", "put-stored")
 
 
 class NoProgress:
-    def start(self, name, size):
+    def start(self, name, size, initial=0):
         pass
 
     def update(self, nbytes):
@@ -44,17 +58,25 @@ class NoProgress:
         pass
 
 
-class _Get:
-    """One get request in flight."""
+class _Request:
+    """One request in flight: its Deferred and whatever its states need."""
 
-    def __init__(self, remote, local, progress):
+    def __init__(self, kind, remote, progress=None, **details):
+        self.kind = kind
         self.remote = remote
-        self.local = local
         self.progress = progress or NoProgress()
         self.deferred = Deferred()
         self.part = None
-        self.size = None
-        self.mtime = None
+        self.handle = None
+        self.entries = []
+        self.__dict__.update(details)
+
+    def cleanup(self, keep_part):
+        if self.part is not None:
+            self.part.abort(keep_part=keep_part)
+        if self.handle is not None:
+            self.handle.close()
+        self.progress.close()
 
 
 class ClientProtocol(SecureConnection, TimeoutMixin):
@@ -65,13 +87,20 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         "share": {"share": "on_share"},
         "ok": {"ok": "on_ok"},
         "ready": {},
-        "header": {"file": "on_file"},
-        "receiving": {"data": "on_data", "end": "on_end"},
+        "preparing": {},
+        "get-header": {"file": "on_file"},
+        "get-data": {"data": "on_get_data", "end": "on_get_end"},
+        "listing": {"entries": "on_entries"},
+        "stat": {"entry": "on_entry"},
+        "mkdir": {"done": "on_done"},
+        "put-offer": {"ready": "on_put_ready"},
+        "put-sending": {},
+        "put-stored": {"stored": "on_stored"},
     }
 
     def __init__(self, username, password, timeout=None, clock=None):
-        """`timeout`: seconds without a byte from the server, while we wait for one, after
-        which the connection is abandoned (None: wait for ever)."""
+        """`timeout`: seconds without progress (no byte from the server while we wait for
+        one, no chunk sent while we upload) after which the connection is abandoned."""
         from twisted.internet import reactor
 
         self.timeout = timeout
@@ -91,6 +120,13 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self.setTimeout(self.timeout)
         self.send_handshake({"type": "hello", "version": wire.PROTOCOL_VERSION, "user": self.username})
 
+    def dataReceived(self, data):
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def timeoutConnection(self):
+        self.fail(errors.Timeout(f"the server made no progress for {self.timeout:g} s"))
+
     # -- handshake
 
     def on_params(self, message):
@@ -103,7 +139,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         scrypt = {key: scrypt[key] for key in ("n", "r", "p")}
         self.state = "deriving"
         password, self._password = self._password, None
-        derived = deferToThread(
+        derived = threads.deferToThread(
             spake2plus.register, password.encode("utf-8"), salt, self.username.encode("utf-8"), **scrypt
         )
         derived.addCallback(self._derived)
@@ -145,70 +181,226 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def on_ok(self, message):
         self.start_records(self._k_shared, is_client=True)
         self._k_shared = None
-        self.state = "ready"
-        self.setTimeout(None)  # nothing is expected from the server until the next request
+        self._ready()
         self.authenticated_deferred.callback(self)
 
-    # -- requests
+    # -- requests: the public API; each returns a Deferred, one request at a time
 
-    def get(self, remote, local, progress=None):
-        """Download `remote` to the path `local`; fires with {"size", "sha1", "path"}."""
+    def _ready(self):
+        self.state = "ready"
+        self.setTimeout(None)  # nothing is expected from the server until the next request
+
+    def _begin(self, request, state, message):
         if self.state != "ready":
-            raise RuntimeError(f"get() while {self.state}")
-        self._request = _Get(remote, local, progress)
-        self.state = "header"
+            raise RuntimeError(f"a request while {self.state}")
+        self._request = request
+        self._await(state)
+        if message is not None:
+            self.send_control(message)
+        return request.deferred
+
+    def _await(self, state):
+        self.state = state
         self.setTimeout(self.timeout)
-        self.send_control({"type": "get", "path": remote})
-        return self._request.deferred
+
+    def _complete(self, result):
+        request, self._request = self._request, None
+        self._ready()
+        request.progress.close()
+        request.deferred.callback(result)
+
+    def stat(self, remote):
+        """Fires with the entry of `remote` (name, type, size, mtime, mode)."""
+        return self._begin(_Request("stat", remote), "stat", {"type": "stat", "path": remote})
+
+    def on_entry(self, message):
+        self._complete(_checked_entry(message.get("entry")))
+
+    def list(self, remote, recursive=False):
+        """Fires with the entries of a directory (or the entry of a file), sorted by name;
+        recursive listings name entries by their path relative to `remote`."""
+        request = _Request("list", remote)
+        return self._begin(request, "listing", {"type": "list", "path": remote, "recursive": recursive})
+
+    def on_entries(self, message):
+        batch = message.get("entries")
+        if not isinstance(batch, list):
+            raise ProtocolError("entries: a list is expected")
+        request = self._request
+        request.entries.extend(_checked_entry(item) for item in batch)
+        if message.get("more") is not True:
+            self._complete(request.entries)
+
+    def mkdir(self, remote, mode=None, mtime=None):
+        """Create a remote directory if missing, then set its mode and mtime when given."""
+        message = {"type": "mkdir", "path": remote}
+        if mode is not None:
+            message["mode"] = mode & files.MODE_MASK
+        if mtime is not None:
+            message["mtime"] = mtime
+        return self._begin(_Request("mkdir", remote), "mkdir", message)
+
+    def on_done(self, message):
+        self._complete(None)
+
+    def get(self, remote, local, progress=None, resume=True):
+        """Download `remote` to the path `local` through `local`.part, resuming from what the
+        part file holds when the server's file still starts with it. Fires with
+        {"remote", "path", "size", "sha1", "resumed_from"}."""
+        try:
+            part = files.PartFile(local, local + files.CLIENT_PART_SUFFIX, os.path.basename(local), lock=True)
+        except EketwistError as error:
+            return fail(error)
+        request = _Request("get", remote, progress, local=local, prefix_sha1=None)
+        request.part = part
+        if not (resume and part.size):
+            part.restart()
+            return self._begin(request, "get-header", {"type": "get", "path": remote})
+        self._begin(request, "preparing", None)
+        self.setTimeout(None)
+        hashed = threads.deferToThread(part.prefix_sha1)
+
+        def ask(sha1):
+            if self._request is not request or self.closing:
+                return
+            request.prefix_sha1 = sha1
+            message = {"type": "get", "path": remote}
+            if sha1 is not None:
+                message.update(offset=part.size, sha1=sha1.hexdigest())
+            self._await("get-header")
+            self.send_control(message)
+
+        hashed.addCallback(ask).addErrback(self._internal_failure)
+        return request.deferred
 
     def on_file(self, message):
         request = self._request
         request.size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)
-        request.mtime = wire.number_field(message, "mtime", -(2**40), 2**40)
+        request.mtime = wire.number_field(message, "mtime", *MTIME_RANGE)
+        request.mode = wire.int_field(message, "mode", 0, 0o7777) if "mode" in message else None
+        offset = wire.int_field(message, "offset", 0, MAX_FILE_SIZE) if "offset" in message else 0
         digest = wire.text_field(message, "digest", 32)
         if digest != "sha1":
             raise Unsupported(f"the server offers digest {digest!r}, which this client does not know")
-        request.part = PartFile(request.local)
-        request.progress.start(os.path.basename(request.local), request.size)
-        self.state = "receiving"
+        part = request.part
+        if offset and offset == part.size and request.prefix_sha1 is not None:
+            part.resume(request.prefix_sha1)
+        elif offset:
+            raise ProtocolError("the server resumed at an offset we did not ask for")
+        else:
+            part.restart()  # nothing held, or the file changed on the server: start over
+        request.resumed_from = offset
+        request.progress.start(request.remote, request.size, initial=offset)
+        self._await("get-data")
 
-    def on_data(self, chunk):
+    def on_get_data(self, chunk):
         request = self._request
         if request.part.size + len(chunk) > request.size:
             raise IntegrityError(f"{request.remote}: the server sent more than the announced size")
         request.part.write(chunk)
         request.progress.update(len(chunk))
 
-    def on_end(self, message):
+    def on_get_end(self, message):
         request = self._request
         size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)
         sha1 = wire.hex_field(message, "sha1", 20)
         if size != request.size:
+            request.part.abort()
+            request.part = None
             raise IntegrityError(f"{request.remote}: the file changed size on the server while it was sent")
-        digest = request.part.finish(request.size, sha1, request.mtime)
-        request.progress.close()
-        self._request = None
-        self.state = "ready"
+        digest = request.part.finish(request.size, sha1, request.mtime, request.mode)
+        request.part = None
+        self._complete(
+            {"remote": request.remote, "path": request.local, "size": request.size,
+             "sha1": digest, "resumed_from": request.resumed_from}
+        )
+
+    def put(self, local, remote, progress=None, force=False):
+        """Upload the file `local` to `remote`, resuming a partial upload the server holds
+        for us when it starts with the same bytes as ours. Fires with
+        {"remote", "path", "size", "sha1", "resumed_from"}."""
+        try:
+            handle = open(local, "rb", buffering=0)
+        except FileNotFoundError:
+            return fail(LocalIOError(f"{local}: no such file"))
+        except IsADirectoryError:
+            return fail(NotAFile(f"{local}: is a directory (use -r)"))
+        except OSError as problem:
+            return fail(LocalIOError(f"{local}: cannot read: {problem.strerror}"))
+        st = os.fstat(handle.fileno())
+        if not stat_module.S_ISREG(st.st_mode):
+            handle.close()
+            return fail(NotAFile(f"{local}: not a regular file"))
+        request = _Request("put", remote, progress, local=local, size=st.st_size, resumed_from=0)
+        request.handle = handle
+        message = {
+            "type": "put", "path": remote, "size": st.st_size, "mtime": st.st_mtime,
+            "mode": st.st_mode & files.MODE_MASK, "force": force,
+        }
+        return self._begin(request, "put-offer", message)
+
+    def on_put_ready(self, message):
+        request = self._request
+        offset = wire.int_field(message, "offset", 0, request.size)
+        if not offset:
+            self._upload_from(request, 0, hashlib.sha1())
+            return
+        theirs = wire.hex_field(message, "sha1", 20)
+        self.state = "preparing"
         self.setTimeout(None)
-        request.deferred.callback({"path": request.local, "size": request.size, "sha1": digest})
+        hashed = threads.deferToThread(files.hash_prefix, request.handle, offset)
 
-    def dataReceived(self, data):
-        self.resetTimeout()
-        super().dataReceived(data)
+        def compared(ours):
+            if self._request is not request or self.closing:
+                return
+            if ours is not None and hmac.compare_digest(ours.digest(), theirs):
+                self._upload_from(request, offset, ours)
+            else:
+                self._upload_from(request, 0, hashlib.sha1())
 
-    def timeoutConnection(self):
-        self.fail(errors.Timeout(f"the server sent nothing for {self.timeout:g} s"))
+        hashed.addCallback(compared).addErrback(self._internal_failure)
+
+    def _upload_from(self, request, offset, sha1):
+        self.send_control({"type": "upload", "offset": offset})
+        self._await("put-sending")
+        request.resumed_from = offset
+        request.progress.start(request.remote, request.size, initial=offset)
+
+        def chunk_sent(nbytes):
+            self.resetTimeout()  # progress, although the server says nothing while we send
+            request.progress.update(nbytes)
+
+        def sent(nbytes):
+            if self._request is not request or self.closing:
+                return
+            request.sha1 = sha1.hexdigest()
+            self.send_control({"type": "end", "size": offset + nbytes, "sha1": request.sha1})
+            self._await("put-stored")
+
+        send_file(self, request.handle, offset, sha1, chunk_sent).addCallbacks(sent, lambda _: None)
+
+    def on_stored(self, message):
+        request = self._request
+        size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)
+        sha1 = wire.hex_field(message, "sha1", 20)
+        if size != request.size or not hmac.compare_digest(sha1.hex(), request.sha1):
+            raise IntegrityError(f"{request.remote}: the server stored something else than what was sent")
+        request.handle.close()
+        request.handle = None
+        self._complete(
+            {"remote": request.remote, "path": request.local, "size": size,
+             "sha1": request.sha1, "resumed_from": request.resumed_from}
+        )
 
     # -- failures
 
     def peer_error(self, message):
         error = errors.from_wire(str(message.get("code")), message.get("message"))
-        if self.state == "header":
+        if self.state in REQUEST_STATES:
             # The request failed; the connection stays usable for the next one.
             request, self._request = self._request, None
-            self.state = "ready"
-            self.setTimeout(None)
-            request.progress.close()
+            self._ready()
+            request.cleanup(keep_part=request.part is not None and request.part.size > 0)
             request.deferred.errback(error)
             return
         self._fail_pending(error)
@@ -225,10 +417,8 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def _fail_pending(self, error):
         request, self._request = self._request, None
         if request is not None:
-            if request.part is not None:
-                # A cut connection keeps the .part for a later resume; bad data does not.
-                request.part.abort(keep_part=isinstance(error, ConnectionFailed))
-            request.progress.close()
+            # A cut connection keeps the .part for a later resume; bad data does not.
+            request.cleanup(keep_part=isinstance(error, ConnectionFailed))
             request.deferred.errback(error)
         if not self.authenticated_deferred.called:
             self.authenticated_deferred.errback(error)
@@ -238,3 +428,18 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         super().connectionLost(reason)
         self._password = None
         self._fail_pending(ConnectionFailed("the connection to the server was lost"))
+
+
+def _checked_entry(item):
+    """A listing entry from the server, with its fields checked."""
+    if not isinstance(item, dict):
+        raise ProtocolError("entry: an object is expected")
+    item = {**item, "type": "entry"}  # for the field checks' messages
+    kind = item.get("kind")
+    return {
+        "name": wire.text_field(item, "name", wire.MAX_PATH_BYTES),
+        "kind": kind if kind in ("file", "dir", "symlink", "other") else "other",
+        "size": wire.int_field(item, "size", 0, MAX_FILE_SIZE),
+        "mtime": wire.number_field(item, "mtime", *MTIME_RANGE),
+        "mode": wire.int_field(item, "mode", 0, 0o7777),
+    }

@@ -7,11 +7,55 @@ after the connection has started closing.
 """
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
+from zope.interface import implementer
 
 from . import records, wire
-from .errors import EketwistError, IntegrityError, ProtocolError
+from .errors import ConnectionFailed, EketwistError, IntegrityError, ProtocolError
+
+
+@implementer(IConsumer)
+class RecordConsumer:
+    """Lets FileSender write into the record layer: every chunk becomes one DATA record."""
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def registerProducer(self, producer, streaming):
+        self._connection.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self):
+        self._connection.transport.unregisterProducer()
+
+    def write(self, chunk):
+        self._connection.send_data(chunk)
+
+
+def send_file(connection, handle, offset, sha1, on_chunk=None):
+    """Stream `handle` from `offset` as DATA records with FileSender (one record per chunk),
+    feeding `sha1`. Fires with the bytes sent, or fails if the connection went away."""
+    sent = 0
+
+    def hash_and_count(chunk):
+        nonlocal sent
+        sha1.update(chunk)
+        sent += len(chunk)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+        return chunk
+
+    def translate(failure):
+        # FileSender reports a stopped consumer with a bare Exception.
+        raise ConnectionFailed(f"the connection was lost after {sent} bytes")
+
+    handle.seek(offset)
+    sender = FileSender()
+    sender.CHUNK_SIZE = wire.DATA_CHUNK
+    done = sender.beginFileTransfer(handle, RecordConsumer(connection), hash_and_count)
+    return done.addCallbacks(lambda _: sent, translate)
 
 
 class StopReading(Exception):

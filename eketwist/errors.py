@@ -14,6 +14,9 @@ EXIT_INTEGRITY = 6
 EXIT_PROTOCOL = 7
 EXIT_LOCAL_IO = 8
 EXIT_REFUSED = 9
+EXIT_EXISTS = 10
+EXIT_NO_SPACE = 11
+EXIT_BUSY = 12
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -26,7 +29,10 @@ exit codes:
   6  integrity failure (a record, the size or the SHA-1 did not verify); nothing was written
   7  protocol error (the peer broke the protocol, or asked for something unsupported)
   8  local I/O error (cannot read or write a local file)
-  9  refused by the server (permission denied, or a path outside the root)
+  9  refused (permission denied, a read-only account, or a path outside the root)
+  10 the destination exists (use --force to replace it)
+  11 no space: the receiving disk is full, or the file is over a size limit
+  12 busy: another transfer to the same file is in progress; try again later
 """
 
 
@@ -101,6 +107,33 @@ class BadPath(PermissionDenied):
     """Path refused: it must be relative and stay inside the server's root."""
 
     code = "bad-path"
+
+
+class Exists(EketwistError):
+    """The destination already exists (use --force to replace it)."""
+
+    code = "exists"
+    exit_code = EXIT_EXISTS
+
+
+class NoSpace(EketwistError):
+    """No space left on the receiving disk."""
+
+    code = "no-space"
+    exit_code = EXIT_NO_SPACE
+
+
+class TooLarge(NoSpace):
+    """The file is larger than the server accepts."""
+
+    code = "too-large"
+
+
+class Busy(EketwistError):
+    """Another transfer to the same file is in progress; try again later."""
+
+    code = "busy"
+    exit_code = EXIT_BUSY
 
 
 class IntegrityError(EketwistError):

@@ -1,10 +1,13 @@
-"""The file service: untrusted paths resolved inside a root, and files received whole or not at all.
+"""The file service: untrusted paths resolved inside a root, listings, and files received whole
+or not at all.
 
-No network here: the server's protocol asks `open_for_sending`; the receiving side writes through
-`PartFile`, which only ever creates the final name by renaming a complete, verified file.
+No network here. The server's protocol resolves paths and opens files through these functions;
+both sides receive through `PartFile`, which only ever creates the final name by renaming a
+complete, verified file, and which can be resumed.
 """
 
 import errno
+import fcntl
 import hashlib
 import hmac
 import os
@@ -12,24 +15,48 @@ import stat
 
 from twisted.python.filepath import FilePath, InsecurePath
 
-from .errors import BadPath, IntegrityError, LocalIOError, NotAFile, NotFound, PermissionDenied
+from .errors import (
+    BadPath,
+    Busy,
+    Exists,
+    IntegrityError,
+    LocalIOError,
+    NoSpace,
+    NotAFile,
+    NotFound,
+    PermissionDenied,
+)
 
-PART_SUFFIX = ".part"
+CLIENT_PART_SUFFIX = ".part"
+# The server keeps partial uploads beside their destination under this prefix; such names are
+# never listed, sent or accepted as upload targets.
+SERVER_PART_PREFIX = ".eke-part."
+HASH_BLOCK = 1 << 20
+# Only permission bits travel: never setuid, setgid or sticky.
+MODE_MASK = 0o777
 
 
-def resolve(root, requested):
-    """The FilePath for `requested` inside `root`, or BadPath.
-
-    Built segment by segment (FilePath.child refuses '..', separators and NUL), then the real
-    path is compared with the real root so that no symlink leads outside it.
-    """
-    if not isinstance(requested, str) or not requested or "\x00" in requested:
-        raise BadPath("path refused: empty or contains NUL")
+def _segments(requested):
+    if not isinstance(requested, str) or "\x00" in requested:
+        raise BadPath("path refused: contains NUL")
     if requested.startswith("/"):
         raise BadPath(f"{requested}: path refused: absolute paths are not allowed")
     segments = [seg for seg in requested.split("/") if seg not in ("", ".")]
     if ".." in segments:
         raise BadPath(f"{requested}: path refused: '..' is not allowed")
+    if any(seg.startswith(SERVER_PART_PREFIX) for seg in segments):
+        raise BadPath(f"{requested}: path refused: reserved name")
+    return segments
+
+
+def resolve(root, requested):
+    """The FilePath for `requested` inside `root` (which need not exist yet), or BadPath.
+
+    Built segment by segment (FilePath.child refuses '..', separators and NUL), then the real
+    path is compared with the real root so that no symlink leads outside it. "" and "." are
+    the root itself.
+    """
+    segments = _segments(requested)
     root_path = FilePath(os.path.realpath(root))
     path = root_path
     try:
@@ -43,22 +70,28 @@ def resolve(root, requested):
     return FilePath(real)
 
 
+def _open_error(problem, shown_name):
+    if isinstance(problem, FileNotFoundError):
+        return NotFound(f"{shown_name}: no such file on the server")
+    if isinstance(problem, PermissionError):
+        return PermissionDenied(f"{shown_name}: permission denied on the server")
+    if problem.errno == errno.ELOOP:
+        return BadPath(f"{shown_name}: path refused")
+    if problem.errno == errno.EISDIR:
+        return NotAFile(f"{shown_name}: is a directory")
+    if problem.errno == errno.ENOTDIR:
+        return NotFound(f"{shown_name}: no such file on the server")
+    return NotFound(f"{shown_name}: cannot open on the server: {problem.strerror}")
+
+
 def open_for_sending(path, shown_name):
     """Open a regular file for reading: (file object, os.stat_result), or a clear error."""
     try:
         # O_NOFOLLOW: the real path was checked; a symlink swapped in since is refused.
         # O_NONBLOCK: opening a FIFO must not hang the server.
         fd = os.open(path.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotFound(f"{shown_name}: no such file on the server") from None
-    except PermissionError:
-        raise PermissionDenied(f"{shown_name}: permission denied on the server") from None
     except OSError as problem:
-        if problem.errno == errno.ELOOP:
-            raise BadPath(f"{shown_name}: path refused") from None
-        if problem.errno == errno.EISDIR:
-            raise NotAFile(f"{shown_name}: is a directory") from None
-        raise NotFound(f"{shown_name}: cannot open on the server: {problem.strerror}") from None
+        raise _open_error(problem, shown_name) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -66,6 +99,150 @@ def open_for_sending(path, shown_name):
         raise NotAFile(f"{shown_name}: {kind}")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb", buffering=0), st
+
+
+def _kind(mode):
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def entry(name, st):
+    """One listing entry: what `ls` shows and what a tree transfer needs."""
+    return {
+        "name": name,
+        "kind": _kind(st.st_mode),
+        "size": st.st_size,
+        "mtime": st.st_mtime,
+        "mode": stat.S_IMODE(st.st_mode) & MODE_MASK,
+    }
+
+
+def stat_path(path, shown_name):
+    """The entry for one path (symlinks reported as symlinks, not followed)."""
+    try:
+        st = os.lstat(path.path)
+    except OSError as problem:
+        raise _open_error(problem, shown_name) from None
+    return entry(path.basename(), st)
+
+
+def list_entries(path, shown_name, recursive=False):
+    """Entries under a directory, sorted by name; recursive listings give "/"-joined relative
+    names, each directory before its contents. A file lists as itself."""
+    top = stat_path(path, shown_name)
+    if top["kind"] != "dir":
+        yield top
+        return
+    pending = [("", path.path)]
+    while pending:
+        prefix, directory = pending.pop()
+        try:
+            with os.scandir(directory) as scan:
+                children = sorted(scan, key=lambda d: d.name)
+        except OSError as problem:
+            raise _open_error(problem, shown_name + ("/" + prefix if prefix else "")) from None
+        subdirectories = []
+        for child in children:
+            if child.name.startswith(SERVER_PART_PREFIX):
+                continue
+            try:
+                st = child.stat(follow_symlinks=False)
+            except OSError:
+                continue  # vanished since the scan
+            item = entry(prefix + child.name, st)
+            yield item
+            if recursive and item["kind"] == "dir":
+                subdirectories.append((prefix + child.name + "/", child.path))
+        pending.extend(reversed(subdirectories))
+
+
+def make_directory(path, shown_name, mode=None, mtime=None):
+    """Create a directory if it is missing (its parent must exist), then apply mode and mtime."""
+    try:
+        os.mkdir(path.path, 0o700 if mode is None else mode & MODE_MASK)
+    except FileExistsError:
+        if not path.isdir() or path.islink():
+            raise Exists(f"{shown_name}: exists and is not a directory") from None
+    except FileNotFoundError:
+        raise NotFound(f"{shown_name}: the parent directory does not exist") from None
+    except PermissionError:
+        raise PermissionDenied(f"{shown_name}: permission denied on the server") from None
+    except OSError as problem:
+        raise _storage_error(problem, shown_name) from None
+    try:
+        if mode is not None:
+            os.chmod(path.path, mode & MODE_MASK)
+        if mtime is not None:
+            os.utime(path.path, (mtime, mtime))
+    except OSError as problem:
+        raise _storage_error(problem, shown_name) from None
+
+
+def server_part_path(destination, user):
+    """Where the server keeps a partial upload of `destination` for `user`: findable again by
+    the same user for the same path, distinct for different users."""
+    digest = hashlib.sha256(user.encode("utf-8") + b"\0" + destination.basename().encode("utf-8", "surrogateescape"))
+    return destination.sibling(SERVER_PART_PREFIX + digest.hexdigest()[:32])
+
+
+def remove_stale_parts(directory, max_age, now):
+    """Delete partial uploads in `directory` untouched for `max_age` seconds and not in use.
+    Returns how many were removed."""
+    removed = 0
+    try:
+        scan = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for child in scan:
+        if not child.name.startswith(SERVER_PART_PREFIX):
+            continue
+        try:
+            if now - child.stat(follow_symlinks=False).st_mtime < max_age:
+                continue
+            fd = os.open(child.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(child.path)
+            removed += 1
+        except OSError:
+            pass  # in use by an upload right now
+        finally:
+            os.close(fd)
+    return removed
+
+
+def hash_prefix(handle, length):
+    """SHA-1 state over the first `length` bytes of an open file, or None if it is shorter.
+    Runs in a thread: hashlib releases the GIL on large buffers."""
+    sha1 = hashlib.sha1()
+    handle.seek(0)
+    remaining = length
+    buffer = bytearray(min(HASH_BLOCK, max(length, 1)))
+    view = memoryview(buffer)
+    while remaining:
+        got = handle.readinto(view[: min(remaining, len(buffer))])
+        if not got:
+            return None
+        sha1.update(view[:got])
+        remaining -= got
+    return sha1
+
+
+def _storage_error(problem, shown_name):
+    if problem.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{shown_name}: no space left on the receiving disk")
+    if problem.errno == errno.EFBIG:
+        return NoSpace(f"{shown_name}: file too large for the receiving system")
+    if isinstance(problem, PermissionError):
+        return PermissionDenied(f"{shown_name}: permission denied")
+    return LocalIOError(f"{shown_name}: {problem.strerror}")
 
 
 def _fsync_directory(directory):
@@ -76,58 +253,85 @@ def _fsync_directory(directory):
         os.close(fd)
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 class PartFile:
-    """Receives one file into `<destination>.part`, hashing as it goes.
+    """Receives one file into a part file beside its destination, hashing as it goes.
 
-    `finish` checks size and SHA-1, fsyncs and renames into place; `abort` removes the part
-    file. The destination name is never created or replaced by an incomplete file.
+    The part file may already hold the start of the file from an interrupted transfer: `size`
+    says how much, `prefix_sha1()` hashes it, and `resume(sha1)` continues after it (or
+    `restart()` empties it). `finish` checks size and SHA-1, fsyncs, renames into place;
+    `abort` closes and, unless asked to keep it, removes the part file. The destination name is
+    never created or replaced by an incomplete file.
     """
 
-    def __init__(self, destination):
+    def __init__(self, destination, part, shown_name=None, *, lock=False):
         self.destination = destination
-        self.part = destination + PART_SUFFIX
+        self.part = part
+        self.shown_name = shown_name or os.path.basename(destination)
+        try:
+            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as problem:
+            raise _storage_error(problem, self.shown_name) from None
+        if lock:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise Busy(f"{self.shown_name}: another transfer to this file is in progress") from None
+        self._file = os.fdopen(fd, "r+b", buffering=0)
+        self.size = os.fstat(fd).st_size
+        self._sha1 = hashlib.sha1()
+
+    def prefix_sha1(self):
+        """SHA-1 state over what the part file holds (for a resume); blocking."""
+        return hash_prefix(self._file, self.size)
+
+    def resume(self, sha1):
+        self._file.seek(self.size)
+        self._sha1 = sha1
+
+    def restart(self):
+        self._file.seek(0)
+        self._file.truncate(0)
         self.size = 0
         self._sha1 = hashlib.sha1()
-        try:
-            fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        except OSError as problem:
-            raise LocalIOError(f"{self.part}: cannot create: {problem.strerror}") from None
-        self._file = os.fdopen(fd, "wb", buffering=0)
 
     def write(self, data):
         try:
             self._file.write(data)
         except OSError as problem:
-            raise LocalIOError(f"{self.part}: cannot write: {problem.strerror}") from None
+            raise _storage_error(problem, self.shown_name) from None
         self._sha1.update(data)
         self.size += len(data)
 
-    def finish(self, expected_size, expected_sha1, mtime=None):
-        """Verify and rename into place; return the hex SHA-1. On failure nothing is renamed."""
+    def finish(self, expected_size, expected_sha1, mtime=None, mode=None, replace=True):
+        """Verify and rename into place; return the hex SHA-1. On failure nothing is renamed.
+
+        With replace=False an existing destination is never overwritten, even one that
+        appeared during the transfer (Exists)."""
         digest = self._sha1.digest()
         if self.size != expected_size or not hmac.compare_digest(digest, expected_sha1):
             self.abort()
             what = "size" if self.size != expected_size else "SHA-1"
-            raise IntegrityError(
-                f"{os.path.basename(self.destination)}: {what} does not match; nothing was written"
-            )
+            raise IntegrityError(f"{self.shown_name}: {what} does not match; nothing was written")
+        fd = self._file.fileno()
         try:
-            os.fsync(self._file.fileno())
-            os.fchmod(self._file.fileno(), 0o666 & ~_umask())
+            os.fsync(fd)
+            os.fchmod(fd, (0o666 & ~_umask()) if mode is None else mode & MODE_MASK)
             if mtime is not None:
-                os.utime(self._file.fileno(), (mtime, mtime))
+                os.utime(fd, (mtime, mtime))
             self._file.close()
-            os.replace(self.part, self.destination)
+            if replace:
+                os.replace(self.part, self.destination)
+            else:
+                os.link(self.part, self.destination)  # fails if the name exists: no clobbering
+                os.unlink(self.part)
             _fsync_directory(os.path.dirname(os.path.abspath(self.destination)))
+        except FileExistsError:
+            self.abort(keep_part=True)
+            raise Exists(f"{self.shown_name}: already exists (use --force to replace it)") from None
         except OSError as problem:
-            self.abort()
-            raise LocalIOError(f"{self.destination}: cannot finish: {problem.strerror}") from None
+            self.abort(keep_part=True)
+            raise _storage_error(problem, self.shown_name) from None
         return digest.hex()
 
     def abort(self, keep_part=False):
@@ -138,3 +342,9 @@ class PartFile:
                 os.unlink(self.part)
             except FileNotFoundError:
                 pass
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,49 +1,67 @@
 """The server's protocol machine (SPAKE2+ Verifier, then requests) and its factory.
 
-States and the messages each accepts:
-  hello    -> hello           : look the user up (or fake one), send params
-  share    -> share           : send our share and confirmV
-  confirm  -> confirm         : check confirmP; ok (records start) or auth-failed and close
-  ready    -> get             : send one file; unknown requests get "unsupported"
-  sending  -> (nothing)       : a file is streaming; the client waits for its end
+States and the messages each accepts (docs/protocol.md, section 9):
+  hello           -> hello          : look the user up (or fake one), send params
+  share           -> share          : send our share and confirmV
+  confirm         -> confirm        : check confirmP; ok (records start) or auth-failed, close
+  ready           -> get, list, stat, put, mkdir; other requests get "unsupported"
+  working         -> (nothing)      : hashing a prefix or streaming a file to the client
+  upload-offered  -> upload         : the client chose where its upload starts
+  receiving       -> data, end      : an upload streams into its part file
 """
 
 import hashlib
+import hmac
 import os
 import socket
 import time
 
-from twisted.internet import protocol
+from twisted.internet import protocol, threads
 from twisted.logger import Logger
-from twisted.protocols.basic import FileSender
 from twisted.protocols.policies import TimeoutMixin
-from zope.interface import implementer
-from twisted.internet.interfaces import IConsumer
 
 from . import files, spake2plus, userdb, wire
-from .connection import SecureConnection
-from .errors import AuthenticationFailed, EketwistError, ProtocolError, Timeout, Unsupported
+from .connection import SecureConnection, send_file
+from .errors import (
+    AuthenticationFailed,
+    BadPath,
+    EketwistError,
+    Exists,
+    IntegrityError,
+    NoSpace,
+    NotAFile,
+    NotFound,
+    PermissionDenied,
+    ProtocolError,
+    Timeout,
+    TooLarge,
+    Unsupported,
+)
 
 CONTEXT = b"eketwist/1 SPAKE2+-P256-SHA256-HKDF-SHA256-HMAC-SHA256"
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 600.0
+DEFAULT_PARTIAL_MAX_AGE = 7 * 24 * 3600.0
+MAX_FILE_SIZE = 2**63 - 1
+MTIME_RANGE = (-(2**40), 2**40)
+# A listing is sent in CONTROL messages of at most this many bytes of entries.
+LISTING_BATCH_BYTES = 48 * 1024
 
 
-@implementer(IConsumer)
-class RecordConsumer:
-    """Lets FileSender write into the record layer: every chunk becomes one DATA record."""
+class Upload:
+    """One upload in progress."""
 
-    def __init__(self, connection):
-        self._connection = connection
-
-    def registerProducer(self, producer, streaming):
-        self._connection.transport.registerProducer(producer, streaming)
-
-    def unregisterProducer(self):
-        self._connection.transport.unregisterProducer()
-
-    def write(self, chunk):
-        self._connection.send_data(chunk)
+    def __init__(self, part, path, size, mtime, mode, force):
+        self.part = part
+        self.path = path
+        self.size = size
+        self.mtime = mtime
+        self.mode = mode
+        self.force = force
+        self.offered = 0
+        self.prefix_sha1 = None
+        self.resumed_from = 0
+        self.started = time.monotonic()
 
 
 class ServerProtocol(SecureConnection, TimeoutMixin):
@@ -52,8 +70,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         "hello": {"hello": "on_hello"},
         "share": {"share": "on_share"},
         "confirm": {"confirm": "on_confirm"},
-        "ready": {"get": "on_get"},
-        "sending": {},
+        "ready": {"get": "on_get", "list": "on_list", "stat": "on_stat", "put": "on_put", "mkdir": "on_mkdir"},
+        "working": {},
+        "upload-offered": {"upload": "on_upload"},
+        "receiving": {"data": "on_upload_data", "end": "on_upload_end"},
     }
 
     def connectionMade(self):
@@ -61,13 +81,16 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.state = "hello"
         self.peer = _describe_peer(self.transport.getPeer())
         self.username = None
+        self.root = None
+        self.can_write = False
+        self._upload = None
         self.callLater = self.factory.clock.callLater
         # A slow client cannot keep a handshake slot: this deadline is never reset by data.
         self.setTimeout(self.factory.handshake_timeout)
         self.log.info("connection from {peer}", peer=self.peer)
 
     def dataReceived(self, data):
-        if self.authenticated and self.state == "ready":
+        if self.authenticated and self.state in ("ready", "receiving"):
             self.resetTimeout()
         super().dataReceived(data)
 
@@ -81,14 +104,15 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         if self.state == "confirm":
             # The client saw our confirmation and hung up: its password did not match.
             self._log_auth_failure()
+        self._abort_upload(keep_part=True, why="connection lost")
         super().connectionLost(reason)
         self.log.info("connection from {peer} closed", peer=self.peer)
 
     def fail(self, error):
         if not self.closing and not isinstance(error, Timeout):
-            self.log.info(
-                "closing connection from {peer}: {error}", peer=self.peer, error=error.message
-            )
+            self.log.info("closing connection from {peer}: {error}", peer=self.peer, error=error.message)
+        # Bad data or a full disk: the partial upload is worth nothing, or in the way.
+        self._abort_upload(keep_part=not isinstance(error, (IntegrityError, NoSpace)), why=error.message)
         super().fail(error)
 
     def peer_error(self, message):
@@ -149,11 +173,33 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             return
         self.send_handshake({"type": "ok"})
         self.start_records(keys.shared, is_client=False)
-        self.state = "ready"
-        self.setTimeout(self.factory.idle_timeout)
-        self.log.info("{user} authenticated from {peer}", user=user.name, peer=self.peer)
+        self.root = user.root or self.factory.root
+        self.can_write = user.rights == userdb.READ_WRITE
+        self._ready()
+        self.log.info(
+            "{user} authenticated from {peer} ({rights}, root {root})",
+            user=user.name, peer=self.peer, rights=user.rights, root=self.root,
+        )
 
     # -- requests
+
+    def _ready(self):
+        self.state = "ready"
+        self.setTimeout(self.factory.idle_timeout)
+
+    def _working(self):
+        self.state = "working"
+        self.setTimeout(None)  # a slow reader is governed by back-pressure, not the idle timer
+
+    def _refuse(self, what, requested, error):
+        """A request failed in a way that leaves the connection usable."""
+        self.log.info(
+            "{user} from {peer}: {what} {path} refused: {error}",
+            user=self.username, peer=self.peer, what=what, path=requested, error=error.message,
+        )
+        if not self.closing:
+            self.send_error(error)
+            self._ready()
 
     def unexpected(self, state, message_type, argument):
         if state == "ready" and message_type not in ("error", "data"):
@@ -162,69 +208,232 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             return
         super().unexpected(state, message_type, argument)
 
+    def _path(self, message, allow_root=False):
+        requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES, allow_empty=allow_root)
+        return requested, files.resolve(self.root, requested)
+
     def on_get(self, message):
         requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES)
+        offset = wire.int_field(message, "offset", 0, MAX_FILE_SIZE) if "offset" in message else 0
+        prefix = wire.hex_field(message, "sha1", 20) if offset else None
         try:
-            path = files.resolve(self.factory.root, requested)
-            handle, st = files.open_for_sending(path, requested)
+            handle, st = files.open_for_sending(files.resolve(self.root, requested), requested)
         except EketwistError as error:
-            self.log.info(
-                "{user} from {peer}: get {path} refused: {error}",
-                user=self.username, peer=self.peer, path=requested, error=error.message,
-            )
-            self.send_error(error)
+            self._refuse("get", requested, error)
+            return
+        self._working()
+        if not offset or offset > st.st_size:
+            self._send(handle, st, requested, 0, hashlib.sha1())
+            return
+        # The client holds `offset` bytes: continue only if ours start with the same bytes.
+        hashed = threads.deferToThread(files.hash_prefix, handle, offset)
+
+        def compared(sha1):
+            if sha1 is not None and hmac.compare_digest(sha1.digest(), prefix):
+                self._send(handle, st, requested, offset, sha1)
+            else:
+                self._send(handle, st, requested, 0, hashlib.sha1())
+
+        hashed.addCallback(compared).addErrback(self._internal_failure, handle)
+
+    def _send(self, handle, st, requested, offset, sha1):
+        if self.closing:
+            handle.close()
             return
         self.send_control(
             {
                 "type": "file",
-                "name": path.basename(),
+                "name": os.path.basename(requested.rstrip("/")),
                 "size": st.st_size,
                 "mtime": st.st_mtime,
+                "mode": st.st_mode & files.MODE_MASK,
                 "digest": "sha1",
+                "offset": offset,
             }
         )
-        self.state = "sending"
-        self.setTimeout(None)  # a slow reader is governed by back-pressure, not the idle timer
-        self._send_file(handle, requested)
-
-    def _send_file(self, handle, requested):
-        sha1 = hashlib.sha1()
-        sent = 0
         started = time.monotonic()
 
-        def hash_and_count(chunk):
-            nonlocal sent
-            sha1.update(chunk)
-            sent += len(chunk)
-            return chunk
-
-        def finished(_):
+        def finished(sent):
             handle.close()
             if self.closing:
                 return
             digest = sha1.hexdigest()
-            self.send_control({"type": "end", "size": sent, "sha1": digest})
-            self.state = "ready"
-            self.setTimeout(self.factory.idle_timeout)
+            self.send_control({"type": "end", "size": offset + sent, "sha1": digest})
+            self._ready()
             self.log.info(
-                "{user} from {peer}: sent {path} ({nbytes} bytes, {seconds:.3f} s, sha1 {sha1})",
-                user=self.username, peer=self.peer, path=requested, nbytes=sent,
+                "{user} from {peer}: sent {path} ({nbytes} bytes{resumed}, {seconds:.3f} s, sha1 {sha1})",
+                user=self.username, peer=self.peer, path=requested, nbytes=offset + sent,
+                resumed=f", resumed at {offset}" if offset else "",
                 seconds=time.monotonic() - started, sha1=digest,
             )
 
-        def aborted(_):
-            # FileSender reports a stopped consumer with a bare Exception: the peer went away.
+        def aborted(failure):
             handle.close()
             self.log.info(
-                "{user} from {peer}: get {path} aborted after {nbytes} bytes: connection lost",
-                user=self.username, peer=self.peer, path=requested, nbytes=sent,
+                "{user} from {peer}: get {path} aborted: {why}",
+                user=self.username, peer=self.peer, path=requested, why=failure.getErrorMessage(),
             )
 
-        sender = FileSender()
-        sender.CHUNK_SIZE = wire.DATA_CHUNK
-        sender.beginFileTransfer(handle, RecordConsumer(self), hash_and_count).addCallbacks(
-            finished, aborted
+        send_file(self, handle, offset, sha1).addCallbacks(finished, aborted)
+
+    def _internal_failure(self, failure, handle=None):
+        if handle is not None:
+            handle.close()
+        self.log.failure("internal error serving {user}", failure, user=self.username)
+        self.fail(EketwistError("internal error"))
+
+    def on_stat(self, message):
+        requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES, allow_empty=True)
+        try:
+            path = files.resolve(self.root, requested)
+            entry = files.stat_path(path, requested or ".")
+        except EketwistError as error:
+            self._refuse("stat", requested, error)
+            return
+        self.send_control({"type": "entry", "entry": entry})
+
+    def on_list(self, message):
+        requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES, allow_empty=True)
+        recursive = message.get("recursive") is True
+        try:
+            entries = files.list_entries(files.resolve(self.root, requested), requested or ".", recursive)
+            batch, batch_bytes, count = [], 0, 0
+            for entry in entries:
+                size = len(wire.encode_message(entry))
+                if batch and batch_bytes + size > LISTING_BATCH_BYTES:
+                    self.send_control({"type": "entries", "entries": batch, "more": True})
+                    batch, batch_bytes = [], 0
+                batch.append(entry)
+                batch_bytes += size + 1
+                count += 1
+        except EketwistError as error:
+            self._refuse("list", requested, error)
+            return
+        self.send_control({"type": "entries", "entries": batch, "more": False})
+        self.log.info(
+            "{user} from {peer}: listed {path} ({count} entries)",
+            user=self.username, peer=self.peer, path=requested or ".", count=count,
         )
+
+    def _check_writable(self, requested):
+        if not self.can_write:
+            raise PermissionDenied(f"{requested}: permission denied on the server (read-only account)")
+
+    def on_mkdir(self, message):
+        requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES)
+        mode = wire.int_field(message, "mode", 0, 0o7777) if "mode" in message else None
+        mtime = wire.number_field(message, "mtime", *MTIME_RANGE) if "mtime" in message else None
+        try:
+            self._check_writable(requested)
+            path = files.resolve(self.root, requested)
+            if path.path == os.path.realpath(self.root):
+                raise BadPath(f"{requested}: path refused: that is the root")
+            files.make_directory(path, requested, mode, mtime)
+        except EketwistError as error:
+            self._refuse("mkdir", requested, error)
+            return
+        self.send_control({"type": "done"})
+
+    def on_put(self, message):
+        requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES)
+        size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)
+        mtime = wire.number_field(message, "mtime", *MTIME_RANGE) if "mtime" in message else None
+        mode = wire.int_field(message, "mode", 0, 0o7777) if "mode" in message else None
+        force = message.get("force") is True
+        try:
+            self._check_writable(requested)
+            cap = self.factory.max_upload_size
+            if cap is not None and size > cap:
+                raise TooLarge(f"{requested}: {size} bytes is over the server's upload limit of {cap} bytes")
+            destination = files.resolve(self.root, requested)
+            if destination.path == os.path.realpath(self.root):
+                raise BadPath(f"{requested}: path refused: that is the root")
+            if destination.isdir():
+                raise NotAFile(f"{requested}: is a directory on the server")
+            if not destination.parent().isdir():
+                raise NotFound(f"{requested}: the directory does not exist on the server")
+            if destination.exists() and not force:
+                raise Exists(f"{requested}: already exists on the server (use --force to replace it)")
+            files.remove_stale_parts(destination.parent().path, self.factory.partial_max_age, time.time())
+            part = files.PartFile(
+                destination.path, files.server_part_path(destination, self.username).path, requested, lock=True
+            )
+        except EketwistError as error:
+            self._refuse("put", requested, error)
+            return
+        self._upload = upload = Upload(part, requested, size, mtime, mode, force)
+        if part.size > size:
+            part.restart()
+        if not part.size:
+            self._offer(upload, None)
+            return
+        self._working()
+        hashed = threads.deferToThread(part.prefix_sha1)
+        hashed.addCallback(lambda sha1: self._offer(upload, sha1))
+        hashed.addErrback(self._internal_failure)
+
+    def _offer(self, upload, sha1):
+        if self.closing or upload is not self._upload:
+            return
+        if sha1 is None:
+            upload.part.restart()
+        upload.offered, upload.prefix_sha1 = upload.part.size, sha1
+        offer = {"type": "ready", "offset": upload.offered}
+        if upload.offered:
+            offer["sha1"] = sha1.hexdigest()
+        self.state = "upload-offered"
+        self.setTimeout(self.factory.idle_timeout)
+        self.send_control(offer)
+
+    def on_upload(self, message):
+        upload = self._upload
+        offset = wire.int_field(message, "offset", 0, MAX_FILE_SIZE)
+        if offset not in (0, upload.offered):
+            raise ProtocolError("upload offset must be 0 or the offered offset")
+        if offset:
+            upload.part.resume(upload.prefix_sha1)
+            upload.resumed_from = offset
+        else:
+            upload.part.restart()
+        upload.prefix_sha1 = None
+        self.state = "receiving"
+
+    def on_upload_data(self, chunk):
+        upload = self._upload
+        if upload.part.size + len(chunk) > upload.size:
+            raise IntegrityError(f"{upload.path}: the client sent more than the announced size")
+        upload.part.write(chunk)
+
+    def on_upload_end(self, message):
+        upload, self._upload = self._upload, None
+        size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)
+        sha1 = wire.hex_field(message, "sha1", 20)
+        try:
+            if size != upload.size:
+                upload.part.abort()
+                raise IntegrityError(f"{upload.path}: the file changed size while it was sent")
+            digest = upload.part.finish(size, sha1, upload.mtime, upload.mode, replace=upload.force)
+        except EketwistError as error:
+            self._refuse("put", upload.path, error)
+            return
+        self.send_control({"type": "stored", "size": size, "sha1": digest})
+        self._ready()
+        self.log.info(
+            "{user} from {peer}: received {path} ({nbytes} bytes{resumed}, {seconds:.3f} s, sha1 {sha1})",
+            user=self.username, peer=self.peer, path=upload.path, nbytes=size,
+            resumed=f", resumed at {upload.resumed_from}" if upload.resumed_from else "",
+            seconds=time.monotonic() - upload.started, sha1=digest,
+        )
+
+    def _abort_upload(self, keep_part, why):
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            upload.part.abort(keep_part=keep_part)
+            self.log.info(
+                "{user} from {peer}: put {path} aborted after {nbytes} bytes ({why}); partial {kept}",
+                user=self.username, peer=self.peer, path=upload.path, nbytes=upload.part.size,
+                why=why, kept="kept for a resume" if keep_part else "removed",
+            )
 
 
 def _describe_peer(address):
@@ -236,6 +445,7 @@ def _describe_peer(address):
 class ServerFactory(protocol.Factory):
     protocol = ServerProtocol
     noisy = False
+    log = Logger()
 
     def __init__(
         self,
@@ -244,6 +454,8 @@ class ServerFactory(protocol.Factory):
         server_id=None,
         handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout=DEFAULT_IDLE_TIMEOUT,
+        max_upload_size=None,
+        partial_max_age=DEFAULT_PARTIAL_MAX_AGE,
         clock=None,
     ):
         from twisted.internet import reactor
@@ -253,4 +465,22 @@ class ServerFactory(protocol.Factory):
         self.server_id = server_id or socket.gethostname()
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.max_upload_size = max_upload_size
+        self.partial_max_age = partial_max_age
         self.clock = clock or reactor
+
+    def roots(self):
+        """Every root a user may write to: the server's and the users' own."""
+        users = self.users.current()
+        return sorted({self.root, *(user.root for user in users.by_name.values() if user.root)})
+
+    def sweep_partial_uploads(self):
+        """Remove partial uploads older than partial_max_age under every root (blocking walk)."""
+        now = time.time()
+        removed = 0
+        for root in self.roots():
+            for directory, subdirectories, _ in os.walk(root):
+                removed += files.remove_stale_parts(directory, self.partial_max_age, now)
+        if removed:
+            self.log.info("removed {count} stale partial uploads", count=removed)
+        return removed

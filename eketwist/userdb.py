@@ -28,6 +28,9 @@ DEFAULT_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
 SCRYPT_BOUNDS = {"n": (2**10, 2**20), "r": (1, 16), "p": (1, 4)}
 MAX_SCRYPT_MEMORY = 1 << 30
 MAX_USERNAME_BYTES = 64
+READ = "read"
+READ_WRITE = "read-write"
+RIGHTS = (READ, READ_WRITE)
 
 
 class UsersFileError(Exception):
@@ -71,26 +74,32 @@ class User:
     salt: bytes = field(repr=False)
     w0: int = field(repr=False)
     L: bytes = field(repr=False)
+    root: str = None  # None: the server's --root
+    rights: str = READ
     extra: dict = field(default_factory=dict, repr=False)
 
     def to_json(self):
-        return {
+        obj = {
             **self.extra,
             "user": self.name,
             "scrypt": dict(self.scrypt),
             "salt": self.salt.hex(),
             "w0": self.w0.to_bytes(spake2plus.SCALAR_BYTES, "big").hex(),
             "L": self.L.hex(),
+            "rights": self.rights,
         }
+        if self.root is not None:
+            obj["root"] = self.root
+        return obj
 
 
-def make_user(name, password, scrypt=None, salt=None):
+def make_user(name, password, scrypt=None, salt=None, root=None, rights=READ):
     """Register a user: scrypt over the password, then keep only w0 and L = w1*P."""
     scrypt = dict(scrypt or DEFAULT_SCRYPT)
     salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
     w0, w1 = spake2plus.register(password.encode("utf-8"), salt, name.encode("utf-8"), **scrypt)
     w0, L = spake2plus.verifier_record(w0, w1)
-    return User(name=name, scrypt=scrypt, salt=salt, w0=w0, L=L)
+    return User(name=name, scrypt=scrypt, salt=salt, w0=w0, L=L, root=root, rights=rights)
 
 
 class Users:
@@ -157,9 +166,15 @@ def _parse_user(obj):
         spake2plus.decode_point(L)
     except spake2plus.InvalidPoint:
         raise ValueError("L is not a valid point") from None
-    known = {"user", "scrypt", "salt", "w0", "L"}
+    root = obj.get("root")
+    if root is not None and not (isinstance(root, str) and os.path.isabs(root) and "\x00" not in root):
+        raise ValueError("root must be an absolute path")
+    rights = obj.get("rights", READ)
+    if rights not in RIGHTS:
+        raise ValueError(f"rights must be one of {', '.join(RIGHTS)}")
+    known = {"user", "scrypt", "salt", "w0", "L", "root", "rights"}
     extra = {k: v for k, v in obj.items() if k not in known}
-    return User(name=name, scrypt=dict(obj["scrypt"]), salt=salt, w0=w0, L=L, extra=extra)
+    return User(name=name, scrypt=dict(obj["scrypt"]), salt=salt, w0=w0, L=L, root=root, rights=rights, extra=extra)
 
 
 def parse(text, source="users file"):

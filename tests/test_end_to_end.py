@@ -222,7 +222,7 @@ def test_connect_endpoint_and_silent_server_timeout(twistd_server, tmp_path):
         started = __import__("time").monotonic()
         result = run_client(silent.getsockname()[1], "--timeout", "1", "get", "hello.txt", cwd=tmp_path)
         elapsed = __import__("time").monotonic() - started
-    assert result.returncode == 3 and "sent nothing for 1 s" in result.stderr
+    assert result.returncode == 3 and "made no progress for 1 s" in result.stderr
     assert elapsed < 20
     bad = subprocess.run([*CLIENT, "--connect", "nonsense:x", "--user", "alice", "get", "hello.txt"],
                          capture_output=True, text=True, cwd=tmp_path, env=env)

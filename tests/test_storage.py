@@ -31,7 +31,7 @@ def test_users_file_round_trip_and_mode(tmp_path):
 
 def test_user_repr_hides_the_verifier():
     user = userdb.make_user("alice", "pw", FAST)
-    assert repr(user) == "User(name='alice')"
+    assert repr(user) == "User(name='alice', root=None, rights='read')"
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,7 @@ def test_bad_usernames(name):
 
 @pytest.mark.parametrize(
     "requested, message",
-    [("/etc/passwd", "absolute"), ("..", "'..'"), ("a/../../b", "'..'"), ("a\x00b", "NUL"), ("", "empty"),
+    [("/etc/passwd", "absolute"), ("..", "'..'"), ("a/../../b", "'..'"), ("a\x00b", "NUL"), (".eke-part.x", "reserved"),
      ("out", "outside the root"), ("dirlink/passwd", "outside the root")],
 )
 def test_resolve_refuses(tmp_path, requested, message):
@@ -112,6 +112,11 @@ def test_resolve_refuses(tmp_path, requested, message):
     os.symlink("/etc", root / "dirlink")
     with pytest.raises(errors.BadPath, match=message):
         files.resolve(str(root), requested)
+
+
+def test_resolve_gives_the_root_for_empty_and_dot(tmp_path):
+    assert files.resolve(str(tmp_path), "").path == str(tmp_path.resolve())
+    assert files.resolve(str(tmp_path), "./").path == str(tmp_path.resolve())
 
 
 def test_resolve_allows_links_inside_the_root(tmp_path):
@@ -144,28 +149,100 @@ def test_open_for_sending_refuses_unreadable_files_as_an_unprivileged_user(tmp_p
     assert result.stdout.strip() == "secret: permission denied on the server", result.stderr
 
 
+def _part(destination, **options):
+    return files.PartFile(str(destination), str(destination) + ".part", **options)
+
+
 def test_part_file_renames_only_when_verified(tmp_path):
     destination = tmp_path / "f"
-    part = files.PartFile(str(destination))
+    part = _part(destination)
     assert stat.S_IMODE(os.stat(part.part).st_mode) == 0o600
     part.write(b"abc")
     with pytest.raises(errors.IntegrityError, match="SHA-1 does not match"):
         part.finish(3, hashlib.sha1(b"abd").digest())
     assert not destination.exists() and not os.path.exists(part.part)
 
-    part = files.PartFile(str(destination))
+    part = _part(destination)
     part.write(b"abc")
     with pytest.raises(errors.IntegrityError, match="size"):
         part.finish(4, hashlib.sha1(b"abc").digest())
     assert not destination.exists()
 
-    part = files.PartFile(str(destination))
+    part = _part(destination)
     part.write(b"abc")
-    assert part.finish(3, hashlib.sha1(b"abc").digest(), mtime=1_000_000) == hashlib.sha1(b"abc").hexdigest()
+    assert part.finish(3, hashlib.sha1(b"abc").digest(), mtime=1_000_000, mode=0o4751) == hashlib.sha1(b"abc").hexdigest()
     assert destination.read_bytes() == b"abc" and destination.stat().st_mtime == 1_000_000
+    assert stat.S_IMODE(destination.stat().st_mode) == 0o751  # never setuid
     assert not os.path.exists(part.part)
 
 
+def test_part_file_resumes_and_restarts(tmp_path):
+    destination = tmp_path / "f"
+    part = _part(destination)
+    part.write(b"hello ")
+    part.abort(keep_part=True)
+    part = _part(destination)
+    assert part.size == 6
+    part.resume(part.prefix_sha1())
+    part.write(b"world")
+    assert part.finish(11, hashlib.sha1(b"hello world").digest()) == hashlib.sha1(b"hello world").hexdigest()
+    assert destination.read_bytes() == b"hello world"
+
+    part = _part(tmp_path / "g")
+    part.write(b"stale")
+    part.restart()
+    part.write(b"new")
+    part.finish(3, hashlib.sha1(b"new").digest())
+    assert (tmp_path / "g").read_bytes() == b"new"
+
+
+def test_part_file_lock_refuses_a_second_writer(tmp_path):
+    first = _part(tmp_path / "f", lock=True)
+    with pytest.raises(errors.Busy):
+        _part(tmp_path / "f", lock=True)
+    first.abort()
+    _part(tmp_path / "f", lock=True).abort()
+
+
+def test_no_clobber_finish_refuses_an_existing_destination(tmp_path):
+    (tmp_path / "f").write_bytes(b"theirs")
+    part = _part(tmp_path / "f")
+    part.write(b"mine")
+    with pytest.raises(errors.Exists):
+        part.finish(4, hashlib.sha1(b"mine").digest(), replace=False)
+    assert (tmp_path / "f").read_bytes() == b"theirs"
+
+
 def test_part_file_reports_an_unwritable_directory(tmp_path):
-    with pytest.raises(errors.LocalIOError, match="cannot create"):
-        files.PartFile(str(tmp_path / "no" / "such" / "dir" / "f"))
+    with pytest.raises(errors.LocalIOError, match="No such file"):
+        _part(tmp_path / "no" / "such" / "dir" / "f")
+
+
+def test_listing_is_sorted_hides_partials_and_recurses(tmp_path):
+    from twisted.python.filepath import FilePath
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "z").write_text("z")
+    (tmp_path / "a").write_text("aa")
+    (tmp_path / ".eke-part.0123").write_text("partial")
+    os.symlink("a", tmp_path / "c")
+    flat = list(files.list_entries(FilePath(str(tmp_path)), "."))
+    assert [(e["name"], e["kind"]) for e in flat] == [("a", "file"), ("b", "dir"), ("c", "symlink")]
+    deep = list(files.list_entries(FilePath(str(tmp_path)), ".", recursive=True))
+    assert [e["name"] for e in deep] == ["a", "b", "b/z", "c"]
+    assert deep[0]["size"] == 2
+    assert list(files.list_entries(FilePath(str(tmp_path / "a")), "a"))[0]["name"] == "a"
+
+
+def test_stale_partials_are_removed_unless_in_use(tmp_path):
+    old = tmp_path / ".eke-part.old"
+    busy = tmp_path / ".eke-part.busy"
+    fresh = tmp_path / ".eke-part.fresh"
+    for path in (old, busy, fresh):
+        path.write_text("x")
+    os.utime(old, (0, 0))
+    os.utime(busy, (0, 0))
+    holder = files.PartFile(str(tmp_path / "dest"), str(busy), lock=True)
+    assert files.remove_stale_parts(str(tmp_path), max_age=3600, now=__import__("time").time()) == 1
+    assert not old.exists() and busy.exists() and fresh.exists()
+    holder.abort(keep_part=True)
