@@ -138,27 +138,33 @@ def list_entries(path, shown_name, recursive=False):
     if top["kind"] != "dir":
         yield top
         return
-    pending = [("", path.path)]
-    while pending:
-        prefix, directory = pending.pop()
+    # Depth first with an explicit stack (no recursion limit on deep trees).
+    stack = [("", iter(_sorted_children(path.path, shown_name)))]
+    while stack:
+        prefix, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            continue
+        if child.name.startswith(SERVER_PART_PREFIX):
+            continue
         try:
-            with os.scandir(directory) as scan:
-                children = sorted(scan, key=lambda d: d.name)
-        except OSError as problem:
-            raise _open_error(problem, shown_name + ("/" + prefix if prefix else "")) from None
-        subdirectories = []
-        for child in children:
-            if child.name.startswith(SERVER_PART_PREFIX):
-                continue
-            try:
-                st = child.stat(follow_symlinks=False)
-            except OSError:
-                continue  # vanished since the scan
-            item = entry(prefix + child.name, st)
-            yield item
-            if recursive and item["kind"] == "dir":
-                subdirectories.append((prefix + child.name + "/", child.path))
-        pending.extend(reversed(subdirectories))
+            st = child.stat(follow_symlinks=False)
+        except OSError:
+            continue  # vanished since the scan
+        item = entry(prefix + child.name, st)
+        yield item
+        if recursive and item["kind"] == "dir":
+            name = prefix + child.name
+            stack.append((name + "/", iter(_sorted_children(child.path, f"{shown_name}/{name}"))))
+
+
+def _sorted_children(directory, shown_name):
+    try:
+        with os.scandir(directory) as scan:
+            return sorted(scan, key=lambda d: d.name)
+    except OSError as problem:
+        raise _open_error(problem, shown_name) from None
 
 
 def make_directory(path, shown_name, mode=None, mtime=None):
