@@ -34,10 +34,23 @@ def build_parser():
             default=userdb.DEFAULT_SCRYPT["n"],
             help="scrypt cost N, a power of two (default: %(default)s; r=8, p=1)",
         )
+        if name == "add":
+            _account_options(sub)
+    modify = commands.add_parser("modify", help="change a user's root or rights", description="Change a user's root or rights; the password stays.")
+    modify.add_argument("name", metavar="NAME")
+    _account_options(modify)
     remove = commands.add_parser("remove", help="remove a user")
     remove.add_argument("name", metavar="NAME")
     commands.add_parser("list", help="list the users")
     return parser
+
+
+def _account_options(parser):
+    parser.add_argument(
+        "--root", metavar="DIR",
+        help="the user's own root directory (default: the server's --root); 'default' to go back to it",
+    )
+    parser.add_argument("--rights", choices=userdb.RIGHTS, help="read (the default for new users) or read-write")
 
 
 def read_new_password(args, stdin=sys.stdin):
@@ -63,7 +76,10 @@ def run(args, out=sys.stdout):
     if args.command == "list":
         users = userdb.load(path)
         for user in users.by_name.values():
-            out.write(f"{user.name}\tscrypt n={user.scrypt['n']} r={user.scrypt['r']} p={user.scrypt['p']}\n")
+            out.write(
+                f"{user.name}\t{user.rights}\t{user.root or '(server root)'}\t"
+                f"scrypt n={user.scrypt['n']} r={user.scrypt['r']} p={user.scrypt['p']}\n"
+            )
         return EXIT_OK
     users = _load_or_new(path, create=args.command == "add")
     problem = userdb.check_username(args.name)
@@ -72,10 +88,12 @@ def run(args, out=sys.stdout):
     exists = args.name in users.by_name
     if args.command == "add" and exists:
         raise ValueError(f"user {args.name!r} already exists (use passwd to change the password)")
-    if args.command in ("passwd", "remove") and not exists:
+    if args.command in ("passwd", "remove", "modify") and not exists:
         raise ValueError(f"no user {args.name!r} in {path}")
     if args.command == "remove":
         del users.by_name[args.name]
+    elif args.command == "modify":
+        users.by_name[args.name] = _apply_account(args, users.by_name[args.name])
     else:
         scrypt = dict(userdb.DEFAULT_SCRYPT, n=args.scrypt_n)
         problem = userdb.check_scrypt(scrypt)
@@ -85,12 +103,29 @@ def run(args, out=sys.stdout):
         previous = users.by_name.get(args.name)
         user = userdb.make_user(args.name, password, scrypt)
         if previous is not None:
-            user = dataclasses.replace(user, extra=previous.extra)
+            user = dataclasses.replace(user, root=previous.root, rights=previous.rights, extra=previous.extra)
+        else:
+            user = _apply_account(args, user)
         users.by_name[args.name] = user
     if not users.secret_is_stored:
         users.secret_is_stored = True
     userdb.save(path, users)
     return EXIT_OK
+
+
+def _apply_account(args, user):
+    changes = {}
+    if args.root is not None:
+        if args.root == "default":
+            changes["root"] = None
+        else:
+            root = os.path.abspath(args.root)
+            if not os.path.isdir(root):
+                raise ValueError(f"--root {args.root}: not a directory")
+            changes["root"] = root
+    if args.rights is not None:
+        changes["rights"] = args.rights
+    return dataclasses.replace(user, **changes)
 
 
 def main(argv=None):

@@ -18,13 +18,33 @@ from eketwist.server import ServerFactory
 
 FAST_SCRYPT = {"n": 1024, "r": 8, "p": 1}
 PASSWORD = "alice's secret"
+WRITER_PASSWORD = "writer's secret"
 VENV_BIN = pathlib.Path(sys.executable).parent
+CLIENT = [sys.executable, "-m", "eketwist.client"]
+
+
+def run_client(port, *args, password=PASSWORD, user="alice", cwd=None, extra_env=None, timeout=120):
+    """The real client command; returns the CompletedProcess."""
+    env = dict(os.environ, EKE_PASSWORD=password, **(extra_env or {}))
+    return subprocess.run(
+        [*CLIENT, "--port", str(port), "--user", user, *args],
+        capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
+    )
+
+
+def start_client(port, *args, password=PASSWORD, user="alice", cwd=None):
+    env = dict(os.environ, EKE_PASSWORD=password)
+    return subprocess.Popen(
+        [*CLIENT, "--port", str(port), "--user", user, "-q", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+    )
 
 
 @pytest.fixture
 def users_file(tmp_path):
     users = userdb.Users.new()
     users.by_name["alice"] = userdb.make_user("alice", PASSWORD, FAST_SCRYPT)
+    users.by_name["writer"] = userdb.make_user("writer", WRITER_PASSWORD, FAST_SCRYPT, rights=userdb.READ_WRITE)
     path = tmp_path / "eke-users"
     userdb.save(path, users)
     return path
@@ -88,22 +108,54 @@ def wait_for_port(port, process=None, timeout=15.0):
     raise AssertionError(f"nothing listens on {port}")
 
 
+class Daemon:
+    """A real `twistd eke` process in the foreground on a 127.0.0.1 port; restartable."""
+
+    def __init__(self, directory, root, users_file, *options, preexec_fn=None):
+        self.directory = directory
+        self.port = free_port()
+        self.log = directory / "twistd.log"
+        self.command = [
+            str(VENV_BIN / "twistd"), "--nodaemon", "--pidfile=", "--logfile", str(self.log),
+            "eke", "--port", f"tcp:{self.port}:interface=127.0.0.1", "--root", str(root),
+            "--users", str(users_file), "--server-id", "e2e", *options,
+        ]
+        self.preexec_fn = preexec_fn
+        self.process = None
+
+    def start(self):
+        self.process = subprocess.Popen(self.command, cwd=self.directory, preexec_fn=self.preexec_fn)
+        wait_for_port(self.port, self.process)
+        return self
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait(10)
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def log_text(self):
+        return self.log.read_text()
+
+
 @pytest.fixture
-def twistd_server(tmp_path, root, users_file):
-    """A real `twistd eke` process in the foreground on an ephemeral 127.0.0.1 port."""
-    port = free_port()
-    log = tmp_path / "twistd.log"
-    process = subprocess.Popen(
-        [
-            str(VENV_BIN / "twistd"), "--nodaemon", "--pidfile=", "--logfile", str(log),
-            "eke", "--port", f"tcp:{port}:interface=127.0.0.1", "--root", str(root),
-            "--users", str(users_file), "--server-id", "e2e",
-        ],
-        cwd=tmp_path,
-    )
-    try:
-        wait_for_port(port, process)
-        yield port, log
-    finally:
-        process.terminate()
-        process.wait(10)
+def daemon(tmp_path, root, users_file):
+    started = []
+
+    def make(*options, **kwargs):
+        server = Daemon(tmp_path, root, users_file, *options, **kwargs).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def twistd_server(daemon):
+    server = daemon()
+    return server.port, server.log

@@ -7,17 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import PASSWORD, VENV_BIN, free_port, wait_for_port
-
-CLIENT = [sys.executable, "-m", "eketwist.client"]
-
-
-def run_client(port, *args, password=PASSWORD, user="alice", cwd=None, extra_env=None):
-    env = dict(os.environ, EKE_PASSWORD=password, **(extra_env or {}))
-    return subprocess.run(
-        [*CLIENT, "--port", str(port), "--user", user, *args],
-        capture_output=True, text=True, env=env, cwd=cwd, timeout=120,
-    )
+from .conftest import CLIENT, PASSWORD, VENV_BIN, free_port, run_client
 
 
 def test_large_download_through_twistd_and_the_client_command(twistd_server, root, tmp_path):
