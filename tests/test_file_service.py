@@ -1,0 +1,403 @@
+"""The file service end to end: a real twistd, the real client command, real files."""
+
+import hashlib
+import json
+import os
+import resource
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+
+from eketwist import userdb
+
+from .conftest import FAST_SCRYPT, WRITER_PASSWORD, run_client, start_client, VENV_BIN
+
+
+def sha1(path):
+    return hashlib.sha1(open(path, "rb").read()).hexdigest()
+
+
+def write_random(path, size):
+    with open(path, "wb") as handle:
+        while size > 0:
+            chunk = min(size, 1 << 20)
+            handle.write(os.urandom(chunk))
+            size -= chunk
+    return path
+
+
+def writer(port, *args, **kwargs):
+    return run_client(port, *args, user="writer", password=WRITER_PASSWORD, **kwargs)
+
+
+def wait_for_size(path, at_least, process, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.path.getsize(path) >= at_least:
+                return
+        except FileNotFoundError:
+            pass
+        if process.poll() is not None:
+            raise AssertionError(f"finished before {at_least} bytes: {process.stderr.read()}")
+        time.sleep(0.005)
+    raise AssertionError(f"{path} never reached {at_least} bytes")
+
+
+def partials(directory):
+    return [name for name in os.listdir(directory) if name.startswith(".eke-part.")]
+
+
+# -- listing
+
+
+def test_ls_plain_long_json_and_recursive(daemon, root, tmp_path):
+    port = daemon().port
+    plain = run_client(port, "ls")
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.splitlines()
+    assert [line.split("\t")[:3] for line in lines] == [["empty", "file", "0"], ["hello.txt", "file", "13"], ["sub", "dir", "4096"]] or \
+        [line.split("\t")[:2] for line in lines] == [["empty", "file"], ["hello.txt", "file"], ["sub", "dir"]]
+    long = run_client(port, "ls", "-l", "sub")
+    assert long.stdout.startswith("-rw") and long.stdout.rstrip().endswith(" data.bin")
+    as_json = json.loads(run_client(port, "ls", "--json", "sub").stdout)
+    assert as_json["status"] == "ok"
+    assert as_json["entries"] == [
+        {"name": "data.bin", "kind": "file", "size": 300_000,
+         "mtime": pytest.approx((root / "sub" / "data.bin").stat().st_mtime),
+         "mode": stat.S_IMODE((root / "sub" / "data.bin").stat().st_mode)}
+    ]
+    deep = run_client(port, "ls", "-R")
+    assert [line.split("\t")[0] for line in deep.stdout.splitlines()] == ["empty", "hello.txt", "sub", "sub/data.bin"]
+    missing = run_client(port, "ls", "nope")
+    assert missing.returncode == 5 and "nope: no such file on the server" in missing.stderr
+    outside = run_client(port, "ls", "../")
+    assert outside.returncode == 9
+
+
+def test_ls_of_a_large_directory_arrives_in_batches(daemon, root):
+    many = root / "many"
+    many.mkdir()
+    for i in range(3000):
+        (many / f"file-{i:05d}-{'x' * 40}").write_bytes(b"")
+    result = run_client(daemon().port, "ls", "--json", "many")
+    names = [e["name"] for e in json.loads(result.stdout)["entries"]]
+    assert names == sorted(os.listdir(many)) and len(names) == 3000
+
+
+# -- upload
+
+
+def test_put_needs_a_read_write_account(daemon, tmp_path, root):
+    port = daemon().port
+    local = write_random(tmp_path / "up.bin", 1000)
+    refused = run_client(port, "put", str(local))
+    assert refused.returncode == 9 and "up.bin: permission denied on the server (read-only account)" in refused.stderr
+    assert not (root / "up.bin").exists() and partials(root) == []
+
+
+def test_put_stores_a_verified_file_and_refuses_to_clobber(daemon, tmp_path, root):
+    server = daemon()
+    local = write_random(tmp_path / "up.bin", 2_000_000)
+    os.chmod(local, 0o640)
+    os.utime(local, (1_600_000_000, 1_600_000_000.5))
+    done = writer(server.port, "put", str(local))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{sha1(local)}  {local}\n"
+    stored = root / "up.bin"
+    assert sha1(stored) == sha1(local)
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o640 and stored.stat().st_mtime == 1_600_000_000.5
+    assert "writer from 127.0.0.1" in server.log_text() and "received up.bin (2000000 bytes" in server.log_text()
+    again = writer(server.port, "put", str(local), "up.bin")
+    assert again.returncode == 10 and "up.bin: already exists on the server (use --force to replace it)" in again.stderr
+    write_random(local, 10)
+    forced = writer(server.port, "put", "--force", str(local), "up.bin")
+    assert forced.returncode == 0 and sha1(stored) == sha1(local)
+    into_dir = writer(server.port, "put", str(local), "sub")
+    assert into_dir.returncode == 0 and sha1(root / "sub" / "up.bin") == sha1(local)
+    renamed = writer(server.port, "put", str(local), "sub/other-name")
+    assert renamed.returncode == 0 and (root / "sub" / "other-name").exists()
+    assert partials(root) == [] and partials(root / "sub") == []
+
+
+def test_put_cap_and_full_disk_leave_nothing(daemon, tmp_path, root):
+    capped = daemon("--max-upload-size", "1M")
+    local = write_random(tmp_path / "big.bin", 2 * 1024 * 1024)
+    result = writer(capped.port, "put", str(local))
+    assert result.returncode == 11 and "over the server's upload limit" in result.stderr
+    assert not (root / "big.bin").exists()
+    capped.stop()
+
+    def small_file_limit():  # the daemon may write files of at most 1 MiB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    limited = daemon(preexec_fn=small_file_limit)
+    result = writer(limited.port, "put", str(local))
+    assert result.returncode == 11 and "big.bin: file too large for the receiving system" in result.stderr
+    assert not (root / "big.bin").exists() and partials(root) == []
+    # The daemon is still serving.
+    small = write_random(tmp_path / "small.bin", 1000)
+    assert writer(limited.port, "put", str(small)).returncode == 0
+
+
+def test_put_on_a_full_filesystem(daemon, tmp_path, root, users_file):
+    small = tmp_path / "small-fs"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here: " + mounted.stderr.decode())
+    try:
+        users = userdb.load(users_file)
+        users.by_name["tiny"] = userdb.make_user("tiny", "tiny pw", FAST_SCRYPT, root=str(small), rights=userdb.READ_WRITE)
+        userdb.save(users_file, users)
+        port = daemon().port
+        local = write_random(tmp_path / "big.bin", 3 * 1024 * 1024)
+        result = run_client(port, "put", str(local), user="tiny", password="tiny pw")
+        assert result.returncode == 11 and "no space left" in result.stderr
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
+# -- resume
+
+
+@pytest.mark.parametrize("killed", ["client", "server"])
+def test_get_resumes_after_a_kill(daemon, tmp_path, root, killed):
+    server = daemon()
+    big = write_random(root / "big.bin", 300 * 1024 * 1024)
+    destination = tmp_path / "got.bin"
+    client = start_client(server.port, "get", "big.bin", str(destination))
+    wait_for_size(str(destination) + ".part", 40 * 1024 * 1024, client)
+    if killed == "client":
+        client.send_signal(signal.SIGKILL)
+        client.wait(10)
+    else:
+        server.kill()
+        assert client.wait(30) == 3
+        assert "connection" in client.stderr.read()
+        server.start()
+    assert not destination.exists()
+    held = os.path.getsize(str(destination) + ".part")
+    assert held > 0
+    result = run_client(server.port, "--json", "get", "big.bin", str(destination))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "ok" and summary["files"][0]["resumed_from"] == held
+    assert summary["files"][0]["sha1"] == sha1(big) == sha1(destination)
+    assert f"resumed at {held}" in server.log_text()
+    assert not os.path.exists(str(destination) + ".part")
+
+
+def test_get_starts_over_when_the_file_changed_on_the_server(daemon, tmp_path, root):
+    port = daemon().port
+    data = write_random(root / "data.bin", 1_000_000)
+    destination = tmp_path / "data.bin"
+    with open(str(destination) + ".part", "wb") as handle:
+        handle.write(b"not the same prefix" * 1000)
+    result = run_client(port, "--json", "get", "data.bin", str(destination))
+    summary = json.loads(result.stdout)
+    assert result.returncode == 0 and summary["files"][0]["resumed_from"] == 0
+    assert sha1(destination) == sha1(data)
+    # A prefix that does match is continued.
+    with open(data, "rb") as source, open(str(destination) + ".part", "wb") as part:
+        part.write(source.read(400_000))
+    summary = json.loads(run_client(port, "--json", "get", "data.bin", str(destination)).stdout)
+    assert summary["files"][0]["resumed_from"] == 400_000 and sha1(destination) == sha1(data)
+
+
+@pytest.mark.parametrize("killed", ["client", "server"])
+def test_put_resumes_after_a_kill(daemon, tmp_path, root, killed):
+    server = daemon()
+    local = write_random(tmp_path / "up.bin", 300 * 1024 * 1024)
+    env = dict(os.environ, EKE_PASSWORD=WRITER_PASSWORD)
+    client = subprocess.Popen(
+        [str(VENV_BIN / "eke-client"), "--port", str(server.port), "--user", "writer", "-q", "put", str(local)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.monotonic() + 60
+    while not (partials(root) and os.path.getsize(root / partials(root)[0]) > 40 * 1024 * 1024):
+        assert time.monotonic() < deadline and client.poll() is None
+        time.sleep(0.005)
+    if killed == "client":
+        client.send_signal(signal.SIGKILL)
+        client.wait(10)
+    else:
+        server.kill()
+        assert client.wait(30) == 3
+        server.start()
+    time.sleep(0.2)
+    assert not (root / "up.bin").exists()
+    held = os.path.getsize(root / partials(root)[0])
+    result = writer(server.port, "--json", "put", str(local))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert 0 < summary["files"][0]["resumed_from"] <= held
+    assert sha1(root / "up.bin") == sha1(local) == summary["files"][0]["sha1"]
+    assert "resumed at" in server.log_text()
+    assert partials(root) == []
+
+
+def test_put_starts_over_when_the_local_file_changed(daemon, tmp_path, root):
+    port = daemon().port
+    local = write_random(tmp_path / "up.bin", 1_000_000)
+    # A partial from an earlier upload of different content.
+    from twisted.python.filepath import FilePath
+    from eketwist import files
+
+    stale = files.server_part_path(FilePath(str(root / "up.bin")), "writer").path
+    with open(stale, "wb") as handle:
+        handle.write(os.urandom(500_000))
+    summary = json.loads(writer(port, "--json", "put", str(local)).stdout)
+    assert summary["status"] == "ok" and summary["files"][0]["resumed_from"] == 0
+    assert sha1(root / "up.bin") == sha1(local)
+
+
+def test_racing_uploads_never_mix(daemon, tmp_path, root, users_file):
+    users = userdb.load(users_file)
+    users.by_name["other"] = userdb.make_user("other", "other pw", FAST_SCRYPT, rights=userdb.READ_WRITE)
+    userdb.save(users_file, users)
+    port = daemon().port
+    first = write_random(tmp_path / "a.bin", 20 * 1024 * 1024)
+    second = write_random(tmp_path / "b.bin", 20 * 1024 * 1024)
+    digests = {sha1(first), sha1(second)}
+    for _ in range(3):
+        clients = [
+            subprocess.Popen([*start_args(port, "writer", WRITER_PASSWORD), "put", "--force", str(first), "race.bin"],
+                             env=dict(os.environ, EKE_PASSWORD=WRITER_PASSWORD), stderr=subprocess.PIPE, text=True),
+            subprocess.Popen([*start_args(port, "other", "other pw"), "put", "--force", str(second), "race.bin"],
+                             env=dict(os.environ, EKE_PASSWORD="other pw"), stderr=subprocess.PIPE, text=True),
+            subprocess.Popen([*start_args(port, "writer", WRITER_PASSWORD), "put", "--force", str(second), "race.bin"],
+                             env=dict(os.environ, EKE_PASSWORD=WRITER_PASSWORD), stderr=subprocess.PIPE, text=True),
+        ]
+        codes = [c.wait(120) for c in clients]
+        # Same user and path at once: one of them is told to come back later.
+        assert all(code in (0, 12) for code in codes), [c.stderr.read() for c in clients]
+        assert sha1(root / "race.bin") in digests
+    assert partials(root) == []
+
+
+def start_args(port, user, password):
+    return [str(VENV_BIN / "eke-client"), "--port", str(port), "--user", user, "-q"]
+
+
+# -- several files and trees
+
+
+def make_tree(base):
+    (base / "nested" / "deeper" / "deepest").mkdir(parents=True)
+    (base / "empty-dir").mkdir()
+    (base / "empty-file").write_bytes(b"")
+    write_random(base / "top.bin", 200_000)
+    write_random(base / "nested" / "mid.bin", 300_000)
+    write_random(base / "nested" / "deeper" / "deepest" / "low.bin", 1000)
+    os.chmod(base / "top.bin", 0o755)
+    os.chmod(base / "nested" / "mid.bin", 0o600)
+    os.chmod(base / "nested" / "deeper", 0o750)
+    os.symlink("top.bin", base / "a-link")
+    for i, path in enumerate(sorted(base.rglob("*"), reverse=True)):
+        if not path.is_symlink():
+            os.utime(path, (1_500_000_000 + i, 1_500_000_000 + i * 1.25))
+    os.utime(base, (1_400_000_000, 1_400_000_000))
+
+
+def snapshot(base):
+    result = {}
+    for path in sorted(base.rglob("*")):
+        st = path.lstat()
+        relative = str(path.relative_to(base))
+        if path.is_symlink():
+            result[relative] = "symlink"
+        elif path.is_dir():
+            result[relative] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime)
+        else:
+            result[relative] = ("file", sha1(path), stat.S_IMODE(st.st_mode), st.st_mtime)
+    return result
+
+
+def test_tree_round_trip_is_identical(daemon, tmp_path, root):
+    port = daemon().port
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    make_tree(tree)
+    up = writer(port, "--json", "put", "-r", str(tree))
+    assert up.returncode == 0, up.stderr
+    assert "a-link: skipped: a symlink" in up.stderr
+    expected = {k: v for k, v in snapshot(tree).items() if v != "symlink"}
+    assert snapshot(root / "tree") == expected
+    down = tmp_path / "down"
+    down.mkdir()
+    got = run_client(port, "get", "-r", "tree", str(down))
+    assert got.returncode == 0, got.stderr
+    assert snapshot(down / "tree") == expected
+    # Run again: everything complete is skipped.
+    again = json.loads(run_client(port, "--json", "get", "-r", "tree", str(down)).stdout)
+    assert again["status"] == "ok" and {f["status"] for f in again["files"]} == {"skipped"}
+    again_up = json.loads(writer(port, "--json", "put", "-r", str(tree)).stdout)
+    assert {f["status"] for f in again_up["files"]} == {"skipped"}
+
+
+def test_interrupted_tree_download_resumes(daemon, tmp_path, root):
+    port = daemon().port
+    tree = root / "big-tree"
+    (tree / "d").mkdir(parents=True)
+    for i in range(4):
+        write_random(tree / "d" / f"f{i}.bin", 60 * 1024 * 1024)
+    down = tmp_path / "down"
+    down.mkdir()
+    client = start_client(port, "get", "-r", "big-tree", str(down))
+    wait_for_size(str(down / "big-tree" / "d" / "f2.bin.part"), 1024 * 1024, client)
+    client.send_signal(signal.SIGKILL)
+    client.wait(10)
+    summary = json.loads(run_client(port, "--json", "get", "-r", "big-tree", str(down)).stdout)
+    statuses = {os.path.basename(f["remote"]): f["status"] for f in summary["files"]}
+    assert statuses == {"f0.bin": "skipped", "f1.bin": "skipped", "f2.bin": "ok", "f3.bin": "ok"}
+    assert [f["resumed_from"] > 0 for f in summary["files"] if f["status"] == "ok"] == [True, False]
+    for i in range(4):
+        assert sha1(down / "big-tree" / "d" / f"f{i}.bin") == sha1(tree / "d" / f"f{i}.bin")
+
+
+def test_several_files_at_once(daemon, tmp_path, root):
+    port = daemon().port
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    result = run_client(port, "--json", "get", "hello.txt", "sub/data.bin", "missing.txt", "empty", str(dest))
+    summary = json.loads(result.stdout)
+    assert result.returncode == 5  # the first failure decides the exit code
+    assert [f["status"] for f in summary["files"]] == ["ok", "ok", "error", "ok"]
+    assert summary["files"][2]["error"]["code"] == "not-found"
+    assert "missing.txt: no such file on the server" in result.stderr
+    assert sha1(dest / "data.bin") == sha1(root / "sub" / "data.bin") and (dest / "empty").exists()
+    not_a_dir = run_client(port, "get", "hello.txt", "empty", str(tmp_path / "nope"))
+    assert not_a_dir.returncode == 2
+    uploads = [write_random(tmp_path / f"u{i}", 5000) for i in range(3)]
+    put = writer(port, "put", *map(str, uploads), "sub/")
+    assert put.returncode == 0, put.stderr
+    assert all(sha1(root / "sub" / u.name) == sha1(u) for u in uploads)
+    assert writer(port, "put", *map(str, uploads), "no-such-dir/").returncode != 0
+
+
+def test_per_user_roots_and_environment_variables(daemon, tmp_path, users_file):
+    own = tmp_path / "bobs-root"
+    own.mkdir()
+    (own / "mine.txt").write_text("bob's")
+    subprocess.run(
+        [str(VENV_BIN / "eke-users"), "--users", str(users_file), "add", "bob", "--password-stdin",
+         "--scrypt-n", "1024", "--root", str(own), "--rights", "read-write"],
+        input="bob pw\n", text=True, check=True,
+    )
+    port = daemon().port
+    env = {"EKE_HOST": "127.0.0.1", "EKE_PORT": str(port), "EKE_USER": "bob", "EKE_PASSWORD": "bob pw"}
+    listing = subprocess.run(
+        [str(VENV_BIN / "eke-client"), "ls"], capture_output=True, text=True, env=dict(os.environ, **env)
+    )
+    assert listing.returncode == 0 and listing.stdout.split("\t")[0] == "mine.txt"
+    assert run_client(port, "get", "hello.txt", user="bob", password="bob pw", cwd=tmp_path).returncode == 5
+    subprocess.run([str(VENV_BIN / "eke-users"), "--users", str(users_file), "modify", "bob", "--rights", "read"], check=True)
+    local = write_random(tmp_path / "x.bin", 10)
+    assert run_client(port, "put", str(local), user="bob", password="bob pw").returncode == 9
+    listed = subprocess.run([str(VENV_BIN / "eke-users"), "--users", str(users_file), "list"], capture_output=True, text=True).stdout
+    assert f"bob\tread\t{own}" in listed
