@@ -284,6 +284,14 @@ class Session:
                 result = await self.client.get(remote, local, self.reporter.progress(), **options)
             else:
                 result = await self.client.put(local, remote, self.reporter.progress(), **options)
+        except errors.Exists as error:
+            # Rerunning a put that was cut after the server stored the file: nothing to do.
+            theirs = None if self.client.closing else await self.remote_entry(remote)
+            if theirs is not None and theirs["kind"] == "file" and _same_file(os.stat(local), theirs):
+                self.skipped(local, remote, "already on the server")
+                return None
+            self.failed(local, error, record)
+            return None
         except EketwistError as error:
             self.failed(remote if direction == "get" else local, error, record)
             return None

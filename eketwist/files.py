@@ -146,8 +146,8 @@ def list_entries(path, shown_name, recursive=False):
         if child is None:
             stack.pop()
             continue
-        if child.name.startswith(SERVER_PART_PREFIX):
-            continue
+        if child.name.startswith(SERVER_PART_PREFIX) or not _is_utf8(child.name):
+            continue  # our partial uploads; names no client could ask for
         try:
             st = child.stat(follow_symlinks=False)
         except OSError:
@@ -157,6 +157,14 @@ def list_entries(path, shown_name, recursive=False):
         if recursive and item["kind"] == "dir":
             name = prefix + child.name
             stack.append((name + "/", iter(_sorted_children(child.path, f"{shown_name}/{name}"))))
+
+
+def _is_utf8(name):
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach us as surrogate escapes
+        return False
+    return True
 
 
 def _sorted_children(directory, shown_name):

@@ -246,3 +246,11 @@ def test_stale_partials_are_removed_unless_in_use(tmp_path):
     assert files.remove_stale_parts(str(tmp_path), max_age=3600, now=__import__("time").time()) == 1
     assert not old.exists() and busy.exists() and fresh.exists()
     holder.abort(keep_part=True)
+
+
+def test_listing_skips_names_that_are_not_utf8(tmp_path):
+    from twisted.python.filepath import FilePath
+
+    os.close(os.open(os.path.join(os.fsencode(tmp_path), b"bad-\xff-name"), os.O_CREAT | os.O_WRONLY))
+    (tmp_path / "good").write_text("x")
+    assert [e["name"] for e in files.list_entries(FilePath(str(tmp_path)), ".")] == ["good"]
