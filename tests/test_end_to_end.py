@@ -160,21 +160,19 @@ def test_a_plain_pip_install_provides_the_plugin_and_commands(tmp_path):
     assert shown.startswith(str(target)) and "'eke'" in shown
 
 
-def test_progress_bar_on_a_terminal_only(twistd_server, root, tmp_path):
-    import pty
-
-    port, _ = twistd_server
-    (root / "mid.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+def run_on_a_terminal(port, *args, cwd):
+    """The client with stderr on a pseudo-terminal of 100 columns: (exit code, stdout, screen)."""
     import fcntl
+    import pty
     import struct
     import termios
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    env = dict(os.environ, EKE_PASSWORD=PASSWORD, COLUMNS="100")
+    env = dict(os.environ, EKE_PASSWORD=PASSWORD)
     process = subprocess.Popen(
-        [*CLIENT, "--port", str(port), "--user", "alice", "get", "mid.bin"],
-        stdout=subprocess.PIPE, stderr=slave, cwd=tmp_path, env=env,
+        [*CLIENT, "--port", str(port), "--user", "alice", *args],
+        stdout=subprocess.PIPE, stderr=slave, cwd=cwd, env=env,
     )
     os.close(slave)
     shown = b""
@@ -187,13 +185,39 @@ def test_progress_bar_on_a_terminal_only(twistd_server, root, tmp_path):
             break
         shown += chunk
     os.close(master)
-    assert process.wait(60) == 0
-    assert process.stdout.read().decode().endswith("  mid.bin\n")
-    text = shown.decode(errors="replace")
-    assert "mid.bin" in text and "100%" in text and "3.00M" in text
-    # Not a terminal: no bar at all.
+    code = process.wait(60)
+    return code, process.stdout.read().decode(), shown.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only(twistd_server, root, tmp_path):
+    port, _ = twistd_server
+    (root / "mid.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    code, out, screen = run_on_a_terminal(port, "get", "mid.bin", cwd=tmp_path)
+    assert code == 0 and out.endswith("  mid.bin\n")
+    assert "mid.bin" in screen and "100%" in screen and "3.00M" in screen
+    # Several files: an overall bar as well.
+    (tmp_path / "all").mkdir()
+    code, out, screen = run_on_a_terminal(port, "get", "mid.bin", "hello.txt", "all", cwd=tmp_path)
+    assert code == 0 and "2 files" in screen
+    # Not a terminal, or --quiet: no bar at all.
     plain = run_client(port, "get", "mid.bin", str(tmp_path / "again.bin"))
     assert plain.returncode == 0 and "%" not in plain.stderr
+    code, out, screen = run_on_a_terminal(port, "-q", "get", "mid.bin", "q.bin", cwd=tmp_path)
+    assert code == 0 and screen.strip() == ""
+
+
+def test_exit_codes_are_documented_everywhere():
+    from eketwist import errors
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    protocol = open(os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.md")).read()
+    codes = {cls.exit_code for cls in errors.BY_CODE.values()}
+    for code in codes:
+        assert f"\n| {code} |" in readme
+        assert f"\n  {code} " in errors.EXIT_CODES_HELP
+    for wire_code, cls in errors.BY_CODE.items():
+        if wire_code not in ("usage", "connection", "local-io"):
+            assert f"| {wire_code} " in protocol, wire_code
 
 
 def test_connect_endpoint_and_silent_server_timeout(twistd_server, tmp_path):
