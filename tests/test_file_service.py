@@ -111,9 +111,9 @@ def test_put_stores_a_verified_file_and_refuses_to_clobber(daemon, tmp_path, roo
     assert sha1(stored) == sha1(local)
     assert stat.S_IMODE(stored.stat().st_mode) == 0o640 and stored.stat().st_mtime == 1_600_000_000.5
     assert "writer from 127.0.0.1" in server.log_text() and "received up.bin (2000000 bytes" in server.log_text()
+    write_random(local, 10)
     again = writer(server.port, "put", str(local), "up.bin")
     assert again.returncode == 10 and "up.bin: already exists on the server (use --force to replace it)" in again.stderr
-    write_random(local, 10)
     forced = writer(server.port, "put", "--force", str(local), "up.bin")
     assert forced.returncode == 0 and sha1(stored) == sha1(local)
     into_dir = writer(server.port, "put", str(local), "sub")
