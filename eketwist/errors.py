@@ -32,7 +32,7 @@ exit codes:
   9  refused (permission denied, a read-only account, or a path outside the root)
   10 the destination exists (use --force to replace it)
   11 no space: the receiving disk is full, or the file is over a size limit
-  12 busy: another transfer to the same file is in progress; try again later
+  12 busy: another transfer to the same file is in progress, or the server asks to try later
 """
 
 
@@ -134,6 +134,12 @@ class Busy(EketwistError):
 
     code = "busy"
     exit_code = EXIT_BUSY
+
+
+class TryLater(Busy):
+    """The server refused the connection for now (too many connections or failed logins)."""
+
+    code = "try-later"
 
 
 class IntegrityError(EketwistError):

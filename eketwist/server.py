@@ -2,6 +2,7 @@
 
 States and the messages each accepts (docs/protocol.md, section 9):
   hello           -> hello          : look the user up (or fake one), send params
+  delaying        -> (nothing)      : recent failures for this source or user: wait, then params
   share           -> share          : send our share and confirmV
   confirm         -> confirm        : check confirmP; ok (records start) or auth-failed, close
   ready           -> get, list, stat, put, mkdir; other requests get "unsupported"
@@ -17,10 +18,12 @@ import socket
 import time
 
 from twisted.internet import protocol, threads
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
-from . import files, spake2plus, userdb, wire
+from . import files, guard, spake2plus, userdb, wire
 from .connection import SecureConnection, send_file
 from .errors import (
     AuthenticationFailed,
@@ -35,6 +38,7 @@ from .errors import (
     ProtocolError,
     Timeout,
     TooLarge,
+    TryLater,
     Unsupported,
 )
 
@@ -64,10 +68,15 @@ class Upload:
         self.started = time.monotonic()
 
 
+@implementer(IPushProducer)
 class ServerProtocol(SecureConnection, TimeoutMixin):
+    """Also the producer of its own replies: when the client does not read them, the transport
+    pauses us and we stop reading its requests, so nothing piles up in memory."""
+
     log = Logger()
     TRANSITIONS = {
         "hello": {"hello": "on_hello"},
+        "delaying": {},
         "share": {"share": "on_share"},
         "confirm": {"confirm": "on_confirm"},
         "ready": {"get": "on_get", "list": "on_list", "stat": "on_stat", "put": "on_put", "mkdir": "on_mkdir"},
@@ -78,16 +87,65 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def connectionMade(self):
         super().connectionMade()
-        self.state = "hello"
-        self.peer = _describe_peer(self.transport.getPeer())
+        address = self.transport.getPeer()
+        self.source = getattr(address, "host", None) or str(address)
+        self.peer = _describe_peer(address)
         self.username = None
         self.root = None
         self.can_write = False
         self._upload = None
+        self._delayed = None
+        self._admitted = False
+        self._in_handshake = True
+        self._reading_paused = False
         self.callLater = self.factory.clock.callLater
+        try:
+            self.factory.guard.admit(self.source)
+        except guard.Refused as refusal:
+            self._turn_away(refusal)
+            return
+        self._admitted = True
+        self.state = "hello"
+        self.transport.registerProducer(self, True)
         # A slow client cannot keep a handshake slot: this deadline is never reset by data.
         self.setTimeout(self.factory.handshake_timeout)
         self.log.info("connection from {peer}", peer=self.peer)
+
+    def _turn_away(self, refusal):
+        self.closing = True
+        self.state = "closed"
+        if self.factory.log_limiter.allow(refusal.log_key):
+            self.log.warn("refused a connection from {peer}: {reason}", peer=self.peer, reason=refusal.reason)
+        if refusal.quiet:
+            self.transport.abortConnection()  # a flood: spend nothing more on it
+        else:
+            self.send_error(TryLater(refusal.reason))
+            self.transport.loseConnection()
+
+    # -- back-pressure on our replies (IPushProducer, registered with our own transport)
+
+    def pauseProducing(self):
+        self._reading_paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        self._reading_paused = False
+        self.transport.resumeProducing()
+
+    def stopProducing(self):
+        pass
+
+    def _release_transport(self):
+        """Make way for a file or listing producer to drive the transport; reading resumes
+        meanwhile (anything the client sends now is a protocol error anyway)."""
+        self.transport.unregisterProducer()
+        if self._reading_paused:
+            self.resumeProducing()
+
+    def _take_transport_back(self):
+        if not self.closing:
+            self.transport.unregisterProducer()
+            self.transport.registerProducer(self, True)
 
     def dataReceived(self, data):
         if self.authenticated and self.state in ("ready", "receiving"):
@@ -101,12 +159,16 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def connectionLost(self, reason):
         self.setTimeout(None)
+        if self._delayed is not None and self._delayed.active():
+            self._delayed.cancel()
         if self.state == "confirm":
             # The client saw our confirmation and hung up: its password did not match.
             self._log_auth_failure()
         self._abort_upload(keep_part=True, why="connection lost")
         super().connectionLost(reason)
-        self.log.info("connection from {peer} closed", peer=self.peer)
+        if self._admitted:
+            self.factory.guard.closed(self.source, in_handshake=self._in_handshake)
+            self.log.info("connection from {peer} closed", peer=self.peer)
 
     def fail(self, error):
         if not self.closing and not isinstance(error, Timeout):
@@ -123,6 +185,12 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def _log_auth_failure(self):
         self.log.warn("authentication failed for {user} from {peer}", user=self.username, peer=self.peer)
+        lockout = self.factory.guard.failed(self.source, self.username)
+        if lockout:
+            self.log.warn(
+                "locking out {source} for {seconds:.0f} s after {count} failed logins",
+                source=self.source, seconds=lockout, count=self.factory.guard.policy.max_source_failures,
+            )
 
     # -- handshake
 
@@ -136,6 +204,16 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             raise ProtocolError(problem)
         self.username = name
         self._user, self._user_known = self.factory.users.current().lookup(name)
+        # Recent failures from this source or for this name (known or not) slow the answer.
+        delay = self.factory.guard.delay_before_answer(self.source, name)
+        if delay > 0:
+            self.state = "delaying"
+            self._delayed = self.callLater(delay, self._send_params)
+        else:
+            self._send_params()
+
+    def _send_params(self):
+        self._delayed = None
         self.state = "share"
         self.send_handshake(
             {
@@ -173,6 +251,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             return
         self.send_handshake({"type": "ok"})
         self.start_records(keys.shared, is_client=False)
+        self._in_handshake = False
+        self.factory.guard.authenticated(self.source)
+        self.factory.guard.succeeded(self.source, user.name)
         self.root = user.root or self.factory.root
         self.can_write = user.rights == userdb.READ_WRITE
         self._ready()
@@ -274,7 +355,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
                 user=self.username, peer=self.peer, path=requested, why=failure.getErrorMessage(),
             )
 
-        send_file(self, handle, offset, sha1).addCallbacks(finished, aborted)
+        self._release_transport()
+        done = send_file(self, handle, offset, sha1)
+        done.addBoth(lambda result: (self._take_transport_back(), result)[1])
+        done.addCallbacks(finished, aborted)
 
     def _internal_failure(self, failure, handle=None):
         if handle is not None:
@@ -297,22 +381,23 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         recursive = message.get("recursive") is True
         try:
             entries = files.list_entries(files.resolve(self.root, requested), requested or ".", recursive)
-            batch, batch_bytes, count = [], 0, 0
-            for entry in entries:
-                size = len(wire.encode_message(entry))
-                if batch and batch_bytes + size > LISTING_BATCH_BYTES:
-                    self.send_control({"type": "entries", "entries": batch, "more": True})
-                    batch, batch_bytes = [], 0
-                batch.append(entry)
-                batch_bytes += size + 1
-                count += 1
+            first = next(entries, None)  # errors about the path itself come here, before any reply
         except EketwistError as error:
             self._refuse("list", requested, error)
             return
-        self.send_control({"type": "entries", "entries": batch, "more": False})
+        self._working()
+        self._release_transport()
+        self.transport.registerProducer(ListingProducer(self, requested or ".", first, entries), False)
+
+    def _listing_done(self, requested, count, error=None):
+        self._take_transport_back()
+        if error is not None:
+            self._refuse("list", requested, error)
+            return
+        self._ready()
         self.log.info(
             "{user} from {peer}: listed {path} ({count} entries)",
-            user=self.username, peer=self.peer, path=requested or ".", count=count,
+            user=self.username, peer=self.peer, path=requested, count=count,
         )
 
     def _check_writable(self, requested):
@@ -436,6 +521,39 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             )
 
 
+@implementer(IPullProducer)
+class ListingProducer:
+    """Sends a listing in batches, one each time the transport has room for it."""
+
+    def __init__(self, connection, requested, first, rest):
+        self.connection = connection
+        self.requested = requested
+        self.pending = first
+        self.rest = rest
+        self.count = 0
+
+    def resumeProducing(self):
+        batch, size = [], 0
+        try:
+            while self.pending is not None:
+                encoded = len(wire.encode_message(self.pending)) + 1
+                if batch and size + encoded > LISTING_BATCH_BYTES:
+                    self.connection.send_control({"type": "entries", "entries": batch, "more": True})
+                    return
+                batch.append(self.pending)
+                size += encoded
+                self.count += 1
+                self.pending = next(self.rest, None)
+        except EketwistError as error:
+            self.connection._listing_done(self.requested, self.count, error)
+            return
+        self.connection.send_control({"type": "entries", "entries": batch, "more": False})
+        self.connection._listing_done(self.requested, self.count)
+
+    def stopProducing(self):
+        self.rest.close()
+
+
 def _describe_peer(address):
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
@@ -456,6 +574,7 @@ class ServerFactory(protocol.Factory):
         idle_timeout=DEFAULT_IDLE_TIMEOUT,
         max_upload_size=None,
         partial_max_age=DEFAULT_PARTIAL_MAX_AGE,
+        policy=None,
         clock=None,
     ):
         from twisted.internet import reactor
@@ -468,6 +587,8 @@ class ServerFactory(protocol.Factory):
         self.max_upload_size = max_upload_size
         self.partial_max_age = partial_max_age
         self.clock = clock or reactor
+        self.guard = guard.Guard(policy, self.clock)
+        self.log_limiter = guard.LogLimiter(self.clock)
 
     def roots(self):
         """Every root a user may write to: the server's and the users' own."""

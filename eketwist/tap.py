@@ -1,12 +1,15 @@
 """The twistd plugin's Options and makeService: `twistd eke --port 4000 --root ./files`."""
 
 import os
+import resource
 import socket
 
 from twisted.application import internet, service, strports
 from twisted.python import usage
 
-from . import server, userdb
+from . import guard, server, userdb
+
+_P = guard.Policy()
 
 
 class Options(usage.Options):
@@ -27,6 +30,21 @@ class Options(usage.Options):
         ["max-upload-size", None, None, "the largest upload accepted, in bytes (suffixes K, M, G, T; default: no limit)"],
         ["partial-max-age", None, server.DEFAULT_PARTIAL_MAX_AGE,
          "seconds after which an abandoned partial upload is deleted (default: 7 days)", float],
+        # Hardening (docs/security.md): floods and password guessing.
+        ["max-startups", None, f"{_P.startups_start}:{_P.startups_rate}:{_P.startups_full}",
+         "handshakes in progress, start:rate:full as OpenSSH's MaxStartups: beyond start, new "
+         "connections are dropped with probability rate%, rising to 100% at full"],
+        ["max-per-source", None, _P.max_per_source, "connections at once from one address", int],
+        ["max-connections", None, _P.max_connections, "connections at once in all", int],
+        ["max-failures", None, _P.max_source_failures,
+         "failed logins from one address within --failure-window before it is locked out", int],
+        ["failure-window", None, _P.failure_window, "seconds over which failed logins are counted", float],
+        ["lockout", None, _P.source_lockout, "seconds an address stays locked out", float],
+        ["failure-delay", None, _P.delay_base,
+         "seconds of delay after one failure; each further failure doubles it", float],
+        ["max-source-delay", None, _P.max_source_delay, "the largest delay for one address", float],
+        ["max-user-delay", None, _P.max_user_delay,
+         "the largest delay for one username: how long guessing on a name can slow its owner", float],
     ]
 
     def postOptions(self):
@@ -43,10 +61,35 @@ class Options(usage.Options):
         for name in ("handshake-timeout", "idle-timeout", "partial-max-age"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        self["policy"] = self._policy()
         try:
             userdb.load(self["users"])
         except userdb.UsersFileError as problem:
             raise usage.UsageError(str(problem)) from None
+
+
+    def _policy(self):
+        try:
+            start, rate, full = (int(part) for part in self["max-startups"].split(":"))
+        except ValueError:
+            raise usage.UsageError("--max-startups must be start:rate:full, e.g. 1500:30:3000") from None
+        policy = guard.Policy(
+            failure_window=self["failure-window"],
+            max_source_failures=self["max-failures"],
+            source_lockout=self["lockout"],
+            delay_base=self["failure-delay"],
+            max_source_delay=self["max-source-delay"],
+            max_user_delay=self["max-user-delay"],
+            startups_start=start,
+            startups_rate=rate,
+            startups_full=full,
+            max_per_source=self["max-per-source"],
+            max_connections=self["max-connections"],
+        )
+        problems = policy.check()
+        if problems:
+            raise usage.UsageError("; ".join(problems))
+        return policy
 
 
 def parse_size(text):
@@ -62,7 +105,27 @@ def parse_size(text):
     return value
 
 
+def raise_descriptor_limit(policy, log=None):
+    """Connections need descriptors: raise the soft limit to the hard one, and keep the
+    connection cap within what the system allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = policy.max_connections + 64  # files being sent or received, the listening port, logs
+    if soft < wanted and soft != resource.RLIM_INFINITY:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        policy.max_connections = max(1, soft - 64)
+        if log is not None:
+            log.warn("descriptor limit {soft}: at most {count} connections", soft=soft, count=policy.max_connections)
+
+
 def makeService(options):
+    policy = options["policy"]
+    raise_descriptor_limit(policy, server.ServerFactory.log)
     factory = server.ServerFactory(
         root=options["root"],
         users_path=options["users"],
@@ -71,6 +134,7 @@ def makeService(options):
         idle_timeout=options["idle-timeout"],
         max_upload_size=options["max-upload-size"],
         partial_max_age=options["partial-max-age"],
+        policy=policy,
     )
     top = service.MultiService()
     strports.service(options["port"], factory).setServiceParent(top)
