@@ -1,0 +1,147 @@
+"""The guard's bookkeeping in simulated time: delays, lockouts, caps, bounded memory, and the
+guessing rate the defaults allow."""
+
+import pytest
+from twisted.internet.task import Clock
+
+from eketwist import guard
+
+
+def make(**overrides):
+    clock = Clock()
+    return guard.Guard(guard.Policy(**overrides), clock, rng=lambda: 0.5), clock
+
+
+def test_delays_grow_per_failure_and_are_capped():
+    g, clock = make()
+    delays = []
+    for _ in range(8):
+        delays.append(g.delay_before_answer("10.0.0.1", "alice"))
+        g.failed("10.0.0.1", "alice")
+    assert delays == [0, 0.5, 1, 2, 4, 8, 10, 10]
+
+
+def test_failures_expire_after_the_window():
+    g, clock = make()
+    for _ in range(3):
+        g.failed("10.0.0.1", "alice")
+    assert g.delay_before_answer("10.0.0.1", "alice") == 2
+    clock.advance(601)
+    assert g.delay_before_answer("10.0.0.1", "alice") == 0
+
+
+def test_a_user_under_attack_is_delayed_at_most_the_user_bound():
+    g, clock = make()
+    for i in range(500):  # a botnet: every guess from a new address
+        g.failed(f"10.1.{i // 250}.{i % 250}", "alice")
+    assert g.delay_before_answer("192.0.2.7", "alice") == g.policy.max_user_delay == 5
+    g.succeeded("192.0.2.7", "alice")
+    assert g.delay_before_answer("192.0.2.7", "alice") == 0
+
+
+def test_lockout_after_too_many_failures_then_release():
+    g, clock = make(max_source_failures=3, source_lockout=100)
+    g.admit("10.0.0.1")
+    assert g.failed("10.0.0.1", "a") is None
+    assert g.failed("10.0.0.1", "b") is None
+    assert g.failed("10.0.0.1", "c") == 100
+    with pytest.raises(guard.Refused, match="too many failed logins"):
+        g.admit("10.0.0.1")
+    g.admit("10.0.0.2")  # others are not affected
+    clock.advance(101)
+    g.admit("10.0.0.1")
+    assert g.refused["locked-out"] == 1
+
+
+def test_connection_caps_and_accounting():
+    g, clock = make(max_per_source=2, max_connections=3)
+    g.admit("a")
+    g.admit("a")
+    with pytest.raises(guard.Refused, match="from your address"):
+        g.admit("a")
+    g.admit("b")
+    with pytest.raises(guard.Refused, match="too many connections"):
+        g.admit("c")
+    g.closed("a", in_handshake=True)
+    g.admit("c")
+    assert (g.connections, g.handshakes) == (3, 3)
+    g.authenticated("c")
+    g.closed("c", in_handshake=False)
+    assert (g.connections, g.handshakes, g.open_sources()) == (2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "in_progress, draw, admitted",
+    [(4, 0.0, True), (5, 0.29, False), (5, 0.31, True), (7, 0.57, False), (7, 0.59, True), (10, 0.999, False)],
+)
+def test_max_startups_random_early_drop(in_progress, draw, admitted):
+    g = guard.Guard(guard.Policy(startups_start=5, startups_rate=30, startups_full=10), Clock(), rng=lambda: draw)
+    g.handshakes = in_progress
+    if admitted:
+        g.admit("x")
+    else:
+        with pytest.raises(guard.Refused) as refusal:
+            g.admit("x")
+        assert refusal.value.quiet
+
+
+def test_bookkeeping_is_bounded():
+    g, clock = make(max_tracked=100)
+    for i in range(5000):
+        g.failed(f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", f"user{i}")
+    assert g.tracked() <= 300
+
+
+def test_log_limiter_lets_one_through_per_interval():
+    clock = Clock()
+    limiter = guard.LogLimiter(clock, interval=60)
+    assert limiter.allow("k") and not limiter.allow("k") and not limiter.allow("k")
+    assert limiter.held_back("k") == 2
+    clock.advance(61)
+    assert limiter.allow("k")
+
+
+def simulate_guesses(policy, minutes, sources):
+    """An attacker guessing as fast as the policy allows, one connection at a time per source,
+    rotating over `sources` addresses. Returns guesses made."""
+    clock = Clock()
+    g = guard.Guard(policy, clock)
+    guesses = 0
+    horizon = minutes * 60
+    next_free = {f"198.51.100.{i}": 0.0 for i in range(sources)}
+    while True:
+        source = min(next_free, key=next_free.get)
+        if max(next_free[source], clock.seconds()) >= horizon:
+            return guesses
+        clock.advance(max(0.0, next_free[source] - clock.seconds()))
+        try:
+            g.admit(source)
+        except guard.Refused:
+            next_free[source] = clock.seconds() + 1  # try again a second later
+            continue
+        wait = g.delay_before_answer(source, "alice")
+        if clock.seconds() + wait >= horizon:
+            return guesses
+        clock.advance(wait)
+        g.failed(source, "alice")
+        g.closed(source, in_handshake=True)
+        guesses += 1
+        next_free[source] = clock.seconds() + 0.01  # a round trip
+
+
+def test_guesses_per_minute_with_the_defaults(capsys):
+    policy = guard.Policy()
+    one_source_first_minute = simulate_guesses(policy, 1, sources=1)
+    one_source_hour = simulate_guesses(policy, 60, sources=1)
+    many_sources_hour = simulate_guesses(policy, 60, sources=1000)
+    with capsys.disabled():
+        print(
+            f"\n[figures] guesses against one user with the defaults: one address, serial: "
+            f"{one_source_first_minute} in the first minute, {one_source_hour / 60:.2f}/min over an hour; "
+            f"1000 addresses, serial: {many_sources_hour / 60:.1f}/min"
+        )
+    # One address: 10 failures, then locked out for 15 minutes, window 10 minutes.
+    assert one_source_first_minute <= 10
+    assert one_source_hour <= 10 * (60 // 15 + 1)
+    # Many addresses: every answer waits the user's bound (5 s), so at most 12 per minute.
+    assert many_sources_hour / 60 <= 60 / policy.max_user_delay + 1
