@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo clean
+.PHONY: test demo fuzz hostile clean
 
 # The editable install in "compat" mode puts this checkout on sys.path, so Twisted finds
 # twisted/plugins/eke_plugin.py here (a strict editable install would hide it from twistd).
@@ -16,6 +16,14 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# A longer fuzzing run than the suite's (FUZZ_EXAMPLES=300 there).
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -s tests/test_fuzz.py
+
+# Hostile load against a real daemon, with figures (docs/security.md).
+hostile: $(STAMP)
+	$(BIN)/python -m bench.hostile
 
 demo: $(STAMP)
 	bash contrib/demo.sh

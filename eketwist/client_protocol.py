@@ -348,7 +348,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         theirs = wire.hex_field(message, "sha1", 20)
         self.state = "preparing"
         self.setTimeout(None)
-        hashed = threads.deferToThread(files.hash_prefix, request.handle, offset)
+        hashed = threads.deferToThread(files.hash_file_prefix, request.local, offset)
 
         def compared(ours):
             if self._request is not request or self.closing:

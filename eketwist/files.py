@@ -249,6 +249,15 @@ def hash_prefix(handle, length):
     return sha1
 
 
+def hash_file_prefix(path, length):
+    """hash_prefix over a file opened here (None if it is gone or shorter)."""
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            return hash_prefix(handle, length)
+    except OSError:
+        return None
+
+
 def _storage_error(problem, shown_name):
     if problem.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{shown_name}: no space left on the receiving disk")
@@ -296,8 +305,9 @@ class PartFile:
         self._sha1 = hashlib.sha1()
 
     def prefix_sha1(self):
-        """SHA-1 state over what the part file holds (for a resume); blocking."""
-        return hash_prefix(self._file, self.size)
+        """SHA-1 state over what the part file holds (for a resume); blocking, for a thread.
+        Reads through a descriptor of its own, so that `abort` may close ours meanwhile."""
+        return hash_file_prefix(self.part, self.size)
 
     def resume(self, sha1):
         self._file.seek(self.size)

@@ -455,7 +455,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self._working()
         hashed = threads.deferToThread(part.prefix_sha1)
         hashed.addCallback(lambda sha1: self._offer(upload, sha1))
-        hashed.addErrback(self._internal_failure)
+        hashed.addErrback(lambda failure: None if upload is not self._upload else self._internal_failure(failure))
 
     def _offer(self, upload, sha1):
         if self.closing or upload is not self._upload:
