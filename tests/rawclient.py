@@ -17,8 +17,8 @@ class Closed(Exception):
 
 
 class RawClient:
-    def __init__(self, port, timeout=10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout)
+    def __init__(self, port, timeout=10, source="127.0.0.1"):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout, source_address=(source, 0))
         self.send_cipher = self.receive_cipher = None
         self.sizes = []  # payload sizes of every frame received
 

@@ -28,11 +28,7 @@ def server_with(root, users_file, **policy):
 
 
 def raw_from(port, source="127.0.0.1"):
-    raw = RawClient.__new__(RawClient)
-    raw.sock = socket.create_connection(("127.0.0.1", port), 10, source_address=(source, 0))
-    raw.send_cipher = raw.receive_cipher = None
-    raw.sizes = []
-    return raw
+    return RawClient(port, source=source)
 
 
 def failed_login(port, user, source="127.0.0.1"):

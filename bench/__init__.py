@@ -1,0 +1,1 @@
+"""Measurements of eketwist against baselines: `make bench` (speed) and `make hostile` (load)."""

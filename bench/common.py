@@ -1,0 +1,82 @@
+"""What the benchmarks share: a users file, a daemon process, and reading a process's resources."""
+
+import os
+import pathlib
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+from eketwist import userdb
+
+BIN = pathlib.Path(sys.executable).parent
+FAST_SCRYPT = {"n": 1024, "r": 8, "p": 1}
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_users(path, accounts):
+    """accounts: {name: (password, rights)}; a cheap scrypt cost, this is a measurement."""
+    users = userdb.Users.new()
+    for name, (password, rights) in accounts.items():
+        users.by_name[name] = userdb.make_user(name, password, FAST_SCRYPT, rights=rights)
+    userdb.save(path, users)
+
+
+def raise_descriptor_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Daemon:
+    def __init__(self, directory, root, users, *options):
+        self.port = free_port()
+        self.log = pathlib.Path(directory) / "twistd.log"
+        self.process = subprocess.Popen(
+            [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "--logfile", str(self.log), "eke",
+             "--port", f"tcp:{self.port}:interface=127.0.0.1", "--root", str(root), "--users", str(users),
+             "--server-id", "bench", *options],
+            cwd=directory,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the daemon did not start")
+                time.sleep(0.05)
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(15)
+
+
+def descriptors(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
