@@ -175,10 +175,14 @@ def test_get_resumes_after_a_kill(daemon, tmp_path, root, killed):
     if killed == "client":
         client.send_signal(signal.SIGKILL)
         client.wait(10)
+        deadline = time.monotonic() + 10
+        while "get big.bin aborted" not in server.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "get big.bin aborted" in server.log_text()
     else:
         server.kill()
         assert client.wait(30) == 3
-        assert "connection" in client.stderr.read()
+        assert "connection to the server was lost" in client.stderr.read()
         server.start()
     assert not destination.exists()
     held = os.path.getsize(str(destination) + ".part")
@@ -231,6 +235,9 @@ def test_put_resumes_after_a_kill(daemon, tmp_path, root, killed):
         server.start()
     time.sleep(0.2)
     assert not (root / "up.bin").exists()
+    assert stat.S_IMODE(os.stat(root / partials(root)[0]).st_mode) == 0o600
+    if killed == "client":
+        assert "put up.bin aborted after" in server.log_text() and "kept for a resume" in server.log_text()
     held = os.path.getsize(root / partials(root)[0])
     result = writer(server.port, "--json", "put", str(local))
     assert result.returncode == 0, result.stderr

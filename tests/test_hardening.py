@@ -227,3 +227,16 @@ def test_users_file_that_cannot_be_read_stops_start_up(root, tmp_path):
         capture_output=True, text=True, timeout=30, cwd=tmp_path,
     )
     assert result.returncode != 0 and "cannot read" in result.stdout + result.stderr
+
+
+def test_reprs_show_no_key_material():
+    from eketwist import records, spake2plus
+    from eketwist.client_protocol import ClientProtocol
+
+    client = ClientProtocol("alice", "hunter2")
+    assert "hunter2" not in repr(client)
+    keys = spake2plus.Keys(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32)
+    cipher = records.RecordCipher(b"\x03" * 32, records.CLIENT_TO_SERVER)
+    for thing in (keys, cipher, client):
+        text = repr(thing)
+        assert "0101" not in text and "0303" not in text and "\\x01" not in text and "\\x03" not in text
