@@ -18,6 +18,7 @@ from twisted.internet.endpoints import HostnameEndpoint, clientFromString, conne
 from . import errors
 from .client_protocol import ClientProtocol
 from .errors import EketwistError, UsageError
+from .tuning import tune_allocator
 
 DEFAULT_PORT = 4000
 FATAL = (errors.ConnectionFailed, errors.ProtocolError, errors.IntegrityError, errors.AuthenticationFailed)
@@ -492,6 +493,7 @@ async def run(reactor, args, password, reporter):
 
 
 def main(argv=None):
+    tune_allocator()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.user:

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from zope.interface import implementer
 
-from . import records, wire
+from . import files, records, wire
 from .errors import ConnectionFailed, EketwistError, IntegrityError, ProtocolError
 
 
@@ -36,18 +36,25 @@ class RecordConsumer:
 
 def send_file(connection, handle, offset, sha1, on_chunk=None):
     """Stream `handle` from `offset` as DATA records with FileSender (one record per chunk),
-    feeding `sha1`. Fires with the bytes sent, or fails if the connection went away."""
+    feeding `sha1` in a worker thread. Fires with the bytes sent (once `sha1` has them all), or
+    fails if the connection went away."""
     sent = 0
+    hashing = files.Pipeline(sha1)
 
     def hash_and_count(chunk):
         nonlocal sent
-        sha1.update(chunk)
+        hashing.submit(chunk)
         sent += len(chunk)
         if on_chunk is not None:
             on_chunk(len(chunk))
         return chunk
 
+    def finished(_):
+        hashing.close()
+        return sent
+
     def translate(failure):
+        hashing.close()
         # FileSender reports a stopped consumer with a bare Exception.
         raise ConnectionFailed(f"the connection was lost after {sent} bytes")
 
@@ -55,7 +62,7 @@ def send_file(connection, handle, offset, sha1, on_chunk=None):
     sender = FileSender()
     sender.CHUNK_SIZE = wire.DATA_CHUNK
     done = sender.beginFileTransfer(handle, RecordConsumer(connection), hash_and_count)
-    return done.addCallbacks(lambda _: sent, translate)
+    return done.addCallbacks(finished, translate)
 
 
 class StopReading(Exception):
@@ -86,6 +93,8 @@ class SecureConnection(Protocol):
     def start_records(self, k_shared, *, is_client):
         self._send_cipher, self._receive_cipher = records.traffic_ciphers(k_shared, is_client=is_client)
         self.decoder.max_payload = wire.MAX_RECORD_PAYLOAD
+        # Read a whole record or more per system call (Twisted's default is 64 KiB).
+        self.transport.bufferSize = wire.READ_SIZE
 
     # -- sending
 

@@ -8,6 +8,7 @@ from twisted.application import internet, service, strports
 from twisted.python import usage
 
 from . import guard, server, userdb
+from .tuning import tune_allocator
 
 _P = guard.Policy()
 
@@ -124,6 +125,7 @@ def raise_descriptor_limit(policy, log=None):
 
 
 def makeService(options):
+    tune_allocator()
     policy = options["policy"]
     raise_descriptor_limit(policy, server.ServerFactory.log)
     factory = server.ServerFactory(

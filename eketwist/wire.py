@@ -27,6 +27,7 @@ DATA_CHUNK = 128 * 1024
 # After authentication: a full record plus its GCM tag.
 MAX_RECORD_PAYLOAD = MAX_RECORD_PLAINTEXT + 16
 MAX_CONTROL_PLAINTEXT = 64 * 1024
+READ_SIZE = 256 * 1024
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 
@@ -36,11 +37,13 @@ def header(kind, payload_length):
 
 
 class FrameDecoder:
-    """Splits a byte stream into frames without re-copying what is buffered.
+    """Splits a byte stream into frames, copying only the frames cut by a read boundary.
 
-    `max_payload` may be changed by the frame callback (when the connection authenticates);
-    it is checked as soon as a header is complete, before the payload is buffered. The
-    memoryviews passed to the callback are valid only during the call.
+    Whole frames are handed over as views of the received bytes; only the bytes of a frame
+    split across reads are gathered in a buffer. `max_payload` may be changed by the frame
+    callback (when the connection authenticates); it is checked as soon as a header is
+    complete, before its payload is buffered. The memoryviews passed to the callback are valid
+    only during the call.
     """
 
     def __init__(self, max_payload):
@@ -51,30 +54,53 @@ class FrameDecoder:
     def buffered(self):
         return len(self._buffer)
 
+    def _check(self, length, kind):
+        if kind not in KINDS:
+            raise ProtocolError(f"unknown frame kind {kind}")
+        if length > self.max_payload:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
+
     def feed(self, data, on_frame):
+        with memoryview(data) as view:
+            start = self._complete_buffered(view, on_frame) if self._buffer else 0
+            if start is None:
+                return
+            end = len(view)
+            while end - start >= HEADER_BYTES:
+                length, kind = HEADER.unpack_from(view, start)
+                self._check(length, kind)
+                frame_end = start + HEADER_BYTES + length
+                if frame_end > end:
+                    break
+                with view[start : start + HEADER_BYTES] as head, view[start + HEADER_BYTES : frame_end] as payload:
+                    start = frame_end
+                    on_frame(kind, head, payload)
+            if start < end:
+                self._buffer += view[start:]
+
+    def _complete_buffered(self, view, on_frame):
+        """Add to the split frame what it lacks; deliver it if whole. Returns where the rest
+        of `view` starts, or None when all of it went into the buffer."""
         buffer = self._buffer
-        buffer += data
-        offset = 0
+        taken = 0
+        if len(buffer) < HEADER_BYTES:
+            taken = min(HEADER_BYTES - len(buffer), len(view))
+            buffer += view[:taken]
+            if len(buffer) < HEADER_BYTES:
+                return None
+        length, kind = HEADER.unpack_from(buffer)
+        self._check(length, kind)
+        wanted = min(HEADER_BYTES + length - len(buffer), len(view) - taken)
+        buffer += view[taken : taken + wanted]
+        taken += wanted
+        if len(buffer) < HEADER_BYTES + length:
+            return None
         try:
-            with memoryview(buffer) as view:
-                while len(buffer) - offset >= HEADER_BYTES:
-                    length, kind = HEADER.unpack_from(buffer, offset)
-                    if kind not in KINDS:
-                        raise ProtocolError(f"unknown frame kind {kind}")
-                    if length > self.max_payload:
-                        raise ProtocolError(
-                            f"frame of {length} bytes exceeds the limit of {self.max_payload}"
-                        )
-                    end = offset + HEADER_BYTES + length
-                    if len(buffer) < end:
-                        break
-                    with view[offset : offset + HEADER_BYTES] as head, view[
-                        offset + HEADER_BYTES : end
-                    ] as payload:
-                        offset = end
-                        on_frame(kind, head, payload)
+            with memoryview(buffer) as whole, whole[:HEADER_BYTES] as head, whole[HEADER_BYTES:] as payload:
+                on_frame(kind, head, payload)
         finally:
-            del buffer[:offset]
+            del buffer[:]
+        return taken
 
 
 def encode_message(message):

@@ -1,0 +1,407 @@
+"""`make bench`: eketwist against a raw TCP copy and OpenSSH sftp, in one run on 127.0.0.1.
+
+Every measurement is repeated and its median reported; ratios are against baselines measured
+in the same run. Writes bench/results.json (not committed). Options: --help.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from eketwist import userdb
+
+from .common import BIN, Daemon, cpu_seconds, free_port, raise_descriptor_limit, rss_bytes
+
+MiB = 1024 * 1024
+HERE = pathlib.Path(__file__).parent
+USER_PASSWORD = "bench user password"
+WRITER_PASSWORD = "bench writer password"
+
+
+def sha1_of(path):
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(4 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_random(path, size):
+    with open(path, "wb") as handle:
+        block = os.urandom(4 * MiB)
+        for i in range(size // len(block)):
+            # Distinct blocks, so nothing downstream can deduplicate.
+            handle.write(hashlib.sha256(i.to_bytes(8, "big")).digest() + block[32:])
+        handle.write(os.urandom(size % len(block)))
+
+
+def drop_file(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class RssSampler:
+    """Peak VmRSS of a process while a block runs (sampled every 10 ms)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.peak = rss_bytes(self.pid)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss_bytes(self.pid))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_measured(command, env=None, stdin=None):
+    """Run a command; (wall seconds, CPU seconds, peak RSS bytes, stdout)."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if stdin:
+        process.stdin.write(stdin.encode())
+        process.stdin.close()
+    out = process.stdout.read()
+    err = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.monotonic() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed ({process.returncode}): {err.decode(errors='replace')[-500:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, out
+
+
+# -- the raw TCP baseline
+
+
+RAW_SENDER = """
+import socket, sys
+port, path = int(sys.argv[1]), sys.argv[2]
+with socket.create_connection(("127.0.0.1", port)) as sock, open(path, "rb") as handle:
+    sock.sendfile(handle)
+"""
+
+
+def raw_tcp(source, destination):
+    """The file over a plain socket: sendfile in one process, recv_into + write in this one."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    started = time.monotonic()
+    sender = subprocess.Popen([sys.executable, "-c", RAW_SENDER, str(port), str(source)])
+    conn, _ = listener.accept()
+    buffer = bytearray(256 * 1024)
+    view = memoryview(buffer)
+    with conn, open(destination, "wb", buffering=0) as out:
+        while True:
+            got = conn.recv_into(buffer)
+            if not got:
+                break
+            out.write(view[:got])
+        os.fsync(out.fileno())
+    wall = time.monotonic() - started
+    sender.wait()
+    listener.close()
+    return wall
+
+
+# -- OpenSSH
+
+
+class Sshd:
+    """A private sshd on a loopback port, with keys generated for this run."""
+
+    def __init__(self, workdir):
+        self.dir = pathlib.Path(workdir) / "ssh"
+        self.dir.mkdir()
+        os.chmod(self.dir, 0o700)
+        for name in ("host_key", "user_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / name)], check=True)
+        (self.dir / "authorized_keys").write_text((self.dir / "user_key.pub").read_text())
+        os.chmod(self.dir / "authorized_keys", 0o600)
+        self.port = free_port()
+        sftp_server = next(p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
+                                       "/usr/libexec/sftp-server") if os.path.exists(p))
+        (self.dir / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.dir / 'host_key'}\n"
+            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\nPidFile {self.dir / 'sshd.pid'}\n"
+            f"Subsystem sftp {sftp_server}\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "Ciphers aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com\n"
+        )
+        os.makedirs("/run/sshd", exist_ok=True)
+        self.process = subprocess.Popen([shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f", str(self.dir / "sshd_config")],
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("sshd did not start")
+                time.sleep(0.05)
+
+    def sftp_get(self, remote, local, cipher):
+        user = os.environ.get("USER") or "root"
+        command = [
+            "sftp", "-q", "-b", "-", "-i", str(self.dir / "user_key"), "-P", str(self.port),
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            "-o", f"Ciphers={cipher}", f"{user}@127.0.0.1",
+        ]
+        return run_measured(command, stdin=f"get {remote} {local}\n")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def have_sshd():
+    return shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")
+
+
+# -- eketwist
+
+
+def client_command(daemon, user, *args):
+    return [str(BIN / "eke-client"), "--port", str(daemon.port), "--user", user, "-q", "--no-progress", *args]
+
+
+def eke_transfer(daemon, user, password, *args):
+    env = dict(os.environ, EKE_PASSWORD=password)
+    cpu_before = cpu_seconds(daemon.pid)
+    with RssSampler(daemon.pid) as sampler:
+        wall, cpu, rss, out = run_measured(client_command(daemon, user, *args), env=env)
+    return {"seconds": wall, "client_cpu": cpu, "client_peak_rss": rss,
+            "server_cpu": cpu_seconds(daemon.pid) - cpu_before, "server_peak_rss": sampler.peak, "out": out}
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="size of the large file (default: 1024)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each large transfer (default: 3)")
+    parser.add_argument("--small-repeat", type=int, default=10, help="runs of the 1 KiB get (default: 10)")
+    parser.add_argument("--handshakes", type=int, default=3000, help="handshakes for the capacity test")
+    parser.add_argument("--concurrency", type=int, default=64, help="concurrent handshaking clients")
+    parser.add_argument("--idle", type=int, default=1000, help="idle authenticated connections for memory")
+    parser.add_argument("--workdir", help="where to put the files (default: a temporary directory in /dev/shm)")
+    parser.add_argument("--output", default=str(HERE / "results.json"))
+    args = parser.parse_args()
+    raise_descriptor_limit()
+    # On tmpfs by default: the disk is then out of the comparison (fsync is free there), and what
+    # is measured is each tool's own cost.
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="eke-bench-", dir=shm))
+    try:
+        results = measure(args, workdir)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    pathlib.Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"\nfigures written to {args.output}")
+
+
+def measure(args, workdir):
+    size = args.size_mib * MiB
+    root = workdir / "root"
+    root.mkdir(parents=True, exist_ok=True)
+    big = root / "big.bin"
+    print(f"preparing a {args.size_mib} MiB file in {workdir} ...", file=sys.stderr)
+    write_random(big, size)
+    (root / "small.bin").write_bytes(os.urandom(1024))
+    write_random(root / "medium.bin", 10 * MiB)
+    expected = sha1_of(big)
+    users = workdir / "users"
+    store = userdb.Users.new()
+    # Default scrypt cost: the small-file figure includes what a real login costs.
+    store.by_name["bench"] = userdb.make_user("bench", USER_PASSWORD)
+    store.by_name["writer"] = userdb.make_user("writer", WRITER_PASSWORD, {"n": 1024, "r": 8, "p": 1}, rights=userdb.READ_WRITE)
+    userdb.save(users, store)
+    out = workdir / "out"
+    out.mkdir(exist_ok=True)
+    results = {"size_bytes": size, "repeat": args.repeat, "machine": {"cpus": os.cpu_count()}}
+
+    print("raw TCP ...", file=sys.stderr)
+    raw = []
+    for _ in range(args.repeat):
+        raw.append(raw_tcp(big, out / "raw.bin"))
+        drop_file(out / "raw.bin")
+    results["raw_tcp"] = {"seconds": median(raw), "mb_per_s": size / median(raw) / 1e6}
+
+    daemon = Daemon(workdir, root, users, "--max-per-source", "100000", "--max-startups", "100000:30:200000",
+                    "--max-connections", "100000")
+    try:
+        time.sleep(0.5)
+        idle_rss = rss_bytes(daemon.pid)
+        results["server_idle_rss"] = idle_rss
+        for direction in ("get", "put"):
+            print(f"eketwist {direction} ...", file=sys.stderr)
+            runs = []
+            for _ in range(args.repeat):
+                if direction == "get":
+                    run = eke_transfer(daemon, "bench", USER_PASSWORD, "get", "--no-resume", "big.bin", str(out / "eke.bin"))
+                    assert sha1_of(out / "eke.bin") == expected, "get: digest mismatch"
+                    drop_file(out / "eke.bin")
+                else:
+                    run = eke_transfer(daemon, "writer", WRITER_PASSWORD, "put", "--force", str(big), "uploaded.bin")
+                    assert sha1_of(root / "uploaded.bin") == expected, "put: digest mismatch"
+                    drop_file(root / "uploaded.bin")
+                runs.append(run)
+            results[f"eke_{direction}"] = {
+                "seconds": median(r["seconds"] for r in runs),
+                "mb_per_s": size / median(r["seconds"] for r in runs) / 1e6,
+                "client_cpu_s": median(r["client_cpu"] for r in runs),
+                "server_cpu_s": median(r["server_cpu"] for r in runs),
+                "client_peak_rss_mib": max(r["client_peak_rss"] for r in runs) / MiB,
+                "server_peak_rss_mib": max(r["server_peak_rss"] for r in runs) / MiB,
+            }
+        medium = eke_transfer(daemon, "bench", USER_PASSWORD, "get", "medium.bin", str(out / "medium.bin"))
+        drop_file(out / "medium.bin")
+        results["memory"] = {
+            "server_idle_rss_mib": idle_rss / MiB,
+            "server_peak_rss_10mib_get_mib": medium["server_peak_rss"] / MiB,
+            "server_peak_rss_large_get_mib": results["eke_get"]["server_peak_rss_mib"],
+        }
+        results["memory"]["large_minus_idle_mib"] = results["memory"]["server_peak_rss_large_get_mib"] - idle_rss / MiB
+
+        print("eketwist small files ...", file=sys.stderr)
+        small = [eke_transfer(daemon, "bench", USER_PASSWORD, "get", "small.bin", str(out / "small.bin"))["seconds"]
+                 for _ in range(args.small_repeat)]
+        results["eke_small_get"] = {"seconds": median(small)}
+
+        print("handshake capacity ...", file=sys.stderr)
+        results["handshakes"] = handshake_capacity(daemon, args)
+        print("idle connections ...", file=sys.stderr)
+        results["memory"]["per_idle_connection_kib"] = idle_cost(daemon, args.idle)
+    finally:
+        daemon.stop()
+
+    if have_sshd():
+        sshd = Sshd(workdir)
+        try:
+            for cipher in ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"):
+                print(f"sftp {cipher} ...", file=sys.stderr)
+                runs = []
+                for _ in range(args.repeat):
+                    runs.append(sshd.sftp_get(str(big), str(out / "sftp.bin"), cipher)[0])
+                    assert sha1_of(out / "sftp.bin") == expected, "sftp: digest mismatch"
+                    drop_file(out / "sftp.bin")
+                results[f"sftp_{cipher.split('@')[0]}"] = {"seconds": median(runs), "mb_per_s": size / median(runs) / 1e6}
+            small = [sshd.sftp_get(str(root / "small.bin"), str(out / "small-sftp.bin"), "aes128-gcm@openssh.com")[0]
+                     for _ in range(args.small_repeat)]
+            results["sftp_small_get"] = {"seconds": median(small)}
+        finally:
+            sshd.stop()
+    else:
+        results["sftp"] = "not measured: sshd is missing (make bench installs openssh-server with apt-get)"
+
+    ratios = {}
+    for direction in ("get", "put"):
+        eke = results[f"eke_{direction}"]["mb_per_s"]
+        ratios[f"{direction}_vs_raw_tcp"] = eke / results["raw_tcp"]["mb_per_s"]
+        if "sftp_aes128-gcm" in results:
+            ratios[f"{direction}_vs_sftp_aes128_gcm"] = eke / results["sftp_aes128-gcm"]["mb_per_s"]
+            ratios[f"{direction}_vs_sftp_chacha20"] = eke / results["sftp_chacha20-poly1305"]["mb_per_s"]
+    if "sftp_small_get" in results:
+        ratios["small_get_time_vs_sftp"] = results["eke_small_get"]["seconds"] / results["sftp_small_get"]["seconds"]
+    results["ratios"] = ratios
+    return results
+
+
+def handshake_capacity(daemon, args):
+    cpu_before = cpu_seconds(daemon.pid)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen", str(daemon.port), "bench", USER_PASSWORD, str(args.concurrency), str(args.handshakes)],
+        capture_output=True, text=True, check=True, cwd=HERE.parent,
+    )
+    figures = json.loads(result.stdout.splitlines()[-1])
+    server_cpu = cpu_seconds(daemon.pid) - cpu_before
+    per_handshake = server_cpu / (figures["handshakes"] + 1)
+    return {
+        "completed": figures["handshakes"],
+        "failures": figures["failures"],
+        "per_second": figures["handshakes"] / figures["seconds"],
+        "server_cpu_ms_per_handshake": per_handshake * 1000,
+        "per_second_per_server_core": 1 / per_handshake,
+    }
+
+
+def idle_cost(daemon, count):
+    before = rss_bytes(daemon.pid)
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "bench.loadgen", str(daemon.port), "bench", USER_PASSWORD, "32", str(count), "--hold"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE.parent,
+    )
+    json.loads(holder.stdout.readline())
+    time.sleep(1.0)
+    during = rss_bytes(daemon.pid)
+    holder.stdin.close()
+    holder.wait(30)
+    return (during - before) / count / 1024
+
+
+def print_table(results):
+    def row(name, value, ratio=""):
+        print(f"  {name:<44} {value:>14} {ratio}")
+
+    size_mib = results["size_bytes"] // MiB
+    print(f"\neketwist benchmark, {size_mib} MiB file, medians of {results['repeat']} runs, 127.0.0.1")
+    raw = results["raw_tcp"]["mb_per_s"]
+    row("raw TCP (sendfile -> recv_into)", f"{raw:.0f} MB/s", "(baseline)")
+    sftp = results.get("sftp_aes128-gcm", {}).get("mb_per_s")
+    if sftp:
+        row("sftp get, aes128-gcm", f"{sftp:.0f} MB/s", f"{sftp / raw:.2f}x raw")
+        chacha = results["sftp_chacha20-poly1305"]["mb_per_s"]
+        row("sftp get, chacha20-poly1305", f"{chacha:.0f} MB/s", f"{chacha / raw:.2f}x raw")
+    for direction in ("get", "put"):
+        eke = results[f"eke_{direction}"]
+        ratio = f"{eke['mb_per_s'] / raw:.2f}x raw"
+        if sftp:
+            ratio += f", {eke['mb_per_s'] / sftp:.2f}x sftp aes128-gcm"
+        row(f"eketwist {direction}", f"{eke['mb_per_s']:.0f} MB/s", ratio)
+        row(f"  CPU client / server", f"{eke['client_cpu_s']:.2f} / {eke['server_cpu_s']:.2f} s")
+        row(f"  peak RSS client / server", f"{eke['client_peak_rss_mib']:.0f} / {eke['server_peak_rss_mib']:.0f} MiB")
+    small = results["eke_small_get"]["seconds"]
+    if "sftp_small_get" in results:
+        row("1 KiB get, whole command: eketwist / sftp", f"{small * 1000:.0f} / {results['sftp_small_get']['seconds'] * 1000:.0f} ms",
+            f"{results['ratios']['small_get_time_vs_sftp']:.2f}x sftp's time")
+    else:
+        row("1 KiB get, whole command", f"{small * 1000:.0f} ms")
+    hs = results["handshakes"]
+    row("handshakes per second (all cores)", f"{hs['per_second']:.0f}/s", f"{hs['failures']} failures")
+    row("server CPU per handshake", f"{hs['server_cpu_ms_per_handshake']:.2f} ms",
+        f"= {hs['per_second_per_server_core']:.0f}/s on one server core")
+    memory = results["memory"]
+    row("server RSS idle / 10 MiB get / large get", f"{memory['server_idle_rss_mib']:.1f} / {memory['server_peak_rss_10mib_get_mib']:.1f} / {memory['server_peak_rss_large_get_mib']:.1f} MiB",
+        f"(+{memory['large_minus_idle_mib']:.1f} MiB)")
+    row("server memory per idle authenticated connection", f"{memory['per_idle_connection_kib']:.1f} KiB")
+
+
+if __name__ == "__main__":
+    main()

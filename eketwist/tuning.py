@@ -1,0 +1,24 @@
+"""Process-wide tuning for the data path, applied by the edges (client command, daemon).
+
+glibc serves allocations of 128 KiB and more with mmap, and gives freed memory at the top of
+the heap back at once: a record-sized buffer per record then costs an mmap, page faults and a
+munmap every time. Raising both thresholds keeps such buffers in the heap for reuse.
+"""
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def tune_allocator():
+    """Best effort: nothing happens on a C library without mallopt."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(M_MMAP_THRESHOLD, 4 * 1024 * 1024)
+    ok &= mallopt(M_TRIM_THRESHOLD, 32 * 1024 * 1024)
+    return bool(ok)
