@@ -36,25 +36,28 @@ class RecordConsumer:
 
 def send_file(connection, handle, offset, sha1, on_chunk=None):
     """Stream `handle` from `offset` as DATA records with FileSender (one record per chunk),
-    feeding `sha1` in a worker thread. Fires with the bytes sent (once `sha1` has them all), or
-    fails if the connection went away."""
+    feeding `sha1` in a worker thread (None: the digest is known already). Fires with the
+    bytes sent (once `sha1` has them all), or fails if the connection went away."""
     sent = 0
-    hashing = files.Pipeline(sha1)
+    hashing = files.Pipeline(sha1) if sha1 is not None else None
 
     def hash_and_count(chunk):
         nonlocal sent
-        hashing.submit(chunk)
+        if hashing is not None:
+            hashing.submit(chunk)
         sent += len(chunk)
         if on_chunk is not None:
             on_chunk(len(chunk))
         return chunk
 
     def finished(_):
-        hashing.close()
+        if hashing is not None:
+            hashing.close()
         return sent
 
     def translate(failure):
-        hashing.close()
+        if hashing is not None:
+            hashing.close()
         # FileSender reports a stopped consumer with a bare Exception.
         raise ConnectionFailed(f"the connection was lost after {sent} bytes")
 

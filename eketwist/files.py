@@ -6,6 +6,7 @@ both sides receive through `PartFile`, which only ever creates the final name by
 complete, verified file, and which can be resumed.
 """
 
+import collections
 import errno
 import fcntl
 import hashlib
@@ -277,6 +278,37 @@ def _fsync_directory(directory):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DigestCache:
+    """SHA-1s of files already read whole, keyed by what changes when a file does (device,
+    inode, size, modification and change times), least recently used forgotten first.
+
+    A file served again is then sent without hashing it again. Should its bytes differ from
+    the cached digest without any of those changing (a disk error), the client's check fails
+    and nothing is written: the cache can only turn a silent corruption into a refusal.
+    """
+
+    def __init__(self, max_entries=4096):
+        self.max_entries = max_entries
+        self._digests = collections.OrderedDict()
+
+    @staticmethod
+    def key(st):
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def get(self, st):
+        key = self.key(st)
+        digest = self._digests.get(key)
+        if digest is not None:
+            self._digests.move_to_end(key)
+        return digest
+
+    def put(self, st, digest):
+        self._digests[self.key(st)] = digest
+        self._digests.move_to_end(self.key(st))
+        while len(self._digests) > self.max_entries:
+            self._digests.popitem(last=False)
 
 
 class Pipeline:

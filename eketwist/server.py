@@ -333,12 +333,19 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             }
         )
         started = time.monotonic()
+        cached = self.factory.digests.get(st) if offset == 0 else None
 
         def finished(sent):
+            unchanged = files.DigestCache.key(os.fstat(handle.fileno())) == files.DigestCache.key(st)
             handle.close()
+            if cached is not None:
+                digest = cached
+            else:
+                digest = sha1.hexdigest()
+                if offset == 0 and sent == st.st_size and unchanged:
+                    self.factory.digests.put(st, digest)
             if self.closing:
                 return
-            digest = sha1.hexdigest()
             self.send_control({"type": "end", "size": offset + sent, "sha1": digest})
             self._ready()
             self.log.info(
@@ -356,7 +363,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             )
 
         self._release_transport()
-        done = send_file(self, handle, offset, sha1)
+        done = send_file(self, handle, offset, None if cached is not None else sha1)
         done.addBoth(lambda result: (self._take_transport_back(), result)[1])
         done.addCallbacks(finished, aborted)
 
@@ -501,6 +508,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         except EketwistError as error:
             self._refuse("put", upload.path, error)
             return
+        try:
+            self.factory.digests.put(os.stat(upload.part.destination), digest)
+        except OSError:
+            pass  # already gone again: nothing to remember
         self.send_control({"type": "stored", "size": size, "sha1": digest})
         self._ready()
         self.log.info(
@@ -588,6 +599,7 @@ class ServerFactory(protocol.Factory):
         self.partial_max_age = partial_max_age
         self.clock = clock or reactor
         self.guard = guard.Guard(policy, self.clock)
+        self.digests = files.DigestCache()
         self.log_limiter = guard.LogLimiter(self.clock)
 
     def roots(self):

@@ -184,3 +184,21 @@ async def test_a_transfer_cut_short_leaves_no_destination(server_port, tmp_path)
     with pytest.raises(errors.ConnectionFailed):
         await _get_through(TamperingProxy(server_port, cut), destination)
     assert not destination.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_digest_cache_never_serves_a_stale_digest(root, tmp_path, factory, server_port):
+    client = await authenticated_client(server_port)
+    path = root / "sub" / "data.bin"
+    first = await client.get("sub/data.bin", str(tmp_path / "one"))
+    assert factory.digests.get(os.stat(path)) == first["sha1"]
+    again = await client.get("sub/data.bin", str(tmp_path / "two"))  # served from the cache
+    assert again["sha1"] == first["sha1"] and (tmp_path / "two").read_bytes() == path.read_bytes()
+    # Same size, same mtime, new bytes: the change time tells.
+    st = os.stat(path)
+    path.write_bytes(os.urandom(st.st_size))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    third = await client.get("sub/data.bin", str(tmp_path / "three"))
+    assert (tmp_path / "three").read_bytes() == path.read_bytes()
+    assert third["sha1"] == hashlib.sha1(path.read_bytes()).hexdigest() != first["sha1"]
+    client.close()
