@@ -2,6 +2,9 @@
 
 Status and progress go to stderr, data (verified digests, listings, --json) to stdout. Every
 failure is one line naming the file and the reason, and a distinct exit code (see --help).
+
+Twisted and the protocol machine are imported only after the Prelude has connected and
+started scrypt (eketwist.prelude): the two then overlap instead of adding up.
 """
 
 import argparse
@@ -12,12 +15,9 @@ import stat
 import sys
 import time
 
-from twisted.internet import defer, task
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString, connectProtocol
-
 from . import errors
-from .client_protocol import ClientProtocol
 from .errors import EketwistError, UsageError
+from .prelude import Prelude
 from .tuning import tune_allocator
 
 DEFAULT_PORT = 4000
@@ -249,6 +249,8 @@ class _FileBar:
 
 
 def make_endpoint(reactor, args):
+    from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+
     if args.connect:
         try:
             return clientFromString(reactor, args.connect)
@@ -475,12 +477,29 @@ async def run_ls(session, args):
 COMMANDS = {"get": run_get, "put": run_put, "ls": run_ls}
 
 
-async def run(reactor, args, password, reporter):
+async def connect(reactor, args, password, prelude):
+    """An authenticating ClientProtocol: on the Prelude's socket when there is one, else
+    through the endpoint."""
+    from twisted.internet.endpoints import connectProtocol
+    from twisted.internet.protocol import Factory
+
+    from .client_protocol import ClientProtocol
+
+    if prelude is not None:
+        derived = prelude.wait()  # usually done already: scrypt ran while we were importing
+        client = ClientProtocol(args.user, None, timeout=args.timeout, derived=derived)
+        reactor.adoptStreamConnection(prelude.sock.fileno(), prelude.sock.family, Factory.forProtocol(lambda: client))
+        prelude.sock.close()  # Twisted holds its own duplicate
+        return client
     endpoint = make_endpoint(reactor, args)
     try:
-        client = await connectProtocol(endpoint, ClientProtocol(args.user, password, timeout=args.timeout))
+        return await connectProtocol(endpoint, ClientProtocol(args.user, password, timeout=args.timeout))
     except Exception as problem:
         raise errors.ConnectionFailed(f"cannot connect to the server: {problem}") from None
+
+
+async def run(reactor, args, password, reporter, prelude=None):
+    client = await connect(reactor, args, password, prelude)
     session = Session(client, reporter)
     try:
         await client.authenticated_deferred
@@ -499,12 +518,22 @@ def main(argv=None):
     if not args.user:
         parser.error("--user is required (or set EKE_USER)")
     reporter = Reporter(args)
+    early = None
+    try:
+        password = read_password(args)
+        if not args.connect:
+            early = Prelude(args.host, args.port, args.user, password, args.timeout)
+    except EketwistError as failure:
+        early = failure
+
+    from twisted.internet import defer, task
 
     async def react_main(reactor):
         error = None
         try:
-            password = read_password(args)
-            error = await run(reactor, args, password, reporter)
+            if isinstance(early, EketwistError):
+                raise early
+            error = await run(reactor, args, password, reporter, early)
         except EketwistError as failure:
             error = failure
             if not any(f.get("error", {}).get("message") == failure.message for f in reporter.files):

@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
-from . import errors, files, spake2plus, userdb, wire
+from . import errors, files, prelude, spake2plus, wire
 from .connection import SecureConnection, send_file
 from .errors import (
     ConnectionFailed,
@@ -98,9 +98,11 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         "put-stored": {"stored": "on_stored"},
     }
 
-    def __init__(self, username, password, timeout=None, clock=None):
+    def __init__(self, username, password, timeout=None, clock=None, derived=None):
         """`timeout`: seconds without progress (no byte from the server while we wait for
-        one, no chunk sent while we upload) after which the connection is abandoned."""
+        one, no chunk sent while we upload) after which the connection is abandoned.
+        `derived`: (server name, w0, w1) when a Prelude already sent HELLO and ran scrypt on
+        this connection; the machine then starts from "deriving"."""
         from twisted.internet import reactor
 
         self.timeout = timeout
@@ -110,15 +112,22 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self.authenticated_deferred = Deferred()
         self.server_id = None
         self._request = None
+        self._derived_early = derived
 
     def __repr__(self):
         return f"<ClientProtocol user={self.username!r} state={self.state!r}>"
 
     def connectionMade(self):
         super().connectionMade()
-        self.state = "params"
         self.setTimeout(self.timeout)
-        self.send_handshake({"type": "hello", "version": wire.PROTOCOL_VERSION, "user": self.username})
+        if self._derived_early is not None:
+            self.state = "deriving"
+            self.server_id, w0, w1 = self._derived_early
+            self._derived_early = None
+            self._derived((w0, w1))
+            return
+        self.state = "params"
+        self.send_handshake(prelude.hello(self.username))
 
     def dataReceived(self, data):
         self.resetTimeout()
@@ -130,13 +139,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     # -- handshake
 
     def on_params(self, message):
-        self.server_id = wire.text_field(message, "server", wire.MAX_NAME_BYTES)
-        salt = wire.hex_field(message, "salt", 8, 64)
-        scrypt = message.get("scrypt")
-        problem = userdb.check_scrypt(scrypt)
-        if problem:
-            raise ProtocolError(f"the server asked for unreasonable password hashing: {problem}")
-        scrypt = {key: scrypt[key] for key in ("n", "r", "p")}
+        self.server_id, salt, scrypt = prelude.parse_params(message)
         self.state = "deriving"
         password, self._password = self._password, None
         derived = threads.deferToThread(

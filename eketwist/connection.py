@@ -102,8 +102,7 @@ class SecureConnection(Protocol):
     # -- sending
 
     def send_handshake(self, message):
-        payload = wire.encode_message(message)
-        self.transport.write(wire.header(wire.HANDSHAKE, len(payload)) + payload)
+        self.transport.write(wire.handshake_frame(message))
 
     def send_control(self, message):
         self._send_record(wire.CONTROL, wire.encode_message(message))

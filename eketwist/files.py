@@ -419,9 +419,12 @@ class PartFile:
         """Queue `data` (bytes) to be written and hashed; a write error from an earlier chunk
         is raised here or by `finish`."""
         if self._pipeline is None:
-            self._pipeline = Pipeline(self._sha1, self._file)
+            self._pipeline = Pipeline(self._sha1)
         try:
             self._pipeline.submit(data)
+            view = memoryview(data)
+            while view:
+                view = view[self._file.write(view):]
         except OSError as problem:
             raise _storage_error(problem, self.shown_name) from None
         self.size += len(data)

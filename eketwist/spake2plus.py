@@ -8,22 +8,21 @@ bytes that callers must never log.
 import hashlib
 import hmac
 import secrets
-import struct
 from dataclasses import dataclass, field
 
 from Crypto.PublicKey import ECC
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from . import pbkdf
+
 SUITE = "P256-SHA256-HKDF-SHA256-HMAC-SHA256"
 CURVE = "p256"
 # P-256 field prime and group order (SEC 2); the cofactor h is 1.
 FIELD_PRIME = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
-ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+ORDER = pbkdf.ORDER
 SCALAR_BYTES = 32
 POINT_BYTES = 65  # uncompressed SEC1: 0x04 || x || y
-# w0s and w1s are each 40 bytes (k + 64 bits of margin) so reduction mod ORDER is unbiased.
-W_BYTES = 40
 
 
 class InvalidPoint(ValueError):
@@ -79,27 +78,13 @@ M = _decompress("02886e2f97ace46e55ba9dd7242579f2993b64e16ef3dcab95afd497333d8fa
 N = _decompress("03d8bbd6c639c62937b04d997f38c3770719c629d7014d49a24b4f98baa1292b49")
 
 
-def _len_prefixed(data):
-    return struct.pack("<Q", len(data)) + data
+len_prefixed = pbkdf.len_prefixed
+# Registration (password to w0, w1) lives in pbkdf, which loads without the curve code.
+register = pbkdf.register
 
 
 def _hkdf(ikm, info, length):
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(ikm)
-
-
-def register(password, salt, id_prover, *, n, r, p):
-    """Derive (w0, w1) from a password with scrypt, as RFC 9383 section 3.2 recommends.
-
-    The scrypt input is len(pw)||pw||len(idProver)||idProver||len(idVerifier)||idVerifier with
-    an empty idVerifier, so that renaming the server does not invalidate every stored verifier.
-    """
-    pbkdf_input = _len_prefixed(password) + _len_prefixed(id_prover) + _len_prefixed(b"")
-    # scrypt needs 128*n*r bytes; hashlib's default cap (32 MiB) refuses n=2**15, r=8.
-    maxmem = 128 * n * r * (p + 1) + 1024 * 1024
-    out = hashlib.scrypt(pbkdf_input, salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=2 * W_BYTES)
-    w0 = int.from_bytes(out[:W_BYTES], "big") % ORDER
-    w1 = int.from_bytes(out[W_BYTES:], "big") % ORDER
-    return w0, w1
 
 
 def verifier_record(w0, w1):
@@ -130,7 +115,7 @@ def _nonidentity(point):
 
 def transcript(context, id_prover, id_verifier, share_p, share_v, z, v, w0):
     return b"".join(
-        _len_prefixed(item)
+        len_prefixed(item)
         for item in (
             context,
             id_prover,
