@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo fuzz hostile clean
+.PHONY: test demo bench fuzz hostile clean
 
 # The editable install in "compat" mode puts this checkout on sys.path, so Twisted finds
 # twisted/plugins/eke_plugin.py here (a strict editable install would hide it from twistd).
@@ -16,6 +16,17 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Throughput, small files, handshakes and memory against raw TCP and OpenSSH sftp
+# (bench/run.py; options: $(BIN)/python -m bench.run --help). Installs OpenSSH with apt-get
+# when it is missing. Figures: a table, and bench/results.json.
+bench: $(STAMP)
+	@command -v sshd >/dev/null || test -x /usr/sbin/sshd || \
+		(echo "installing openssh-server and openssh-client (for the sftp baseline)"; \
+		 apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client) || \
+		echo "could not install OpenSSH: the sftp baseline will be skipped (apt-get install openssh-server)"
+	$(BIN)/python -m compileall -q eketwist
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # A longer fuzzing run than the suite's (FUZZ_EXAMPLES=300 there).
 fuzz: $(STAMP)
