@@ -435,3 +435,18 @@ def test_stale_partial_uploads_are_swept(daemon, root):
     # Partial names are invisible and untouchable through the protocol.
     assert ".eke-part" not in run_client(server.port, "ls", "-R").stdout
     assert run_client(server.port, "get", "sub/.eke-part.fedcba9876543210").returncode == 9
+
+
+def test_data_path_moves_64_mib_both_ways_with_large_records(daemon, tmp_path, root):
+    """The benchmark is not a test; this is the cheap check that the fast path stays correct."""
+    from eketwist import wire
+
+    assert wire.DATA_CHUNK >= 128 * 1024 and wire.DATA_CHUNK <= wire.MAX_RECORD_PLAINTEXT
+    port = daemon().port
+    source = write_random(root / "sixty-four.bin", 64 * 1024 * 1024 + 12345)  # not a whole number of records
+    got = run_client(port, "--json", "get", "sixty-four.bin", str(tmp_path / "down.bin"))
+    assert got.returncode == 0 and sha1(tmp_path / "down.bin") == sha1(source) == json.loads(got.stdout)["files"][0]["sha1"]
+    again = run_client(port, "--json", "get", "sixty-four.bin", str(tmp_path / "again.bin"))  # served from the digest cache
+    assert json.loads(again.stdout)["files"][0]["sha1"] == sha1(tmp_path / "again.bin") == sha1(source)
+    up = writer(port, "--json", "put", str(tmp_path / "down.bin"), "uploaded.bin")
+    assert up.returncode == 0 and sha1(root / "uploaded.bin") == sha1(source)
