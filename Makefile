@@ -14,7 +14,21 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
-test: $(STAMP)
+# The operations tests run the real tools: HAProxy, systemd-analyze, systemd-socket-activate
+# (Debian's haproxy and systemd packages, installed here when missing; without them those
+# tests are skipped and say why).
+TOOLS_STAMP := $(VENV)/.tools
+$(TOOLS_STAMP): | $(STAMP)
+	@missing=""; for tool in haproxy systemd-analyze systemd-socket-activate; do \
+		command -v $$tool >/dev/null 2>&1 || test -x /usr/sbin/$$tool || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then touch $@; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing the tools the operations tests use:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy systemd >/dev/null && touch $@ \
+		|| echo "could not install haproxy/systemd: the tests that need them will be skipped"; \
+	else echo "missing$$missing (apt-get install haproxy systemd): the tests that need them will be skipped"; fi
+
+test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/python -m pytest
 
 # Throughput, small files, handshakes and memory against raw TCP and OpenSSH sftp

@@ -47,6 +47,15 @@ def _add_common_options(parser, suppress):
         help="a Twisted client endpoint instead of --host/--port, e.g. tcp:host=example.org:port=4000",
     )
     parser.add_argument(
+        "--tls", action="store_true", default=default(False),
+        help="connect with TLS and verify the server's certificate for --host (the password "
+        "proof still runs inside; TLS also hides your username and file names)",
+    )
+    parser.add_argument(
+        "--ca-file", metavar="FILE", default=default(None),
+        help="with --tls: trust the certificate authorities in this PEM file instead of the system's",
+    )
+    parser.add_argument(
         "--user", "-u", default=default(os.environ.get("EKE_USER")),
         help="your username on the server (default: $EKE_USER)",
     )
@@ -249,14 +258,32 @@ class _FileBar:
 
 
 def make_endpoint(reactor, args):
-    from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+    from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
 
     if args.connect:
+        if args.tls:
+            raise UsageError("--tls goes with --host and --port (a --connect endpoint can say tls: itself)")
         try:
             return clientFromString(reactor, args.connect)
         except (ValueError, TypeError, KeyError) as problem:
             raise UsageError(f"bad --connect endpoint: {problem}") from None
-    return HostnameEndpoint(reactor, args.host, args.port, timeout=args.timeout)
+    endpoint = HostnameEndpoint(reactor, args.host, args.port, timeout=args.timeout)
+    if args.tls:
+        from twisted.internet import ssl
+
+        if args.ca_file:
+            try:
+                with open(args.ca_file, "rb") as handle:
+                    trust = ssl.Certificate.loadPEM(handle.read())
+            except (OSError, ValueError, ssl.SSL.Error) as problem:
+                raise UsageError(f"--ca-file {args.ca_file}: cannot read a PEM certificate: {problem}") from None
+        else:
+            trust = ssl.platformTrust()
+        # service_identity checks the certificate's names against --host.
+        endpoint = wrapClientTLS(ssl.optionsForClientTLS(args.host, trustRoot=trust), endpoint)
+    elif args.ca_file:
+        raise UsageError("--ca-file goes with --tls")
+    return endpoint
 
 
 class Session:
@@ -521,7 +548,7 @@ def main(argv=None):
     early = None
     try:
         password = read_password(args)
-        if not args.connect:
+        if not (args.connect or args.tls):
             early = Prelude(args.host, args.port, args.user, password, args.timeout)
     except EketwistError as failure:
         early = failure

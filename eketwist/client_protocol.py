@@ -113,6 +113,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self.server_id = None
         self._request = None
         self._derived_early = derived
+        self._end_reason = None
 
     def __repr__(self):
         return f"<ClientProtocol user={self.username!r} state={self.state!r}>"
@@ -194,6 +195,11 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self.setTimeout(None)  # nothing is expected from the server until the next request
 
     def _begin(self, request, state, message):
+        if self.closing:
+            # Requests after the end (a multi-file command): fail like the connection did.
+            request.cleanup(keep_part=request.part is not None and request.part.size > 0)
+            request.deferred.errback(self._end_reason or ConnectionFailed("the connection to the server was lost"))
+            return request.deferred
         if self.state != "ready":
             raise RuntimeError(f"a request while {self.state}")
         self._request = request
@@ -418,6 +424,8 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         super().fail(error)
 
     def _fail_pending(self, error):
+        if self._end_reason is None:
+            self._end_reason = error
         request, self._request = self._request, None
         if request is not None:
             # A cut connection keeps the .part for a later resume; bad data does not.
@@ -430,7 +438,16 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self.setTimeout(None)
         super().connectionLost(reason)
         self._password = None
-        self._fail_pending(ConnectionFailed("the connection to the server was lost"))
+        self._fail_pending(ConnectionFailed(_lost_because(reason)))
+
+
+def _lost_because(reason):
+    """What to tell the user about a lost connection; TLS failures say so."""
+    kind = getattr(reason, "type", None)
+    if kind is not None and kind.__module__.split(".")[0] in ("OpenSSL", "service_identity"):
+        what = "is not valid for this host name" if kind.__module__.startswith("service_identity") else "could not be verified"
+        return f"TLS failed: the server's certificate {what} ({kind.__name__})"
+    return "the connection to the server was lost"
 
 
 def _checked_entry(item):

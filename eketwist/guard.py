@@ -113,23 +113,19 @@ class Guard:
 
     def admit(self, source):
         """Account for a new connection from `source`, or raise Refused."""
-        now = self.clock.seconds()
-        until = self._locked_until.get(source)
-        if until is not None:
-            if until > now:
-                self.refused["locked-out"] += 1
-                raise Refused(
-                    f"too many failed logins from your address; try again in {int(until - now) + 1} s",
-                    log_key=("locked-out", source),
-                )
-            del self._locked_until[source]
+        self.admit_connection()
+        try:
+            self.admit_source(source)
+        except Refused:
+            self.closed(None, in_handshake=True)
+            raise
+
+    def admit_connection(self):
+        """The caps on all connections, checked when one is accepted (raises Refused)."""
         policy = self.policy
         if self.connections >= policy.max_connections:
             self.refused["server-full"] += 1
             raise Refused("the server has too many connections; try again later", log_key=("server-full",))
-        if self._per_source[source] >= policy.max_per_source:
-            self.refused["per-source"] += 1
-            raise Refused("too many connections from your address", log_key=("per-source", source))
         if self.handshakes >= policy.startups_start:
             if self.handshakes >= policy.startups_full:
                 drop = 1.0
@@ -142,6 +138,23 @@ class Guard:
                 raise Refused("too many handshakes in progress", quiet=True, log_key=("startups",))
         self.connections += 1
         self.handshakes += 1
+
+    def admit_source(self, source):
+        """The limits per address, checked once the client's address is known (behind a
+        proxy, from the PROXY header that precedes its first bytes). Raises Refused."""
+        now = self.clock.seconds()
+        until = self._locked_until.get(source)
+        if until is not None:
+            if until > now:
+                self.refused["locked-out"] += 1
+                raise Refused(
+                    f"too many failed logins from your address; try again in {int(until - now) + 1} s",
+                    log_key=("locked-out", source),
+                )
+            del self._locked_until[source]
+        if self._per_source[source] >= self.policy.max_per_source:
+            self.refused["per-source"] += 1
+            raise Refused("too many connections from your address", log_key=("per-source", source))
         self._per_source[source] += 1
 
     def authenticated(self, source):
@@ -149,12 +162,14 @@ class Guard:
         self.handshakes -= 1
 
     def closed(self, source, in_handshake):
+        """A connection ended; `source` None if its address was never admitted."""
         self.connections -= 1
         if in_handshake:
             self.handshakes -= 1
-        self._per_source[source] -= 1
-        if self._per_source[source] <= 0:
-            del self._per_source[source]
+        if source is not None:
+            self._per_source[source] -= 1
+            if self._per_source[source] <= 0:
+                del self._per_source[source]
 
     def open_sources(self):
         return len(self._per_source)

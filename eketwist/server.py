@@ -87,9 +87,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def connectionMade(self):
         super().connectionMade()
-        address = self.transport.getPeer()
-        self.source = getattr(address, "host", None) or str(address)
-        self.peer = _describe_peer(address)
+        # Behind HAProxy the client's address arrives with its first bytes (the PROXY
+        # header): until then `peer` is the proxy's, and no per-address limit applies yet.
+        self.source = None
+        self.peer = _describe_peer(self.transport.getPeer())
         self.username = None
         self.root = None
         self.can_write = False
@@ -100,16 +101,30 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self._reading_paused = False
         self.callLater = self.factory.clock.callLater
         try:
-            self.factory.guard.admit(self.source)
+            self.factory.guard.admit_connection()
         except guard.Refused as refusal:
             self._turn_away(refusal)
             return
         self._admitted = True
+        self.factory.connections.add(self)
         self.state = "hello"
         self.transport.registerProducer(self, True)
         # A slow client cannot keep a handshake slot: this deadline is never reset by data.
         self.setTimeout(self.factory.handshake_timeout)
+
+    def _identify(self):
+        """The first bytes are here, so is the client's real address: apply its limits."""
+        address = self.transport.getPeer()
+        self.peer = _describe_peer(address)
+        source = getattr(address, "host", None) or str(address)
+        try:
+            self.factory.guard.admit_source(source)
+        except guard.Refused as refusal:
+            self._turn_away(refusal)
+            return False
+        self.source = source
         self.log.info("connection from {peer}", peer=self.peer)
+        return True
 
     def _turn_away(self, refusal):
         self.closing = True
@@ -148,6 +163,8 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self.transport.registerProducer(self, True)
 
     def dataReceived(self, data):
+        if self.source is None and not self.closing and not self._identify():
+            return
         if self.authenticated and self.state in ("ready", "receiving"):
             self.resetTimeout()
         super().dataReceived(data)
@@ -167,8 +184,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self._abort_upload(keep_part=True, why="connection lost")
         super().connectionLost(reason)
         if self._admitted:
+            self.factory.connections.discard(self)
             self.factory.guard.closed(self.source, in_handshake=self._in_handshake)
-            self.log.info("connection from {peer} closed", peer=self.peer)
+            if self.source is not None:
+                self.log.info("connection from {peer} closed", peer=self.peer)
 
     def fail(self, error):
         if not self.closing and not isinstance(error, Timeout):
@@ -265,8 +284,23 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     # -- requests
 
     def _ready(self):
+        if self.factory.draining:
+            self.shut_down()
+            return
         self.state = "ready"
         self.setTimeout(self.factory.idle_timeout)
+
+    @property
+    def busy(self):
+        """In the middle of a transfer or a listing, which a graceful shutdown lets finish."""
+        return self.state in ("working", "upload-offered", "receiving")
+
+    def shut_down(self):
+        """Close for a shutdown, telling the client why (it may come back and resume)."""
+        if not self.closing:
+            self.log.info("closing connection from {peer}: the server is shutting down", peer=self.peer)
+            self.send_error(TryLater("the server is shutting down; try again shortly"))
+            self.close()
 
     def _working(self):
         self.state = "working"
@@ -600,7 +634,37 @@ class ServerFactory(protocol.Factory):
         self.clock = clock or reactor
         self.guard = guard.Guard(policy, self.clock)
         self.digests = files.DigestCache()
+        self.connections = set()
+        self.draining = False
         self.log_limiter = guard.LogLimiter(self.clock)
+
+    def drain(self, grace):
+        """Stop serving: close idle connections now, let running transfers finish for up to
+        `grace` seconds, then cut the rest. Fires when every connection is closed."""
+        from twisted.internet import defer, task
+
+        self.draining = True
+        for connection in list(self.connections):
+            if not connection.busy:
+                connection.shut_down()
+        busy = len(self.connections)
+        if busy:
+            self.log.info("waiting up to {grace:g} s for {count} transfers to finish", grace=grace, count=busy)
+        deadline = self.clock.seconds() + grace
+
+        def check():
+            if not self.connections:
+                loop.stop()
+            elif self.clock.seconds() >= deadline:
+                for connection in list(self.connections):
+                    self.log.info("cutting the transfer of {peer}: grace period over", peer=connection.peer)
+                    connection.transport.abortConnection()
+                if not self.connections:
+                    loop.stop()
+
+        loop = task.LoopingCall(check)
+        loop.clock = self.clock
+        return loop.start(0.05, now=True).addCallback(lambda _: None)
 
     def roots(self):
         """Every root a user may write to: the server's and the users' own."""

@@ -4,10 +4,10 @@ import os
 import resource
 import socket
 
-from twisted.application import internet, service, strports
+from twisted.application import internet
 from twisted.python import usage
 
-from . import guard, server, userdb
+from . import guard, server, service, userdb
 from .tuning import tune_allocator
 
 _P = guard.Policy()
@@ -29,6 +29,8 @@ class Options(usage.Options):
         ["handshake-timeout", None, server.DEFAULT_HANDSHAKE_TIMEOUT, "seconds a client has to authenticate", float],
         ["idle-timeout", None, server.DEFAULT_IDLE_TIMEOUT, "seconds an authenticated connection may stay idle", float],
         ["max-upload-size", None, None, "the largest upload accepted, in bytes (suffixes K, M, G, T; default: no limit)"],
+        ["shutdown-grace", None, service.DEFAULT_SHUTDOWN_GRACE,
+         "seconds running transfers may take to finish after SIGTERM", float],
         ["partial-max-age", None, server.DEFAULT_PARTIAL_MAX_AGE,
          "seconds after which an abandoned partial upload is deleted (default: 7 days)", float],
         # Hardening (docs/security.md): floods and password guessing.
@@ -59,7 +61,7 @@ class Options(usage.Options):
             raise usage.UsageError("--server-id must be 1 to 255 bytes")
         if self["max-upload-size"] is not None:
             self["max-upload-size"] = parse_size(self["max-upload-size"])
-        for name in ("handshake-timeout", "idle-timeout", "partial-max-age"):
+        for name in ("handshake-timeout", "idle-timeout", "partial-max-age", "shutdown-grace"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         self["policy"] = self._policy()
@@ -138,8 +140,7 @@ def makeService(options):
         partial_max_age=options["partial-max-age"],
         policy=policy,
     )
-    top = service.MultiService()
-    strports.service(options["port"], factory).setServiceParent(top)
+    top = service.EketwistService(options["port"], factory, options["shutdown-grace"])
     # Abandoned partial uploads: swept at start and then every hour (or age, if shorter).
     sweep_every = min(3600.0, options["partial-max-age"])
     internet.TimerService(sweep_every, factory.sweep_partial_uploads).setServiceParent(top)

@@ -271,14 +271,19 @@ class UsersStore:
         stamp = self._current_stamp()
         if stamp != self._stamp:
             self._stamp = stamp
-            try:
-                users = load(self.path)
-            except UsersFileError as problem:
-                self.log.error(
-                    "users file not reloaded, keeping the last good copy: {problem}",
-                    problem=str(problem),
-                )
-            else:
-                self.users = users
-                self.log.info("users file reloaded: {count} users", count=len(users.by_name))
+            self.reload(reason="it changed")
         return self.users
+
+    def reload(self, reason):
+        """Read the file again; a broken one is refused and the last good copy kept."""
+        try:
+            users = load(self.path)
+        except UsersFileError as problem:
+            self.log.error(
+                "users file not reloaded ({reason}), keeping the last good copy: {problem}",
+                reason=reason, problem=str(problem),
+            )
+            return False
+        self.users = users
+        self.log.info("users file reloaded ({reason}): {count} users", reason=reason, count=len(users.by_name))
+        return True

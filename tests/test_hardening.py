@@ -115,6 +115,7 @@ async def test_per_source_cap_and_max_startups(root, users_file):
     try:
         def connect_and_hold(source):
             raw = raw_from(number, source)
+            raw.sock.sendall(b"\x00")  # per-address limits apply from the first byte
             held.append(raw)
             return raw
 
