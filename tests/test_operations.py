@@ -321,3 +321,21 @@ def test_haproxy_with_proxy_protocol_v2_in_front_of_two_instances(root, users_fi
         for process, _ in daemons:
             process.terminate()
             process.wait(15)
+
+
+def test_proxy_protocol_v1_header_gives_the_client_address(root, users_file):
+    port = free_port()
+    process, output = start(twistd_command(root, users_file, f"haproxy:tcp:{port}:interface=127.0.0.1"))
+    try:
+        wait_for_port(port, process)
+        raw = RawClient(port)
+        raw.sock.sendall(b"PROXY TCP4 192.0.2.33 127.0.0.1 40404 4000\r\n")
+        assert raw.handshake("alice", PASSWORD)["type"] == "ok"
+        header, data, end = raw.get("hello.txt")
+        assert data == (root / "hello.txt").read_bytes()
+        raw.close()
+        output.wait_for("alice authenticated from 192.0.2.33:40404")
+        output.wait_for("alice from 192.0.2.33:40404: sent hello.txt")
+    finally:
+        process.terminate()
+        process.wait(15)
