@@ -20,6 +20,21 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def wait_for_port(port, process=None, timeout=20.0, what="the server"):
+    """Until something accepts connections on 127.0.0.1:port; fails if `process` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{what} exited with {process.returncode}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start listening on {port}") from None
+            time.sleep(0.05)
+
+
 def make_users(path, accounts):
     """accounts: {name: (password, rights)}; a cheap scrypt cost, this is a measurement."""
     users = userdb.Users.new()
@@ -44,15 +59,7 @@ class Daemon:
              "--server-id", "bench", *options],
             cwd=directory,
         )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the daemon did not start")
-                time.sleep(0.05)
+        wait_for_port(self.port, self.process, what="the daemon")
 
     @property
     def pid(self):

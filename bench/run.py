@@ -20,7 +20,7 @@ import time
 
 from eketwist import userdb
 
-from .common import BIN, Daemon, cpu_seconds, free_port, raise_descriptor_limit, rss_bytes
+from .common import BIN, Daemon, cpu_seconds, free_port, raise_descriptor_limit, rss_bytes, wait_for_port
 
 MiB = 1024 * 1024
 HERE = pathlib.Path(__file__).parent
@@ -153,15 +153,7 @@ class Sshd:
         os.makedirs("/run/sshd", exist_ok=True)
         self.process = subprocess.Popen([shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f", str(self.dir / "sshd_config")],
                                         stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("sshd did not start")
-                time.sleep(0.05)
+        wait_for_port(self.port, self.process, what="sshd")
 
     def sftp_get(self, remote, local, cipher):
         user = os.environ.get("USER") or "root"

@@ -12,6 +12,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
+from bench import common
+from bench.common import free_port
 from eketwist import userdb
 from eketwist.client_protocol import ClientProtocol
 from eketwist.server import ServerFactory
@@ -89,23 +91,11 @@ def sleep(seconds):
     return d
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for_port(port, process=None, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}")
+    try:
+        common.wait_for_port(port, process, timeout)
+    except RuntimeError as problem:
+        raise AssertionError(str(problem)) from None
 
 
 class Daemon:
