@@ -126,7 +126,8 @@ def test_ready_reload_and_stopping_notifications(root, users_file, tmp_path):
         assert sock.recv(4096).decode() == "READY=1"
         output.wait_for("users file not reloaded (SIGHUP), keeping the last good copy")
         assert "line" in output.text().split("not reloaded (SIGHUP)")[1].splitlines()[0]
-        assert run_client(port, "get", "hello.txt", cwd=tmp_path).returncode == 0
+        result = run_client(port, "get", "hello.txt", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr + output.text()[-3000:]
         users_file.write_text(text)
         process.send_signal(signal.SIGHUP)
         output.wait_for("users file reloaded (SIGHUP)")
