@@ -35,6 +35,26 @@ def wait_for_port(port, process=None, timeout=20.0, what="the server"):
             time.sleep(0.05)
 
 
+def wait_for_daemon(read_log, port, process, timeout=20.0):
+    """Until the daemon's own log says it listens on 127.0.0.1:port. Stricter than a connect:
+    if another process held the port, a connect would reach that one."""
+    needle = f"eketwist listening on 127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while needle not in read_log():
+        if process.poll() is not None:
+            raise RuntimeError(f"the daemon exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon did not start listening on {port}")
+        time.sleep(0.05)
+
+
+def _read(path):
+    try:
+        return pathlib.Path(path).read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def make_users(path, accounts):
     """accounts: {name: (password, rights)}; a cheap scrypt cost, this is a measurement."""
     users = userdb.Users.new()
@@ -59,7 +79,7 @@ class Daemon:
              "--server-id", "bench", *options],
             cwd=directory,
         )
-        wait_for_port(self.port, self.process, what="the daemon")
+        wait_for_daemon(lambda: _read(self.log), self.port, self.process)
 
     @property
     def pid(self):

@@ -98,6 +98,13 @@ def wait_for_port(port, process=None, timeout=15.0):
         raise AssertionError(str(problem)) from None
 
 
+def wait_for_daemon(read_log, port, process, timeout=20.0):
+    try:
+        common.wait_for_daemon(read_log, port, process, timeout)
+    except RuntimeError as problem:
+        raise AssertionError(str(problem)) from None
+
+
 class Daemon:
     """A real `twistd eke` process in the foreground on a 127.0.0.1 port; restartable."""
 
@@ -114,8 +121,9 @@ class Daemon:
         self.process = None
 
     def start(self):
+        offset = len(self.log_text()) if self.log.exists() else 0  # a restart appends to the log
         self.process = subprocess.Popen(self.command, cwd=self.directory, preexec_fn=self.preexec_fn)
-        wait_for_port(self.port, self.process)
+        wait_for_daemon(lambda: self.log_text()[offset:] if self.log.exists() else "", self.port, self.process)
         return self
 
     def kill(self):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from .conftest import PASSWORD, VENV_BIN, free_port, run_client, wait_for_port
+from .conftest import PASSWORD, VENV_BIN, free_port, run_client, wait_for_daemon, wait_for_port
 from .rawclient import RawClient
 
 CONTRIB = pathlib.Path(__file__).parent.parent / "contrib"
@@ -112,6 +112,7 @@ def test_ready_reload_and_stopping_notifications(root, users_file, tmp_path):
     port = free_port()
     process, output = start(twistd_command(root, users_file, f"tcp:{port}:interface=127.0.0.1"),
                             env=dict(os.environ, NOTIFY_SOCKET=path))
+    wait_for_daemon(output.text, port, process)
     try:
         message = sock.recv(4096).decode()
         assert message.startswith("READY=1") and f":{port}" in message
@@ -180,7 +181,7 @@ def test_sigterm_lets_running_transfers_finish_within_the_grace_period(root, use
     process, output = start(twistd_command(root, users_file, f"tcp:{port}:interface=127.0.0.1",
                                            "--shutdown-grace", str(grace)))
     try:
-        wait_for_port(port, process)
+        wait_for_daemon(output.text, port, process)
         result = {}
         reader = threading.Thread(target=slow_download, args=(port, "slow.bin", 0.1, result))
         reader.start()
@@ -248,7 +249,7 @@ def test_tls_verifies_the_server_name(root, users_file, tmp_path, names, succeed
     description = f"ssl:{port}:interface=127.0.0.1:privateKey={tmp_path / 'key.pem'}:certKey={tmp_path / 'cert.pem'}"
     process, output = start(twistd_command(root, users_file, description))
     try:
-        wait_for_port(port, process)
+        wait_for_daemon(output.text, port, process)
         env = dict(os.environ, EKE_PASSWORD=PASSWORD)
         result = subprocess.run(
             [str(VENV_BIN / "eke-client"), "--host", "localhost", "--port", str(port), "--tls", "--ca-file",
@@ -294,8 +295,8 @@ def test_haproxy_with_proxy_protocol_v2_in_front_of_two_instances(root, users_fi
     assert check.returncode == 0, check.stdout + check.stderr
     proxy = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for port, (process, _) in zip(ports, daemons):
-            wait_for_port(port, process)
+        for port, (process, output) in zip(ports, daemons):
+            wait_for_daemon(output.text, port, process)
         wait_for_port(front, proxy)
         time.sleep(1.5)  # health checks mark both servers up
         for i in range(4):  # round robin: both instances serve
@@ -328,7 +329,7 @@ def test_proxy_protocol_v1_header_gives_the_client_address(root, users_file):
     port = free_port()
     process, output = start(twistd_command(root, users_file, f"haproxy:tcp:{port}:interface=127.0.0.1"))
     try:
-        wait_for_port(port, process)
+        wait_for_daemon(output.text, port, process)
         raw = RawClient(port)
         raw.sock.sendall(b"PROXY TCP4 192.0.2.33 127.0.0.1 40404 4000\r\n")
         assert raw.handshake("alice", PASSWORD)["type"] == "ok"
