@@ -6,12 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test demo bench fuzz hostile clean
 
-# The editable install in "compat" mode puts this checkout on sys.path, so Twisted finds
-# twisted/plugins/eke_plugin.py here (a strict editable install would hide it from twistd).
+# An editable install, plus this checkout on sys.path (a .pth file): Twisted looks for
+# twisted/plugins/eke_plugin.py on sys.path, which setuptools' editable finders do not cover.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "eketwist-checkout.pth").write_text(str(pathlib.Path.cwd()) + "\n")'
 	touch $@
 
 # The operations tests run the real tools: HAProxy, systemd-analyze, systemd-socket-activate
