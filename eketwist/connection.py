@@ -123,6 +123,8 @@ class SecureConnection(Protocol):
             return
         try:
             self.decoder.feed(data, self._frame_received)
+            if self.authenticated:
+                self.transport.bufferSize = self.decoder.wanted()
         except StopReading:
             pass
         except EketwistError as error:

@@ -61,6 +61,17 @@ class FrameDecoder:
     def buffered(self):
         return len(self._buffer)
 
+    def wanted(self, whole=HEADER_BYTES + MAX_RECORD_PAYLOAD):
+        """How much to read next so that reads end on frame boundaries: the rest of a split
+        frame, else one whole frame. Whole frames arriving whole are then never copied."""
+        buffer = self._buffer
+        if not buffer:
+            return whole
+        if len(buffer) < HEADER_BYTES:
+            return HEADER_BYTES - len(buffer)
+        length, _ = HEADER.unpack_from(buffer)
+        return HEADER_BYTES + length - len(buffer)
+
     def _check(self, length, kind):
         if kind not in KINDS:
             raise ProtocolError(f"unknown frame kind {kind}")

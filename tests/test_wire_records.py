@@ -137,3 +137,16 @@ def test_encode_message_is_compact_utf8():
     assert wire.encode_message({"type": "hello", "user": "zoë"}) == json.dumps(
         {"type": "hello", "user": "zoë"}, separators=(",", ":"), ensure_ascii=False
     ).encode()
+
+
+def test_wanted_keeps_reads_on_frame_boundaries():
+    frame = wire.header(wire.DATA, 100) + b"x" * 100
+    decoder = wire.FrameDecoder(1000)
+    assert decoder.wanted(whole=105) == 105
+    decoder.feed(frame[:3], lambda *f: None)
+    assert decoder.wanted() == 2  # the rest of the header
+    decoder.feed(frame[3:40], lambda *f: None)
+    assert decoder.wanted() == 65  # the rest of the frame
+    got = []
+    decoder.feed(frame[40:], lambda kind, head, payload: got.append(bytes(payload)))
+    assert got == [b"x" * 100] and decoder.wanted(whole=105) == 105
