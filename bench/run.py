@@ -375,8 +375,8 @@ def print_table(results):
         if sftp:
             ratio += f", {eke['mb_per_s'] / sftp:.2f}x sftp aes128-gcm"
         row(f"eketwist {direction}", f"{eke['mb_per_s']:.0f} MB/s", ratio)
-        row(f"  CPU client / server", f"{eke['client_cpu_s']:.2f} / {eke['server_cpu_s']:.2f} s")
-        row(f"  peak RSS client / server", f"{eke['client_peak_rss_mib']:.0f} / {eke['server_peak_rss_mib']:.0f} MiB")
+        row("  CPU client / server", f"{eke['client_cpu_s']:.2f} / {eke['server_cpu_s']:.2f} s")
+        row("  peak RSS client / server", f"{eke['client_peak_rss_mib']:.0f} / {eke['server_peak_rss_mib']:.0f} MiB")
     small = results["eke_small_get"]["seconds"]
     if "sftp_small_get" in results:
         row("1 KiB get, whole command: eketwist / sftp", f"{small * 1000:.0f} / {results['sftp_small_get']['seconds'] * 1000:.0f} ms",

@@ -37,7 +37,6 @@ from .errors import (
     IntegrityError,
     LocalIOError,
     NotAFile,
-    NotFound,
     ProtocolError,
     ServerNotAuthenticated,
     Unsupported,

@@ -641,7 +641,7 @@ class ServerFactory(protocol.Factory):
     def drain(self, grace):
         """Stop serving: close idle connections now, let running transfers finish for up to
         `grace` seconds, then cut the rest. Fires when every connection is closed."""
-        from twisted.internet import defer, task
+        from twisted.internet import task
 
         self.draining = True
         for connection in list(self.connections):

@@ -2,10 +2,8 @@
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import pytest_twisted

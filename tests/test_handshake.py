@@ -2,7 +2,6 @@
 malformed and out-of-order input, timeouts."""
 
 import json
-import struct
 
 import pytest
 import pytest_twisted
@@ -12,7 +11,7 @@ from twisted.internet.threads import deferToThread
 from eketwist import errors, spake2plus
 from eketwist.server import ServerFactory
 
-from .conftest import PASSWORD, authenticated_client, connect_client, sleep
+from .conftest import authenticated_client, connect_client, sleep
 from .rawclient import CONTROL, HANDSHAKE, HEADER, RawClient
 
 

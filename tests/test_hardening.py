@@ -1,21 +1,20 @@
 """Hostile clients against a live server: guessing penalties, lockouts, connection caps,
 back-pressure, disappearing roots, secrets."""
 
-import json
 import os
 import socket
 import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from eketwist import errors, guard, userdb
 from eketwist.server import ServerFactory
 
 from .conftest import PASSWORD, authenticated_client, sleep
-from .rawclient import HEADER, HANDSHAKE, RawClient
+from .rawclient import RawClient
 
 
 def listen(factory):

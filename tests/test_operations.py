@@ -3,7 +3,6 @@ reload, graceful shutdown, TLS with hostname verification, HAProxy with PROXY pr
 
 import datetime
 import hashlib
-import json
 import os
 import pathlib
 import shutil

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
 
@@ -122,7 +122,6 @@ class TamperingProxy(portforward.ProxyFactory):
 
     def __init__(self, port, tamper):
         super().__init__("127.0.0.1", port)
-        proxy = self
 
         class Client(portforward.ProxyClient):
             seen = 0
