@@ -11,6 +11,7 @@ States and the messages each accepts (docs/protocol.md, section 9):
   receiving       -> data, end      : an upload streams into its part file
 """
 
+import collections
 import hashlib
 import hmac
 import os
@@ -253,6 +254,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
                 self._user.w0,
                 self._user.L,
                 share_p,
+                points=self.factory.verifier_points(self._user),
             )
         except spake2plus.InvalidPoint as problem:
             raise ProtocolError(f"invalid share: {problem}") from None
@@ -608,6 +610,7 @@ def _describe_peer(address):
 class ServerFactory(protocol.Factory):
     protocol = ServerProtocol
     noisy = False
+    MAX_CACHED_VERIFIERS = 4096
     log = Logger()
 
     def __init__(
@@ -636,7 +639,21 @@ class ServerFactory(protocol.Factory):
         self.digests = files.DigestCache()
         self.connections = set()
         self.draining = False
+        self._points = collections.OrderedDict()
         self.log_limiter = guard.LogLimiter(self.clock)
+
+    def verifier_points(self, user):
+        """The fixed points of a verifier, computed at its first handshake and kept (least
+        recently used forgotten first). Known and unknown names go through the same cache, so
+        the time to answer does not tell them apart."""
+        key = (user.name, user.w0, user.L)
+        points = self._points.get(key)
+        if points is None:
+            points = self._points[key] = spake2plus.verifier_points(user.w0, user.L)
+            while len(self._points) > self.MAX_CACHED_VERIFIERS:
+                self._points.popitem(last=False)
+        self._points.move_to_end(key)
+        return points
 
     def drain(self, grace):
         """Stop serving: close idle connections now, let running transfers finish for up to

@@ -158,13 +158,31 @@ def prover_finish(context, id_prover, id_verifier, w0, w1, x, share_p, share_v_b
     return key_schedule(tt, share_p, share_v_bytes)
 
 
-def verifier_respond(context, id_prover, id_verifier, w0, l_bytes, share_p_bytes, y=None):
-    """The Verifier's only step: (shareV, Keys) from the Prover's share. Raises InvalidPoint."""
+@dataclass(frozen=True)
+class VerifierPoints:
+    """What the Verifier can compute once per verifier: w0*N, -w0*M and L as a point.
+    repr() hides them (they derive from w0)."""
+
+    w0_n: object = field(repr=False)
+    minus_w0_m: object = field(repr=False)
+    L: object = field(repr=False)
+
+
+def verifier_points(w0, l_bytes):
+    """Precompute a verifier's fixed points: three of the five scalar multiplications a
+    handshake would otherwise do (raises InvalidPoint for a bad L)."""
+    return VerifierPoints(N * w0, M * (ORDER - w0), decode_point(l_bytes))
+
+
+def verifier_respond(context, id_prover, id_verifier, w0, l_bytes, share_p_bytes, y=None, points=None):
+    """The Verifier's only step: (shareV, Keys) from the Prover's share. Raises InvalidPoint.
+    `points`: verifier_points(w0, l_bytes), if the caller keeps them."""
     share_p = decode_point(share_p_bytes)
+    points = points or verifier_points(w0, l_bytes)
     y = random_scalar() if y is None else y
-    share_v = encode_point(GENERATOR * y + N * w0)
-    z = _nonidentity((share_p + M * (ORDER - w0)) * y)
-    v = _nonidentity(decode_point(l_bytes) * y)
+    share_v = encode_point(GENERATOR * y + points.w0_n)
+    z = _nonidentity((share_p + points.minus_w0_m) * y)
+    v = _nonidentity(points.L * y)
     tt = transcript(context, id_prover, id_verifier, share_p_bytes, share_v, z, v, w0)
     return share_v, key_schedule(tt, share_p_bytes, share_v)
 

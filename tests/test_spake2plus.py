@@ -119,3 +119,12 @@ def test_decode_point_round_trip():
 def test_keys_repr_hides_secrets():
     keys = s2.Keys(b"A" * 32, b"B" * 32, b"C" * 32)
     assert "AAAA" not in repr(keys) and "4141" not in repr(keys)
+
+
+def test_precomputed_verifier_points_give_the_same_answer(vec):
+    context = vec["Context"].encode()
+    w0, y = int(vec["w0"], 16), int(vec["y"], 16)
+    points = s2.verifier_points(w0, h(vec["L"]))
+    assert repr(points) == "VerifierPoints()"
+    share_v, keys = s2.verifier_respond(context, b"client", b"server", w0, h(vec["L"]), h(vec["shareP"]), y, points=points)
+    assert share_v == h(vec["shareV"]) and keys.shared == h(vec["K_shared"])
