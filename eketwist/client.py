@@ -507,7 +507,6 @@ COMMANDS = {"get": run_get, "put": run_put, "ls": run_ls}
 async def connect(reactor, args, password, prelude):
     """An authenticating ClientProtocol: on the Prelude's socket when there is one, else
     through the endpoint."""
-    from twisted.internet.endpoints import connectProtocol
     from twisted.internet.protocol import Factory
 
     from .client_protocol import ClientProtocol
@@ -518,6 +517,9 @@ async def connect(reactor, args, password, prelude):
         reactor.adoptStreamConnection(prelude.sock.fileno(), prelude.sock.family, Factory.forProtocol(lambda: client))
         prelude.sock.close()  # Twisted holds its own duplicate
         return client
+    # Endpoints load TLS support (pyOpenSSL): only when the prelude was not used.
+    from twisted.internet.endpoints import connectProtocol
+
     endpoint = make_endpoint(reactor, args)
     try:
         return await connectProtocol(endpoint, ClientProtocol(args.user, password, timeout=args.timeout))
@@ -550,6 +552,9 @@ def main(argv=None):
         password = read_password(args)
         if not (args.connect or args.tls):
             early = Prelude(args.host, args.port, args.user, password, args.timeout)
+            # No TLS on this connection: keep Twisted from loading pyOpenSSL, which it does
+            # whenever it can (about 20 ms of a 1 KiB get's 270).
+            sys.modules.setdefault("OpenSSL", None)
     except EketwistError as failure:
         early = failure
 
