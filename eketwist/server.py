@@ -325,10 +325,6 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             return
         super().unexpected(state, message_type, argument)
 
-    def _path(self, message, allow_root=False):
-        requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES, allow_empty=allow_root)
-        return requested, files.resolve(self.root, requested)
-
     def on_get(self, message):
         requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES)
         offset = wire.int_field(message, "offset", 0, MAX_FILE_SIZE) if "offset" in message else 0
