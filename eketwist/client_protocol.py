@@ -455,8 +455,12 @@ def _checked_entry(item):
         raise ProtocolError("entry: an object is expected")
     item = {**item, "type": "entry"}  # for the field checks' messages
     kind = item.get("kind")
+    name = wire.text_field(item, "name", wire.MAX_PATH_BYTES)
+    # Names become local paths in a tree download: a server must not steer them elsewhere.
+    if name.startswith("/") or any(segment in ("", ".", "..") for segment in name.split("/")):
+        raise ProtocolError(f"the server sent an unsafe name in a listing: {name[:80]!r}")
     return {
-        "name": wire.text_field(item, "name", wire.MAX_PATH_BYTES),
+        "name": name,
         "kind": kind if kind in ("file", "dir", "symlink", "other") else "other",
         "size": wire.int_field(item, "size", 0, MAX_FILE_SIZE),
         "mtime": wire.number_field(item, "mtime", *MTIME_RANGE),

@@ -254,3 +254,12 @@ def test_listing_skips_names_that_are_not_utf8(tmp_path):
     os.close(os.open(os.path.join(os.fsencode(tmp_path), b"bad-\xff-name"), os.O_CREAT | os.O_WRONLY))
     (tmp_path / "good").write_text("x")
     assert [e["name"] for e in files.list_entries(FilePath(str(tmp_path)), ".")] == ["good"]
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/../../b", "/etc/passwd", "a//b", "./a", "a/", ""])
+def test_client_refuses_unsafe_names_from_a_server(name):
+    from eketwist.client_protocol import _checked_entry
+
+    with pytest.raises(errors.ProtocolError):
+        _checked_entry({"name": name, "kind": "file", "size": 1, "mtime": 0, "mode": 0o644})
+    assert _checked_entry({"name": "a/b.txt", "kind": "file", "size": 1, "mtime": 0, "mode": 0o644})["name"] == "a/b.txt"
