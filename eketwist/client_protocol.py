@@ -43,6 +43,8 @@ from .errors import (
 )
 from .server import CONTEXT, MAX_FILE_SIZE, MTIME_RANGE
 
+# A listing is held in memory: a server cannot make it grow without end.
+MAX_LISTING_ENTRIES = 2_000_000
 REQUEST_STATES = ("get-header", "listing", "stat", "mkdir", "put-offer", "put-stored")
 
 
@@ -236,6 +238,8 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             raise ProtocolError("entries: a list is expected")
         request = self._request
         request.entries.extend(_checked_entry(item) for item in batch)
+        if len(request.entries) > MAX_LISTING_ENTRIES:
+            raise ProtocolError(f"the listing of {request.remote} has more than {MAX_LISTING_ENTRIES} entries")
         if message.get("more") is not True:
             self._complete(request.entries)
 
