@@ -316,7 +316,7 @@ class _Worker:
     producer waits instead of growing memory. hashlib and file I/O release the GIL on large
     buffers, so the worker runs beside the reactor thread's network and AES work."""
 
-    QUEUE_DEPTH = 16
+    QUEUE_DEPTH = 8
 
     def __init__(self, name):
         self._error = None
