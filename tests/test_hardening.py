@@ -30,14 +30,19 @@ def raw_from(port, source="127.0.0.1"):
     return RawClient(port, source=source)
 
 
+def _hello(raw, user):
+    """HELLO on `raw`; (the server's answer, seconds until it came)."""
+    started = time.monotonic()
+    raw.send({"type": "hello", "version": 1, "user": user})
+    answer = raw.recv()
+    return answer, time.monotonic() - started
+
+
 def failed_login(port, user, source="127.0.0.1"):
     """One wrong-password attempt; returns seconds until PARAMS arrived."""
     raw = raw_from(port, source)
     try:
-        started = time.monotonic()
-        raw.send({"type": "hello", "version": 1, "user": user})
-        params = raw.recv()
-        waited = time.monotonic() - started
+        params, waited = _hello(raw, user)
         if params["type"] == "error":
             return params
         from eketwist import spake2plus
@@ -56,10 +61,7 @@ def failed_login(port, user, source="127.0.0.1"):
 def first_answer(port, user, source="127.0.0.1"):
     raw = raw_from(port, source)
     try:
-        started = time.monotonic()
-        raw.send({"type": "hello", "version": 1, "user": user})
-        answer = raw.recv()
-        return answer, time.monotonic() - started
+        return _hello(raw, user)
     finally:
         raw.close()
 
