@@ -89,10 +89,10 @@ class SecureConnection(Protocol):
     def start_records(self, k_shared, *, is_client):
         self._send_cipher, self._receive_cipher = records.traffic_ciphers(k_shared, is_client=is_client)
         self.decoder.max_payload = wire.MAX_RECORD_PAYLOAD
-        # Read and send a whole record or more per system call (Twisted's defaults are 64 KiB
-        # to read, 128 KiB to send).
-        self.transport.bufferSize = wire.READ_SIZE
-        self.transport.SEND_LIMIT = wire.READ_SIZE
+        # Reads end on frame boundaries (see dataReceived); sends take whole records (Twisted's
+        # default is 128 KiB per system call).
+        self.transport.bufferSize = self.decoder.wanted()
+        self.transport.SEND_LIMIT = wire.SEND_SIZE
 
     # -- sending
 
