@@ -555,6 +555,9 @@ def main(argv=None):
             # No TLS on this connection: keep Twisted from loading pyOpenSSL, which it does
             # whenever it can (about 20 ms of a 1 KiB get's 270).
             sys.modules.setdefault("OpenSSL", None)
+            # pycryptodome prefers cffi when it is installed and then parses C declarations
+            # at import (about 20 ms); its ctypes backend, the same compiled code, does not.
+            sys.modules.setdefault("cffi", None)
     except EketwistError as failure:
         early = failure
 

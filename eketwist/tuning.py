@@ -6,7 +6,6 @@ munmap every time. Raising both thresholds keeps such buffers in the heap for re
 """
 
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -15,8 +14,8 @@ M_MMAP_THRESHOLD = -3
 def tune_allocator():
     """Best effort: nothing happens on a C library without mallopt."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # The running program's own symbols include the C library's: no library search.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     ok = mallopt(M_MMAP_THRESHOLD, 4 * 1024 * 1024)

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from eketwist import wire
+
 from .conftest import PASSWORD, VENV_BIN, free_port, run_client, wait_for_daemon, wait_for_port
 from .rawclient import RawClient
 
@@ -175,7 +177,8 @@ def slow_download(port, path, pause, result):
 
 @pytest.mark.parametrize("grace, finishes", [(30, True), (1, False)])
 def test_sigterm_lets_running_transfers_finish_within_the_grace_period(root, users_file, tmp_path, grace, finishes):
-    (root / "slow.bin").write_bytes(os.urandom(8 * 1024 * 1024))
+    # 24 records read 0.1 s apart: still running when SIGTERM comes, longer than the short grace.
+    (root / "slow.bin").write_bytes(os.urandom(24 * wire.DATA_CHUNK))
     port = free_port()
     process, output = start(twistd_command(root, users_file, f"tcp:{port}:interface=127.0.0.1",
                                            "--shutdown-grace", str(grace)))
