@@ -211,6 +211,31 @@ def eke_transfer(daemon, user, password, *args):
             "server_cpu": cpu_seconds(daemon.pid) - cpu_before, "server_peak_rss": sampler.peak, "out": out}
 
 
+def measure_memory(workdir, root, users, out, size):
+    """The server's peak RSS during each transfer against its idle RSS, in a daemon of its own:
+    a get of 10 MiB, then of the large file (the two must match: no growth with size), then a
+    put of it (which holds more: a split frame, a record being decrypted, the writer's two)."""
+    daemon = Daemon(workdir, root, users)
+    try:
+        time.sleep(0.5)
+        idle = rss_bytes(daemon.pid)
+        figures = {"server_idle_rss_mib": idle / MiB}
+        for name, user, password, args in (
+            ("get_10mib", "bench", USER_PASSWORD, ("get", "--no-resume", "medium.bin", str(out / "medium.bin"))),
+            ("get_large", "bench", USER_PASSWORD, ("get", "--no-resume", "big.bin", str(out / "memory.bin"))),
+            ("put_large", "writer", WRITER_PASSWORD, ("put", "--force", str(root / "big.bin"), "memory-put.bin")),
+        ):
+            run = eke_transfer(daemon, user, password, *args)
+            figures[f"server_peak_rss_{name}_mib"] = run["server_peak_rss"] / MiB
+            figures[f"{name}_minus_idle_mib"] = (run["server_peak_rss"] - idle) / MiB
+        figures["server_rss_after_mib"] = rss_bytes(daemon.pid) / MiB
+    finally:
+        daemon.stop()
+        for leftover in (out / "medium.bin", out / "memory.bin", root / "memory-put.bin"):
+            drop_file(leftover)
+    return figures
+
+
 def median(values):
     return statistics.median(values)
 
@@ -261,14 +286,14 @@ def measure(args, workdir):
     out.mkdir(exist_ok=True)
     results = {"size_bytes": size, "repeat": args.repeat, "machine": {"cpus": os.cpu_count()}}
 
+    print("server memory: idle, 10 MiB get, large get, large put ...", file=sys.stderr)
+    results["memory"] = measure_memory(workdir, root, users, out, size)
     daemon = Daemon(workdir, root, users, "--max-per-source", "100000", "--max-startups", "100000:30:200000",
                     "--max-connections", "100000")
     sshd = Sshd(workdir) if have_sshd() else None
     ciphers = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com") if sshd else ()
     runs = {name: [] for name in ("raw", "get", "put", *ciphers)}
     try:
-        time.sleep(0.5)
-        idle_rss = rss_bytes(daemon.pid)
         warm = size + 512 * MiB  # what one transfer's new page cache and buffers need, and more
         # Interleaved rounds: this machine's speed drifts (shared host, memory reclaim), and
         # each round then measures every tool under the same conditions.
@@ -307,15 +332,6 @@ def measure(args, workdir):
                 "client_peak_rss_mib": max(r["client_peak_rss"] for r in measured) / MiB,
                 "server_peak_rss_mib": max(r["server_peak_rss"] for r in measured) / MiB,
             }
-        results["server_idle_rss"] = idle_rss
-        medium = eke_transfer(daemon, "bench", USER_PASSWORD, "get", "medium.bin", str(out / "medium.bin"))
-        drop_file(out / "medium.bin")
-        results["memory"] = {
-            "server_idle_rss_mib": idle_rss / MiB,
-            "server_peak_rss_10mib_get_mib": medium["server_peak_rss"] / MiB,
-            "server_peak_rss_large_get_mib": results["eke_get"]["server_peak_rss_mib"],
-        }
-        results["memory"]["large_minus_idle_mib"] = results["memory"]["server_peak_rss_large_get_mib"] - idle_rss / MiB
 
         print("small files ...", file=sys.stderr)
         small_eke, small_sftp = [], []
@@ -415,8 +431,10 @@ def print_table(results):
     row("server CPU per handshake", f"{hs['server_cpu_ms_per_handshake']:.2f} ms",
         f"= {hs['per_second_per_server_core']:.0f}/s on one server core")
     memory = results["memory"]
-    row("server RSS idle / 10 MiB get / large get", f"{memory['server_idle_rss_mib']:.1f} / {memory['server_peak_rss_10mib_get_mib']:.1f} / {memory['server_peak_rss_large_get_mib']:.1f} MiB",
-        f"(+{memory['large_minus_idle_mib']:.1f} MiB)")
+    row("server RSS idle / peak in 10 MiB get", f"{memory['server_idle_rss_mib']:.1f} / {memory['server_peak_rss_get_10mib_mib']:.1f} MiB",
+        f"(+{memory['get_10mib_minus_idle_mib']:.1f} MiB)")
+    row(f"server peak RSS in {size_mib} MiB get / put", f"{memory['server_peak_rss_get_large_mib']:.1f} / {memory['server_peak_rss_put_large_mib']:.1f} MiB",
+        f"(+{memory['get_large_minus_idle_mib']:.1f} / +{memory['put_large_minus_idle_mib']:.1f} MiB over idle)")
     row("server memory per idle authenticated connection", f"{memory['per_idle_connection_kib']:.1f} KiB")
 
 

@@ -50,31 +50,29 @@ def handshake_frame(message):
 class FrameDecoder:
     """Splits a byte stream into frames, copying only the frames cut by a read boundary.
 
-    Whole frames are handed over as views of the received bytes; only the bytes of a frame
-    split across reads are gathered in a buffer. `max_payload` may be changed by the frame
-    callback (when the connection authenticates); it is checked as soon as a header is
-    complete, before its payload is buffered. The memoryviews passed to the callback are valid
-    only during the call.
+    Whole frames are handed over as views of the received bytes. A frame split across reads is
+    gathered in a buffer allocated once at the frame's size when its header is complete (no
+    growth, no re-copying), and released when the frame is delivered: an idle connection holds
+    nothing. `max_payload` may be changed by the frame callback (when the connection
+    authenticates); it is checked as soon as a header is complete, before anything of its
+    payload is buffered. The memoryviews passed to the callback are valid only during the call.
     """
 
     def __init__(self, max_payload):
         self.max_payload = max_payload
-        self._buffer = bytearray()
+        self._split = bytearray()  # the split frame: its header first, then room for the rest
+        self._have = 0  # bytes of it received
 
     @property
     def buffered(self):
-        return len(self._buffer)
+        return self._have
 
     def wanted(self, whole=HEADER_BYTES + MAX_RECORD_PAYLOAD):
         """How much to read next so that reads end on frame boundaries: the rest of a split
         frame, else one whole frame. Whole frames arriving whole are then never copied."""
-        buffer = self._buffer
-        if not buffer:
+        if not self._have:
             return whole
-        if len(buffer) < HEADER_BYTES:
-            return HEADER_BYTES - len(buffer)
-        length, _ = HEADER.unpack_from(buffer)
-        return HEADER_BYTES + length - len(buffer)
+        return len(self._split) - self._have
 
     def _check(self, length, kind):
         if kind not in KINDS:
@@ -84,7 +82,7 @@ class FrameDecoder:
 
     def feed(self, data, on_frame):
         with memoryview(data) as view:
-            start = self._complete_buffered(view, on_frame) if self._buffer else 0
+            start = self._complete_split(view, on_frame) if self._have else 0
             if start is None:
                 return
             end = len(view)
@@ -98,30 +96,44 @@ class FrameDecoder:
                     start = frame_end
                     on_frame(kind, head, payload)
             if start < end:
-                self._buffer += view[start:]
+                self._begin_split(view[start:])
 
-    def _complete_buffered(self, view, on_frame):
+    def _begin_split(self, piece):
+        """Keep the start of a frame; its header, when complete, has been checked already."""
+        if len(piece) < HEADER_BYTES:
+            self._split = bytearray(HEADER_BYTES)
+        else:
+            length, _ = HEADER.unpack_from(piece)
+            self._split = bytearray(HEADER_BYTES + length)
+        self._split[: len(piece)] = piece
+        self._have = len(piece)
+
+    def _complete_split(self, view, on_frame):
         """Add to the split frame what it lacks; deliver it if whole. Returns where the rest
-        of `view` starts, or None when all of it went into the buffer."""
-        buffer = self._buffer
+        of `view` starts, or None when all of it went into the split frame."""
+        split = self._split
         taken = 0
-        if len(buffer) < HEADER_BYTES:
-            taken = min(HEADER_BYTES - len(buffer), len(view))
-            buffer += view[:taken]
-            if len(buffer) < HEADER_BYTES:
+        if self._have < HEADER_BYTES:
+            taken = min(HEADER_BYTES - self._have, len(view))
+            split[self._have : self._have + taken] = view[:taken]
+            self._have += taken
+            if self._have < HEADER_BYTES:
                 return None
-        length, kind = HEADER.unpack_from(buffer)
-        self._check(length, kind)
-        wanted = min(HEADER_BYTES + length - len(buffer), len(view) - taken)
-        buffer += view[taken : taken + wanted]
+            length, kind = HEADER.unpack_from(split)
+            self._check(length, kind)
+            whole_frame = bytearray(HEADER_BYTES + length)  # only the header was kept so far
+            whole_frame[:HEADER_BYTES] = split
+            self._split = split = whole_frame
+        wanted = min(len(split) - self._have, len(view) - taken)
+        split[self._have : self._have + wanted] = view[taken : taken + wanted]
+        self._have += wanted
         taken += wanted
-        if len(buffer) < HEADER_BYTES + length:
+        if self._have < len(split):
             return None
-        try:
-            with memoryview(buffer) as whole, whole[:HEADER_BYTES] as head, whole[HEADER_BYTES:] as payload:
-                on_frame(kind, head, payload)
-        finally:
-            del buffer[:]
+        kind = split[HEADER_BYTES - 1]
+        self._split, self._have = bytearray(), 0
+        with memoryview(split) as whole, whole[:HEADER_BYTES] as head, whole[HEADER_BYTES:] as payload:
+            on_frame(kind, head, payload)
         return taken
 
 
