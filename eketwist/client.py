@@ -8,6 +8,7 @@ started scrypt (eketwist.prelude): the two then overlap instead of adding up.
 """
 
 import argparse
+import gc
 import getpass
 import json
 import os
@@ -532,6 +533,9 @@ async def run(reactor, args, password, reporter, prelude=None):
     session = Session(client, reporter)
     try:
         await client.authenticated_deferred
+        # Everything is imported: spare the cyclic collector from walking those objects again
+        # while data flows (its full passes were 2% of a 1 GiB put's CPU).
+        gc.freeze()
         await COMMANDS[args.command](session, args)
     finally:
         # Let the last message (a goodbye or an error) reach the server before we exit.

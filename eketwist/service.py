@@ -7,6 +7,7 @@
   transfers finish for up to the grace period, then close the rest (their clients resume).
 """
 
+import gc
 import signal
 
 from twisted.application import service, strports
@@ -59,6 +60,9 @@ class EketwistService(service.MultiService):
         self.listener.startService()
         super().startService()
         self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        # What start-up created lives as long as the daemon: keep the cyclic collector's full
+        # passes from walking it again and again.
+        gc.freeze()
 
     def _listening(self, port):
         address = port.getHost()
