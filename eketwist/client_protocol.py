@@ -305,6 +305,11 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         request.progress.start(request.remote, request.size, initial=offset)
         self._await("get-data")
 
+    def file_bytes_expected(self):
+        if self.state != "get-data":
+            return 0
+        return self._request.size - self._request.part.size
+
     def on_get_data(self, chunk):
         request = self._request
         if request.part.size + len(chunk) > request.size:

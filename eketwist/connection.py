@@ -6,8 +6,11 @@ that handles each. A message that its state does not list is a protocol error; s
 after the connection has started closing.
 """
 
+import socket
+import sys
+
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.interfaces import IConsumer, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
@@ -61,6 +64,22 @@ def send_file(connection, handle, offset, sha1, on_chunk=None):
     return done.addCallbacks(lambda _: sent, translate)
 
 
+# Linux's TCP honours SO_RCVLOWAT in poll/epoll and caps it at what the socket can buffer;
+# elsewhere the semantics vary, and reads simply take what is there.
+RECEIVE_LOW_WATER = sys.platform.startswith("linux") and hasattr(socket, "SO_RCVLOWAT")
+
+
+def _tcp_socket(transport):
+    """The TCP socket under a plain TCP transport; None for TLS, UNIX sockets and the rest
+    (with TLS, bytes read are not the bytes we decode)."""
+    if not ITCPTransport.providedBy(transport) or ISSLTransport.providedBy(transport):
+        return None
+    handle = transport.getHandle()
+    if isinstance(handle, socket.socket) and handle.family in (socket.AF_INET, socket.AF_INET6):
+        return handle
+    return None
+
+
 class StopReading(Exception):
     """Internal: the connection is closing, drop whatever else is buffered."""
 
@@ -93,6 +112,28 @@ class SecureConnection(Protocol):
         # default is 128 KiB per system call).
         self.transport.bufferSize = self.decoder.wanted()
         self.transport.SEND_LIMIT = wire.SEND_SIZE
+        self._low_water = 1
+        self._socket = _tcp_socket(self.transport) if RECEIVE_LOW_WATER else None
+
+    def file_bytes_expected(self):
+        """How many more file bytes the peer must send in the current state (0: none). While
+        it is more than 0, reads wait for whole records (see _wait_for_whole_records)."""
+        return 0
+
+    def _wait_for_whole_records(self):
+        """While a file streams in, have the kernel wake us only when a whole record (or the
+        rest of one) has arrived: one read per record, and no record cut by a read boundary
+        and copied together. Safe because the peer must send at least that many bytes (the
+        file bytes still owed, fewer than the wire bytes that carry them) or close, which also
+        wakes us (docs/protocol.md, section 7: an ERROR in a data phase is followed by a close)."""
+        expected = self.file_bytes_expected()
+        low_water = min(self.decoder.wanted(), expected) if expected > 0 else 1
+        if low_water != self._low_water:
+            self._low_water = low_water
+            try:
+                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
+            except OSError:
+                self._socket = None  # a socket that refuses it reads as before
 
     # -- sending
 
@@ -125,6 +166,8 @@ class SecureConnection(Protocol):
             self.decoder.feed(data, self._frame_received)
             if self.authenticated:
                 self.transport.bufferSize = self.decoder.wanted()
+                if self._socket is not None:
+                    self._wait_for_whole_records()
         except StopReading:
             pass
         except EketwistError as error:

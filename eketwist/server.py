@@ -522,6 +522,11 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         upload.prefix_sha1 = None
         self.state = "receiving"
 
+    def file_bytes_expected(self):
+        if self.state != "receiving":
+            return 0
+        return self._upload.size - self._upload.part.size
+
     def on_upload_data(self, chunk):
         upload = self._upload
         if upload.part.size + len(chunk) > upload.size:

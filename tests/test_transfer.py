@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import socket
 
 import pytest
 import pytest_twisted
@@ -10,10 +11,10 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
 
-from eketwist import errors
+from eketwist import connection, errors, wire
 
-from .conftest import PASSWORD, authenticated_client, connect_client
-from .rawclient import CONTROL, RawClient
+from .conftest import PASSWORD, WRITER_PASSWORD, authenticated_client, connect_client, sleep
+from .rawclient import CONTROL, DATA, RawClient
 
 
 @pytest_twisted.ensureDeferred
@@ -201,3 +202,77 @@ async def test_digest_cache_never_serves_a_stale_digest(root, tmp_path, factory,
     assert (tmp_path / "three").read_bytes() == path.read_bytes()
     assert third["sha1"] == hashlib.sha1(path.read_bytes()).hexdigest() != first["sha1"]
     client.close()
+
+
+# -- reads that wait for whole records (SO_RCVLOWAT while a file streams in)
+
+needs_low_water = pytest.mark.skipif(not connection.RECEIVE_LOW_WATER, reason="SO_RCVLOWAT is used on Linux only")
+
+
+@needs_low_water
+@pytest_twisted.ensureDeferred
+async def test_a_download_reads_whole_records_and_resets_the_low_water_mark(root, tmp_path, server_port):
+    (root / "records.bin").write_bytes(os.urandom(3 * wire.DATA_CHUNK + 12345))
+    client = await authenticated_client(server_port)
+    sock = client.transport.getHandle()
+    seen = []
+    receive = client.on_get_data
+
+    def watching(chunk):
+        seen.append((len(chunk), sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)))
+        receive(chunk)
+
+    client.on_get_data = watching
+    result = await client.get("records.bin", str(tmp_path / "records.bin"))
+    assert (tmp_path / "records.bin").read_bytes() == (root / "records.bin").read_bytes()
+    assert result["size"] == 3 * wire.DATA_CHUNK + 12345
+    # While file bytes were owed, reads waited for a whole record (or the rest of one)...
+    lows = [low for size, low in seen]
+    assert max(lows) == wire.HEADER_BYTES + wire.MAX_RECORD_PAYLOAD and min(lows[1:]) > 1, lows
+    # ...and once the file is in, any byte (the END message) wakes us again.
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    client.close()
+
+
+def _upload(port, path, content, record_size, *, abandon_after=None):
+    """Upload with a client of our own: `record_size` bytes per DATA record; with
+    `abandon_after`, close the connection after that many bytes instead of finishing."""
+    raw = RawClient(port, timeout=10)
+    try:
+        assert raw.handshake("writer", WRITER_PASSWORD)["type"] == "ok"
+        raw.send_control({"type": "put", "path": path, "size": len(content), "force": True})
+        assert raw.recv_record()[1]["type"] == "ready"
+        raw.send_control({"type": "upload", "offset": 0})
+        end = len(content) if abandon_after is None else abandon_after
+        for start in range(0, end, record_size):
+            raw.send_record(DATA, content[start : min(start + record_size, end)])
+        if abandon_after is not None:
+            return None
+        raw.send_control({"type": "end", "size": len(content), "sha1": hashlib.sha1(content).hexdigest()})
+        return raw.recv_record()[1]
+    finally:
+        raw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_uploads_in_small_records_are_not_kept_waiting(root, server_port):
+    # The server waits for the bytes still owed, never for more: records far smaller than
+    # ours, and a last one shorter than its header and tag, still complete at once.
+    content = os.urandom(wire.DATA_CHUNK + 3001)
+    for record_size in (1000, 65536, wire.DATA_CHUNK):
+        stored = await deferToThread(_upload, server_port, "small-records.bin", content, record_size)
+        assert stored["type"] == "stored", stored
+        assert (root / "small-records.bin").read_bytes() == content
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_abandoned_mid_record_is_noticed_at_once(root, server_port):
+    content = os.urandom(4 * wire.DATA_CHUNK)
+    await deferToThread(_upload, server_port, "abandoned.bin", content, wire.DATA_CHUNK,
+                        abandon_after=wire.DATA_CHUNK + 100_000)
+    # The close wakes the server although fewer bytes than it waits for arrived: the part file
+    # is released (a second upload of the same path is not "busy") and the upload completes.
+    await sleep(0.3)
+    stored = await deferToThread(_upload, server_port, "abandoned.bin", content, wire.DATA_CHUNK)
+    assert stored["type"] == "stored", stored
+    assert (root / "abandoned.bin").read_bytes() == content
