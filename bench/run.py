@@ -177,14 +177,18 @@ class Sshd:
                                         stderr=subprocess.DEVNULL)
         wait_for_port(self.port, self.process, what="sshd")
 
-    def sftp_get(self, remote, local, cipher):
+    def sftp(self, batch_command, cipher):
+        """One sftp session running `batch_command` (e.g. "get remote local")."""
         user = os.environ.get("USER") or "root"
         command = [
             "sftp", "-q", "-b", "-", "-i", str(self.dir / "user_key"), "-P", str(self.port),
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
             "-o", f"Ciphers={cipher}", f"{user}@127.0.0.1",
         ]
-        return run_measured(command, stdin=f"get {remote} {local}\n")
+        return run_measured(command, stdin=batch_command + "\n")
+
+    def sftp_get(self, remote, local, cipher):
+        return self.sftp(f"get {remote} {local}", cipher)
 
     def stop(self):
         self.process.terminate()
@@ -292,7 +296,7 @@ def measure(args, workdir):
                     "--max-connections", "100000")
     sshd = Sshd(workdir) if have_sshd() else None
     ciphers = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com") if sshd else ()
-    runs = {name: [] for name in ("raw", "get", "put", *ciphers)}
+    runs = {name: [] for name in ("raw", "get", "put", "sftp_put", *ciphers)}
     try:
         warm = size + 512 * MiB  # what one transfer's new page cache and buffers need, and more
         # Interleaved rounds: this machine's speed drifts (shared host, memory reclaim), and
@@ -317,10 +321,19 @@ def measure(args, workdir):
                 runs[cipher].append(sshd.sftp_get(str(big), str(out / "sftp.bin"), cipher)[0])
                 assert sha1_of(out / "sftp.bin") == expected, "sftp: digest mismatch"
                 drop_file(out / "sftp.bin")
+            if sshd:  # the like-for-like baseline for eketwist's put
+                warm_memory(warm)
+                runs["sftp_put"].append(sshd.sftp(f"put {big} {out / 'sftp-put.bin'}", ciphers[0])[0])
+                assert sha1_of(out / "sftp-put.bin") == expected, "sftp put: digest mismatch"
+                drop_file(out / "sftp-put.bin")
         results["raw_tcp"] = {"seconds": median(runs["raw"]), "mb_per_s": size / median(runs["raw"]) / 1e6, "runs": runs["raw"]}
         for cipher in ciphers:
             results[f"sftp_{cipher.split('@')[0]}"] = {
                 "seconds": median(runs[cipher]), "mb_per_s": size / median(runs[cipher]) / 1e6, "runs": runs[cipher]}
+        if sshd:
+            results["sftp_put_aes128-gcm"] = {
+                "seconds": median(runs["sftp_put"]), "mb_per_s": size / median(runs["sftp_put"]) / 1e6,
+                "runs": runs["sftp_put"]}
         for direction in ("get", "put"):
             measured = runs[direction]
             results[f"eke_{direction}"] = {
@@ -361,6 +374,8 @@ def measure(args, workdir):
         if "sftp_aes128-gcm" in results:
             ratios[f"{direction}_vs_sftp_aes128_gcm"] = eke / results["sftp_aes128-gcm"]["mb_per_s"]
             ratios[f"{direction}_vs_sftp_chacha20"] = eke / results["sftp_chacha20-poly1305"]["mb_per_s"]
+    if "sftp_put_aes128-gcm" in results:
+        ratios["put_vs_sftp_put_aes128_gcm"] = results["eke_put"]["mb_per_s"] / results["sftp_put_aes128-gcm"]["mb_per_s"]
     if "sftp_small_get" in results:
         ratios["small_get_time_vs_sftp"] = results["eke_small_get"]["seconds"] / results["sftp_small_get"]["seconds"]
     results["ratios"] = ratios
@@ -412,11 +427,15 @@ def print_table(results):
         row("sftp get, aes128-gcm", f"{sftp:.0f} MB/s", f"{sftp / raw:.2f}x raw")
         chacha = results["sftp_chacha20-poly1305"]["mb_per_s"]
         row("sftp get, chacha20-poly1305", f"{chacha:.0f} MB/s", f"{chacha / raw:.2f}x raw")
+        sftp_put = results["sftp_put_aes128-gcm"]["mb_per_s"]
+        row("sftp put, aes128-gcm", f"{sftp_put:.0f} MB/s", f"{sftp_put / raw:.2f}x raw")
     for direction in ("get", "put"):
         eke = results[f"eke_{direction}"]
         ratio = f"{eke['mb_per_s'] / raw:.2f}x raw"
         if sftp:
-            ratio += f", {eke['mb_per_s'] / sftp:.2f}x sftp aes128-gcm"
+            ratio += f", {eke['mb_per_s'] / sftp:.2f}x sftp get aes128-gcm"
+            if direction == "put":
+                ratio += f", {results['ratios']['put_vs_sftp_put_aes128_gcm']:.2f}x sftp put"
         row(f"eketwist {direction}", f"{eke['mb_per_s']:.0f} MB/s", ratio)
         row("  CPU client / server", f"{eke['client_cpu_s']:.2f} / {eke['server_cpu_s']:.2f} s")
         row("  peak RSS client / server", f"{eke['client_peak_rss_mib']:.0f} / {eke['server_peak_rss_mib']:.0f} MiB")
