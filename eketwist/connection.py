@@ -37,10 +37,11 @@ class RecordConsumer:
         self._connection.send_data(chunk)
 
 
-def send_file(connection, handle, offset, sha1, on_chunk=None):
+def send_file(connection, handle, offset, sha1, on_chunk=None, record_size=None):
     """Stream `handle` from `offset` as DATA records with FileSender (one record per chunk),
     feeding `sha1` (None: the digest is known already). Each chunk is hashed right after it is
     read, while it is in the CPU cache: measured faster here than hashing in another thread.
+    `record_size`, if given, is asked before each read for the size of the next record.
     Fires with the bytes sent, or fails if the connection went away."""
     sent = 0
 
@@ -51,6 +52,8 @@ def send_file(connection, handle, offset, sha1, on_chunk=None):
         sent += len(chunk)
         if on_chunk is not None:
             on_chunk(len(chunk))
+        if record_size is not None:
+            sender.CHUNK_SIZE = record_size()
         return chunk
 
     def translate(failure):
@@ -59,7 +62,7 @@ def send_file(connection, handle, offset, sha1, on_chunk=None):
 
     handle.seek(offset)
     sender = FileSender()
-    sender.CHUNK_SIZE = wire.DATA_CHUNK
+    sender.CHUNK_SIZE = wire.DATA_CHUNK if record_size is None else record_size()
     done = sender.beginFileTransfer(handle, RecordConsumer(connection), hash_and_count)
     return done.addCallbacks(lambda _: sent, translate)
 

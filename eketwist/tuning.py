@@ -11,6 +11,16 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
 
+def release_free_memory():
+    """Give the heap's free pages back to the system (glibc's malloc_trim). The thresholds
+    above keep freed records for reuse while data flows; once it stops, they are only memory
+    held. Best effort, like tune_allocator."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def tune_allocator():
     """Best effort: nothing happens on a C library without mallopt."""
     try:

@@ -12,6 +12,7 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
 
 from eketwist import connection, errors, wire
+from eketwist.server import ServerFactory
 
 from .conftest import PASSWORD, WRITER_PASSWORD, authenticated_client, connect_client, sleep
 from .rawclient import CONTROL, DATA, RawClient
@@ -172,7 +173,7 @@ async def test_a_flipped_bit_closes_the_connection_and_writes_nothing(server_por
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_transfer_cut_short_leaves_no_destination(server_port, tmp_path):
+async def test_a_transfer_cut_short_leaves_no_destination(server_port, tmp_path, factory):
     def cut(start, data, proxy_client):
         if start + len(data) > 150_000:
             proxy_client.transport.loseConnection()
@@ -184,6 +185,13 @@ async def test_a_transfer_cut_short_leaves_no_destination(server_port, tmp_path)
     with pytest.raises(errors.ConnectionFailed):
         await _get_through(TamperingProxy(server_port, cut), destination)
     assert not destination.exists()
+    # The server counted the download while it ran, and no longer does (record sizes and the
+    # memory hand-back depend on the count).
+    for _ in range(50):
+        if factory.downloads == 0:
+            break
+        await sleep(0.02)
+    assert factory.downloads == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -276,3 +284,13 @@ async def test_an_upload_abandoned_mid_record_is_noticed_at_once(root, server_po
     stored = await deferToThread(_upload, server_port, "abandoned.bin", content, wire.DATA_CHUNK)
     assert stored["type"] == "stored", stored
     assert (root / "abandoned.bin").read_bytes() == content
+
+
+def test_record_size_shares_a_budget_between_downloads(factory):
+    sizes = {}
+    for downloads in (0, 1, 32, 64, 256, 5000):
+        factory.downloads = downloads
+        sizes[downloads] = factory.record_size()
+    assert sizes[0] == sizes[1] == sizes[32] == wire.DATA_CHUNK  # few downloads: the fastest records
+    assert sizes[64] == ServerFactory.RECORD_BUDGET // 64 < wire.DATA_CHUNK
+    assert sizes[256] == sizes[5000] == ServerFactory.MIN_RECORD  # many: never below the floor
