@@ -75,7 +75,8 @@ def drop_file(path):
 
 
 class RssSampler:
-    """Peak VmRSS of a process while a block runs (sampled every 10 ms)."""
+    """Peak VmRSS of a process while a block runs (sampled every 25 ms: more often slowed
+    the transfers measured by about 2%)."""
 
     def __init__(self, pid):
         self.pid = pid
@@ -89,7 +90,7 @@ class RssSampler:
         return self
 
     def _run(self):
-        while not self._stop.wait(0.01):
+        while not self._stop.wait(0.025):
             self.peak = max(self.peak, rss_bytes(self.pid))
 
     def __exit__(self, *exc):
