@@ -70,6 +70,9 @@ def send_file(connection, handle, offset, sha1, on_chunk=None, record_size=None)
 # Linux's TCP honours SO_RCVLOWAT in poll/epoll and caps it at what the socket can buffer;
 # elsewhere the semantics vary, and reads simply take what is there.
 RECEIVE_LOW_WATER = sys.platform.startswith("linux") and hasattr(socket, "SO_RCVLOWAT")
+# Seconds a receiver waits for a whole record before taking whatever has arrived. At the
+# speeds where whole records help, one arrives every few milliseconds.
+WHOLE_RECORD_PATIENCE = 0.2
 
 
 def _tcp_socket(transport):
@@ -102,6 +105,9 @@ class SecureConnection(Protocol):
     def connectionLost(self, reason):
         self.closing = True
         self.state = "closed"
+        patience = getattr(self, "_patience", None)
+        if patience is not None and patience.active():
+            patience.cancel()
         self.when_closed.callback(None)
 
     @property
@@ -116,27 +122,42 @@ class SecureConnection(Protocol):
         self.transport.bufferSize = self.decoder.wanted()
         self.transport.SEND_LIMIT = wire.SEND_SIZE
         self._low_water = 1
+        self._patience = None
         self._socket = _tcp_socket(self.transport) if RECEIVE_LOW_WATER else None
 
     def file_bytes_expected(self):
-        """How many more file bytes the peer must send in the current state (0: none). While
-        it is more than 0, reads wait for whole records (see _wait_for_whole_records)."""
+        """How many more file bytes the peer announced and has not sent yet in the current
+        state (0: none). While more than 0, reads wait for whole records (see
+        _wait_for_whole_records)."""
         return 0
 
     def _wait_for_whole_records(self):
         """While a file streams in, have the kernel wake us only when a whole record (or the
         rest of one) has arrived: one read per record, and no record cut by a read boundary
-        and copied together. Safe because the peer must send at least that many bytes (the
-        file bytes still owed, fewer than the wire bytes that carry them) or close, which also
-        wakes us (docs/protocol.md, section 7: an ERROR in a data phase is followed by a close)."""
+        and copied together. Never more than the file bytes still announced (a close, as after
+        an ERROR in a data phase, wakes us anyway), and never for long: after WHOLE_RECORD_PATIENCE
+        without a whole record, any byte wakes us again. A slow link then still shows progress
+        (timeouts count reads), and a sender that ends early (a file that shrank while it was
+        sent) is heard at once."""
         expected = self.file_bytes_expected()
         low_water = min(self.decoder.wanted(), expected) if expected > 0 else 1
-        if low_water != self._low_water:
-            self._low_water = low_water
+        self._set_low_water(low_water)
+        patience = self._patience
+        if low_water > 1:
+            if patience is not None and patience.active():
+                patience.reset(WHOLE_RECORD_PATIENCE)
+            else:
+                self._patience = self.callLater(WHOLE_RECORD_PATIENCE, self._set_low_water, 1)
+        elif patience is not None and patience.active():
+            patience.cancel()
+
+    def _set_low_water(self, low_water):
+        if low_water != self._low_water and self._socket is not None:
             try:
                 self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
+                self._low_water = low_water
             except OSError:
-                self._socket = None  # a socket that refuses it reads as before
+                self._socket = None  # closed, or a socket that refuses it: reads as before
 
     # -- sending
 

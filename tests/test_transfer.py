@@ -234,10 +234,15 @@ async def test_a_download_reads_whole_records_and_resets_the_low_water_mark(root
     result = await client.get("records.bin", str(tmp_path / "records.bin"))
     assert (tmp_path / "records.bin").read_bytes() == (root / "records.bin").read_bytes()
     assert result["size"] == 3 * wire.DATA_CHUNK + 12345
-    # While file bytes were owed, reads waited for a whole record (or the rest of one)...
+    # While file bytes were owed, reads waited for a whole record or the rest of one (the
+    # kernel may still wake us earlier, when the socket's memory is tight), never for more
+    # than the file still owed: the last record's 12345 bytes...
     lows = [low for size, low in seen]
-    assert max(lows) == wire.HEADER_BYTES + wire.MAX_RECORD_PAYLOAD and min(lows[1:]) > 1, lows
-    # ...and once the file is in, any byte (the END message) wakes us again.
+    assert min(lows) > 1 and max(lows) <= wire.HEADER_BYTES + wire.MAX_RECORD_PAYLOAD, lows
+    assert lows[-1] == 12345, lows
+    # ...and once the file is in, any byte wakes us again (checked once the read that brought
+    # the END message has been handled: the get's result fires from inside it).
+    await sleep(0)
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
     client.close()
 
@@ -294,3 +299,60 @@ def test_record_size_shares_a_budget_between_downloads(factory):
     assert sizes[0] == sizes[1] == sizes[32] == wire.DATA_CHUNK  # few downloads: the fastest records
     assert sizes[64] == ServerFactory.RECORD_BUDGET // 64 < wire.DATA_CHUNK
     assert sizes[256] == sizes[5000] == ServerFactory.MIN_RECORD  # many: never below the floor
+
+
+@needs_low_water
+@pytest_twisted.ensureDeferred
+async def test_a_file_that_shrinks_while_sent_fails_at_once(root, tmp_path, server_port):
+    # The server announces a size, then finds less and ends early: fewer bytes than the client
+    # waits for. The client must hear the end at once, not at its timeout.
+    source = root / "shrinking.bin"
+    source.write_bytes(os.urandom(4 * wire.DATA_CHUNK))
+    client = await connect_client(server_port)
+    client.timeout = 20
+    await client.authenticated_deferred
+    receive = client.on_get_data
+
+    def shrink_after_the_first_record(chunk):
+        receive(chunk)
+        os.truncate(source, wire.DATA_CHUNK + 1000)
+
+    client.on_get_data = shrink_after_the_first_record
+    started = reactor.seconds()
+    with pytest.raises(errors.IntegrityError, match="changed size"):
+        await client.get("shrinking.bin", str(tmp_path / "shrinking.bin"))
+    assert reactor.seconds() - started < 5
+    assert not (tmp_path / "shrinking.bin").exists()
+    client.close()
+
+
+class ThrottlingProxy(TamperingProxy):
+    """Passes the server's bytes on at about `rate` bytes per second, in small pieces."""
+
+    def __init__(self, port, rate, piece=16384):
+        def throttle(start, data, proxy_client):
+            proxy_client.transport.pauseProducing()
+            for offset in range(0, len(data), piece):
+                reactor.callLater(offset / rate, proxy_client.peer.transport.write, data[offset : offset + piece])
+            reactor.callLater(len(data) / rate, proxy_client.transport.resumeProducing)
+            return b""
+
+        super().__init__(port, throttle)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_link_shows_progress_before_a_whole_record_arrives(root, tmp_path, server_port):
+    # 1 MB/s: a 2 MiB record takes 2 s, longer than the client's 1 s timeout. Waiting for whole
+    # records must not hide that bytes are arriving.
+    (root / "slow.bin").write_bytes(os.urandom(wire.DATA_CHUNK + 5000))
+    listening = reactor.listenTCP(0, ThrottlingProxy(server_port, rate=1_000_000), interface="127.0.0.1")
+    try:
+        client = await connect_client(listening.getHost().port)
+        client.timeout = 1
+        await client.authenticated_deferred
+        result = await client.get("slow.bin", str(tmp_path / "slow.bin"))
+        assert (tmp_path / "slow.bin").read_bytes() == (root / "slow.bin").read_bytes()
+        assert result["size"] == wire.DATA_CHUNK + 5000
+        client.close()
+    finally:
+        await listening.stopListening()
