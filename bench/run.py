@@ -19,6 +19,7 @@ import threading
 import time
 
 from eketwist import userdb
+from eketwist.server import ServerFactory
 
 from .common import BIN, Daemon, cpu_seconds, free_port, raise_descriptor_limit, rss_bytes, wait_for_port
 
@@ -207,13 +208,20 @@ def client_command(daemon, user, *args):
     return [str(BIN / "eke-client"), "--port", str(daemon.port), "--user", user, "-q", "--no-progress", *args]
 
 
-def eke_transfer(daemon, user, password, *args):
+def eke_transfer(daemon, user, password, *args, sample_server_rss=False):
+    """One run of the client command. The server's RSS is sampled only when asked: the timed
+    runs leave it out, as the sftp runs do (the memory phase measures it)."""
     env = dict(os.environ, EKE_PASSWORD=password)
     cpu_before = cpu_seconds(daemon.pid)
-    with RssSampler(daemon.pid) as sampler:
+    if sample_server_rss:
+        with RssSampler(daemon.pid) as sampler:
+            wall, cpu, rss, out = run_measured(client_command(daemon, user, *args), env=env)
+    else:
+        sampler = None
         wall, cpu, rss, out = run_measured(client_command(daemon, user, *args), env=env)
     return {"seconds": wall, "client_cpu": cpu, "client_peak_rss": rss,
-            "server_cpu": cpu_seconds(daemon.pid) - cpu_before, "server_peak_rss": sampler.peak, "out": out}
+            "server_cpu": cpu_seconds(daemon.pid) - cpu_before,
+            "server_peak_rss": sampler.peak if sampler else None, "out": out}
 
 
 def measure_memory(workdir, root, users, out, size):
@@ -230,7 +238,7 @@ def measure_memory(workdir, root, users, out, size):
             ("get_large", "bench", USER_PASSWORD, ("get", "--no-resume", "big.bin", str(out / "memory.bin"))),
             ("put_large", "writer", WRITER_PASSWORD, ("put", "--force", str(root / "big.bin"), "memory-put.bin")),
         ):
-            run = eke_transfer(daemon, user, password, *args)
+            run = eke_transfer(daemon, user, password, *args, sample_server_rss=True)
             figures[f"server_peak_rss_{name}_mib"] = run["server_peak_rss"] / MiB
             figures[f"{name}_minus_idle_mib"] = (run["server_peak_rss"] - idle) / MiB
         figures["server_rss_after_mib"] = rss_bytes(daemon.pid) / MiB
@@ -344,7 +352,7 @@ def measure(args, workdir):
                 "client_cpu_s": median(r["client_cpu"] for r in measured),
                 "server_cpu_s": median(r["server_cpu"] for r in measured),
                 "client_peak_rss_mib": max(r["client_peak_rss"] for r in measured) / MiB,
-                "server_peak_rss_mib": max(r["server_peak_rss"] for r in measured) / MiB,
+                "server_peak_rss_mib": results["memory"][f"server_peak_rss_{direction}_large_mib"],
             }
 
         print("small files ...", file=sys.stderr)
@@ -402,6 +410,9 @@ def handshake_capacity(daemon, args):
 
 
 def idle_cost(daemon, count):
+    # After the transfers, the daemon hands memory back once quiet for a second: measure
+    # "before" after that, or the hand-back would be subtracted from the connections' cost.
+    time.sleep(ServerFactory.QUIET_BEFORE_TRIM + 1.0)
     before = rss_bytes(daemon.pid)
     holder = subprocess.Popen(
         [sys.executable, "-m", "bench.loadgen", str(daemon.port), "bench", USER_PASSWORD, "32", str(count), "--hold"],
