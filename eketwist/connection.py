@@ -91,6 +91,8 @@ class StopReading(Exception):
 
 
 class SecureConnection(Protocol):
+    """Subclasses provide TRANSITIONS, the handlers it names, and `callLater` (their clock)."""
+
     log = Logger()
     TRANSITIONS = {}
     state = "closed"
