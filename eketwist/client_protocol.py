@@ -306,9 +306,10 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self._await("get-data")
 
     def file_bytes_expected(self):
-        if self.state != "get-data":
+        request = self._request
+        if self.state != "get-data" or request is None or request.part is None:
             return 0
-        return self._request.size - self._request.part.size
+        return request.size - request.part.size
 
     def on_get_data(self, chunk):
         request = self._request

@@ -533,9 +533,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.state = "receiving"
 
     def file_bytes_expected(self):
-        if self.state != "receiving":
+        upload = self._upload
+        if self.state != "receiving" or upload is None:
             return 0
-        return self._upload.size - self._upload.part.size
+        return upload.size - upload.part.size
 
     def on_upload_data(self, chunk):
         upload = self._upload
