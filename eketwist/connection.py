@@ -70,6 +70,8 @@ def send_file(connection, handle, offset, sha1, on_chunk=None, record_size=None)
 # Linux's TCP honours SO_RCVLOWAT in poll/epoll and caps it at what the socket can buffer;
 # elsewhere the semantics vary, and reads simply take what is there.
 RECEIVE_LOW_WATER = sys.platform.startswith("linux") and hasattr(socket, "SO_RCVLOWAT")
+# Outside data phases, reads and Twisted's pause threshold for our writes: a whole CONTROL frame.
+CONTROL_READ_SIZE = wire.HEADER_BYTES + wire.MAX_CONTROL_PLAINTEXT + records.TAG_BYTES
 # Seconds a receiver waits for a whole record before taking whatever has arrived. At the
 # speeds where whole records help, one arrives every few milliseconds.
 WHOLE_RECORD_PATIENCE = 0.2
@@ -119,13 +121,23 @@ class SecureConnection(Protocol):
     def start_records(self, k_shared, *, is_client):
         self._send_cipher, self._receive_cipher = records.traffic_ciphers(k_shared, is_client=is_client)
         self.decoder.max_payload = wire.MAX_RECORD_PAYLOAD
-        # Reads end on frame boundaries (see dataReceived); sends take whole records (Twisted's
-        # default is 128 KiB per system call).
-        self.transport.bufferSize = self.decoder.wanted()
+        # Sends take whole records (Twisted's default is 128 KiB per system call).
         self.transport.SEND_LIMIT = wire.SEND_SIZE
         self._low_water = 1
         self._patience = None
         self._socket = _tcp_socket(self.transport) if RECEIVE_LOW_WATER else None
+        self._set_read_size()
+
+    def _set_read_size(self):
+        """Reads end on frame boundaries: while a file streams in, a whole record (or the rest
+        of one), so that records arriving whole are never copied; otherwise at most a whole
+        CONTROL frame. Twisted also takes this size as the most it buffers of what we write
+        before it pauses us as a producer: a client that sends requests and never reads the
+        answers makes us stop reading it after that much, not after a record's worth."""
+        if self.decoder.buffered or self.file_bytes_expected() > 0:
+            self.transport.bufferSize = self.decoder.wanted()
+        else:
+            self.transport.bufferSize = CONTROL_READ_SIZE
 
     def file_bytes_expected(self):
         """How many more file bytes the peer announced and has not sent yet in the current
@@ -191,7 +203,7 @@ class SecureConnection(Protocol):
         try:
             self.decoder.feed(data, self._frame_received)
             if self.authenticated:
-                self.transport.bufferSize = self.decoder.wanted()
+                self._set_read_size()
                 if self._socket is not None:
                     self._wait_for_whole_records()
         except StopReading:
