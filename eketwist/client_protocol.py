@@ -305,11 +305,8 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         request.progress.start(request.remote, request.size, initial=offset)
         self._await("get-data")
 
-    def file_bytes_expected(self):
-        request = self._request
-        if self.state != "get-data" or request is None or request.part is None:
-            return 0
-        return request.size - request.part.size
+    def incoming_file(self):
+        return self._request if self.state == "get-data" else None
 
     def on_get_data(self, chunk):
         request = self._request

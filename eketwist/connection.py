@@ -139,11 +139,17 @@ class SecureConnection(Protocol):
         else:
             self.transport.bufferSize = CONTROL_READ_SIZE
 
+    def incoming_file(self):
+        """The transfer whose file is streaming in now (it has `size` and `part`), or None."""
+        return None
+
     def file_bytes_expected(self):
-        """How many more file bytes the peer announced and has not sent yet in the current
-        state (0: none). While more than 0, reads wait for whole records (see
-        _wait_for_whole_records)."""
-        return 0
+        """How many more file bytes the peer announced and has not sent yet (0: none). While
+        more than 0, reads wait for whole records (see _wait_for_whole_records)."""
+        transfer = self.incoming_file()
+        if transfer is None or transfer.part is None:
+            return 0
+        return transfer.size - transfer.part.size
 
     def _wait_for_whole_records(self):
         """While a file streams in, have the kernel wake us only when a whole record (or the

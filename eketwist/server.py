@@ -532,11 +532,8 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         upload.prefix_sha1 = None
         self.state = "receiving"
 
-    def file_bytes_expected(self):
-        upload = self._upload
-        if self.state != "receiving" or upload is None:
-            return 0
-        return upload.size - upload.part.size
+    def incoming_file(self):
+        return self._upload if self.state == "receiving" else None
 
     def on_upload_data(self, chunk):
         upload = self._upload
