@@ -126,15 +126,15 @@ class SecureConnection(Protocol):
         self._low_water = 1
         self._patience = None
         self._socket = _tcp_socket(self.transport) if RECEIVE_LOW_WATER else None
-        self._set_read_size()
+        self._set_read_size(0)
 
-    def _set_read_size(self):
+    def _set_read_size(self, expected):
         """Reads end on frame boundaries: while a file streams in, a whole record (or the rest
         of one), so that records arriving whole are never copied; otherwise at most a whole
         CONTROL frame. Twisted also takes this size as the most it buffers of what we write
         before it pauses us as a producer: a client that sends requests and never reads the
         answers makes us stop reading it after that much, not after a record's worth."""
-        if self.decoder.buffered or self.file_bytes_expected() > 0:
+        if self.decoder.buffered or expected > 0:
             self.transport.bufferSize = self.decoder.wanted()
         else:
             self.transport.bufferSize = CONTROL_READ_SIZE
@@ -151,7 +151,7 @@ class SecureConnection(Protocol):
             return 0
         return transfer.size - transfer.part.size
 
-    def _wait_for_whole_records(self):
+    def _wait_for_whole_records(self, expected):
         """While a file streams in, have the kernel wake us only when a whole record (or the
         rest of one) has arrived: one read per record, and no record cut by a read boundary
         and copied together. Never more than the file bytes still announced (a close, as after
@@ -159,7 +159,6 @@ class SecureConnection(Protocol):
         without a whole record, any byte wakes us again. A slow link then still shows progress
         (timeouts count reads), and a sender that ends early (a file that shrank while it was
         sent) is heard at once."""
-        expected = self.file_bytes_expected()
         low_water = min(self.decoder.wanted(), expected) if expected > 0 else 1
         self._set_low_water(low_water)
         patience = self._patience
@@ -209,9 +208,10 @@ class SecureConnection(Protocol):
         try:
             self.decoder.feed(data, self._frame_received)
             if self.authenticated:
-                self._set_read_size()
+                expected = self.file_bytes_expected()  # file bytes still owed by the peer
+                self._set_read_size(expected)
                 if self._socket is not None:
-                    self._wait_for_whole_records()
+                    self._wait_for_whole_records(expected)
         except StopReading:
             pass
         except EketwistError as error:
