@@ -241,3 +241,21 @@ def test_connect_endpoint_and_silent_server_timeout(twistd_server, tmp_path):
     bad = subprocess.run([*CLIENT, "--connect", "nonsense:x", "--user", "alice", "get", "hello.txt"],
                          capture_output=True, text=True, cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "bad --connect endpoint" in bad.stderr
+
+
+def test_client_defers_modules_it_does_not_use():
+    """The client loads http.cookiejar (which Twisted imports only to re-export it) on first
+    use: out of start-up, yet whole for whoever reads it."""
+    script = (
+        "import sys\n"
+        "from eketwist import client\n"
+        "client._load_on_first_use('http.cookiejar')\n"
+        "from twisted.internet import defer\n"
+        "from twisted.python import compat\n"
+        "assert 'urllib.request' not in sys.modules, 'http.cookiejar was loaded at start-up'\n"
+        "from http import cookiejar\n"
+        "assert cookiejar.CookieJar().__class__.__name__ == 'CookieJar'\n"
+        "assert 'urllib.request' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
