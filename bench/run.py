@@ -351,6 +351,9 @@ def measure(args, workdir):
                 "runs": [r["seconds"] for r in measured],
                 "client_cpu_s": median(r["client_cpu"] for r in measured),
                 "server_cpu_s": median(r["server_cpu"] for r in measured),
+                # Client and server share this machine's cores: how many of them the transfer
+                # kept busy (the cores' count is the ceiling when it is CPU-bound).
+                "cores_busy": median((r["client_cpu"] + r["server_cpu"]) / r["seconds"] for r in measured),
                 "client_peak_rss_mib": max(r["client_peak_rss"] for r in measured) / MiB,
                 "server_peak_rss_mib": results["memory"][f"server_peak_rss_{direction}_large_mib"],
             }
@@ -449,7 +452,8 @@ def print_table(results):
             if direction == "put":
                 ratio += f", {results['ratios']['put_vs_sftp_put_aes128_gcm']:.2f}x sftp put"
         row(f"eketwist {direction}", f"{eke['mb_per_s']:.0f} MB/s", ratio)
-        row("  CPU client / server", f"{eke['client_cpu_s']:.2f} / {eke['server_cpu_s']:.2f} s")
+        row("  CPU client / server", f"{eke['client_cpu_s']:.2f} / {eke['server_cpu_s']:.2f} s",
+            f"{eke['cores_busy']:.2f} of {results['machine']['cpus']} cores busy")
         row("  peak RSS client / server", f"{eke['client_peak_rss_mib']:.0f} / {eke['server_peak_rss_mib']:.0f} MiB")
     small = results["eke_small_get"]["seconds"]
     if "sftp_small_get" in results:
