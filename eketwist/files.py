@@ -353,6 +353,9 @@ class WriteBehind:
                             view = view[write(view):]
                 except BaseException as problem:  # reported to the owner at its next call
                     self._error = problem
+            # Free the record now, not when the next one arrives: while the reactor decrypts
+            # that one, this one would otherwise be a third record-sized buffer in the heap.
+            del chunk
             release_slot(None)
 
     def _raise(self):
