@@ -85,6 +85,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         "working": {},
         "upload-offered": {"upload": "on_upload"},
         "receiving": {"data": "on_upload_data", "end": "on_upload_end"},
+        "storing": {},
     }
 
     def connectionMade(self):
@@ -296,7 +297,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     @property
     def busy(self):
         """In the middle of a transfer or a listing, which a graceful shutdown lets finish."""
-        return self.state in ("working", "upload-offered", "receiving")
+        return self.state in ("working", "upload-offered", "receiving", "storing")
 
     def shut_down(self):
         """Close for a shutdown, telling the client why (it may come back and resume)."""
@@ -542,29 +543,48 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         upload.part.write(chunk)
 
     def on_upload_end(self, message):
-        upload, self._upload = self._upload, None
         size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)
         sha1 = wire.hex_field(message, "sha1", 20)
-        try:
-            if size != upload.size:
-                upload.part.abort()
-                raise IntegrityError(f"{upload.path}: the file changed size while it was sent")
-            digest = upload.part.finish(size, sha1, upload.mtime, upload.mode, replace=upload.force)
-        except EketwistError as error:
-            self._refuse("put", upload.path, error)
+        upload, self._upload = self._upload, None
+        if size != upload.size:
+            upload.part.abort()
+            self._refuse("put", upload.path, IntegrityError(f"{upload.path}: the file changed size while it was sent"))
             return
+        # The last writes, fsync and rename take what the disk needs: seconds for a large file
+        # on a slow one. In a thread, so that every other client is served meanwhile.
+        self.state = "storing"
+        self.setTimeout(None)
+        stored = threads.deferToThread(self._store, upload, size, sha1)
+        stored.addCallbacks(self._stored, self._not_stored, callbackArgs=(upload, size), errbackArgs=(upload,))
+
+    @staticmethod
+    def _store(upload, size, sha1):
+        """In a thread: verify, flush and rename the upload into place; (digest, its stat)."""
+        digest = upload.part.finish(size, sha1, upload.mtime, upload.mode, replace=upload.force)
         try:
-            self.factory.digests.put(os.stat(upload.part.destination), digest)
+            return digest, os.stat(upload.part.destination)
         except OSError:
-            pass  # already gone again: nothing to remember
-        self.send_control({"type": "stored", "size": size, "sha1": digest})
-        self._ready()
+            return digest, None  # already gone again: nothing to remember
+
+    def _stored(self, stored, upload, size):
+        digest, st = stored
+        if st is not None:
+            self.factory.digests.put(st, digest)
         self.log.info(
             "{user} from {peer}: received {path} ({nbytes} bytes{resumed}, {seconds:.3f} s, sha1 {sha1})",
             user=self.username, peer=self.peer, path=upload.path, nbytes=size,
             resumed=f", resumed at {upload.resumed_from}" if upload.resumed_from else "",
             seconds=time.monotonic() - upload.started, sha1=digest,
         )
+        if not self.closing:
+            self.send_control({"type": "stored", "size": size, "sha1": digest})
+            self._ready()
+
+    def _not_stored(self, failure, upload):
+        if failure.check(EketwistError):
+            self._refuse("put", upload.path, failure.value)
+        else:
+            self._internal_failure(failure)
 
     def _abort_upload(self, keep_part, why):
         upload, self._upload = self._upload, None

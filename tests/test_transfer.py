@@ -357,3 +357,42 @@ async def test_a_slow_link_shows_progress_before_a_whole_record_arrives(root, tm
         client.close()
     finally:
         await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_clients_are_served_while_an_upload_is_flushed_to_a_slow_disk(root, tmp_path, server_port, monkeypatch):
+    """The end of an upload (last writes, fsync, rename) waits for the disk, which takes seconds
+    for a large file on a slow one: the server does it in a thread and serves everyone else."""
+    import threading
+    import time
+
+    flushing = threading.Event()
+    flush_started = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):  # a disk taking its time to flush what was written
+        flush_started.append(time.monotonic())
+        flushing.set()
+        time.sleep(1.0)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    writer = await authenticated_client(server_port, "writer", WRITER_PASSWORD)
+    reader = await authenticated_client(server_port)
+    source = tmp_path / "upload.bin"
+    source.write_bytes(os.urandom(300_000))
+    started = time.monotonic()
+    stored = writer.put(str(source), "upload.bin")
+    assert await deferToThread(flushing.wait, 10), "the server never flushed the upload"
+    entry = await reader.stat("hello.txt")
+    answered = time.monotonic() - flush_started[0]
+    result = await stored
+    assert entry["size"] == (root / "hello.txt").stat().st_size
+    assert answered < 0.5, f"a stat was answered {answered:.2f} s after another client's upload began to flush"
+    assert time.monotonic() - started >= 1.0  # the flush did take its time
+    assert (root / "upload.bin").read_bytes() == source.read_bytes()
+    assert result["sha1"] == hashlib.sha1(source.read_bytes()).hexdigest()
+    # The connection carries on after the upload.
+    assert (await writer.stat("upload.bin"))["size"] == 300_000
+    writer.close()
+    reader.close()
