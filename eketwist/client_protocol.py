@@ -312,7 +312,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         request = self._request
         if request.part.size + len(chunk) > request.size:
             raise IntegrityError(f"{request.remote}: the server sent more than the announced size")
-        request.part.write(chunk)
+        self.receive_into(request.part, chunk)
         request.progress.update(len(chunk))
 
     def on_get_end(self, message):

@@ -93,7 +93,8 @@ class StopReading(Exception):
 
 
 class SecureConnection(Protocol):
-    """Subclasses provide TRANSITIONS, the handlers it names, and `callLater` (their clock)."""
+    """Subclasses provide TRANSITIONS, the handlers it names, `callLater` (their clock) and
+    TimeoutMixin's `setTimeout`."""
 
     log = Logger()
     TRANSITIONS = {}
@@ -105,6 +106,7 @@ class SecureConnection(Protocol):
         self._receive_cipher = None
         self.closing = False
         self.when_closed = Deferred()
+        self._holds = set()  # reasons we are not reading the peer now (see hold_reading)
 
     def connectionLost(self, reason):
         self.closing = True
@@ -177,6 +179,37 @@ class SecureConnection(Protocol):
                 self._low_water = low_water
             except OSError:
                 self._socket = None  # closed, or a socket that refuses it: reads as before
+
+    # -- holding back the peer
+
+    def hold_reading(self, reason):
+        """Stop reading the peer (TCP then holds it back) until every reason is released."""
+        if not self._holds and not self.closing:
+            self.transport.pauseProducing()
+        self._holds.add(reason)
+
+    def release_reading(self, reason):
+        if reason in self._holds:
+            self._holds.discard(reason)
+            if not self._holds and not self.closing:
+                self.transport.resumeProducing()
+
+    def receive_into(self, part, chunk):
+        """Hand a received chunk to the file being written. If the disk is behind, stop
+        reading the peer until it catches up, rather than block the reactor (and every other
+        connection with it). The wait is ours, not the peer's: no timeout runs meanwhile."""
+        if part.write(chunk) and "disk" not in self._holds:
+            from twisted.internet import reactor
+
+            self.hold_reading("disk")
+            timeout = self.setTimeout(None)
+            part.when_caught_up(lambda: reactor.callFromThread(self._disk_caught_up, part, timeout))
+
+    def _disk_caught_up(self, part, timeout):
+        self.release_reading("disk")
+        transfer = self.incoming_file()
+        if not self.closing and transfer is not None and transfer.part is part:
+            self.setTimeout(timeout)  # still receiving that file: its timeout runs again
 
     # -- sending
 

@@ -313,38 +313,41 @@ class DigestCache:
 
 
 class WriteBehind:
-    """Writes chunks (immutable bytes) to a file in a worker thread, in order.
+    """Writes chunks (immutable bytes) to a file in a worker thread, in order. Never blocks
+    its owner: `submit` says when the worker is behind, and `when_caught_up` calls back once
+    it is not (the owner, a protocol machine, stops reading its peer meanwhile; blocking the
+    reactor instead would stall every connection of the daemon on one slow disk).
 
     The receiving side hashes each record as soon as it is decrypted, while it is still in the
     CPU cache, and leaves the copy into the page cache to this thread (measured: a 1 GiB get
     went from 1.8 s to 1.25 s against hashing in the worker). File writes release the GIL, so
-    the worker runs beside the reactor thread's network and AES work. At most QUEUE_DEPTH
-    chunks wait: a producer faster than the disk waits for a slot instead of growing memory.
-
-    Two C-level SimpleQueues (chunks one way, free slots the other) rather than queue.Queue,
-    whose Python-level Condition costs several lock operations and thread wake-ups per chunk:
-    measured 6% faster on a 1 GiB get.
+    the worker runs beside the reactor thread's network and AES work. A C-level SimpleQueue
+    and a plain lock rather than queue.Queue, whose Condition costs several lock operations
+    and thread wake-ups per chunk (measured 6% on a 1 GiB get).
     """
 
-    # One record (up to 2 MiB) waiting while another is written: the disk stays busy while the
-    # next one is decrypted, and an upload holds 4 MiB at most here (measured: depth 2 was no
-    # faster, and kept 4 MiB more of the server's heap).
+    # Behind: more than this many chunks not yet written. One record (up to 2 MiB) being
+    # written while the next is decrypted keeps the disk busy (measured: 2 was no faster,
+    # and kept 4 MiB more of the server's heap).
     QUEUE_DEPTH = 1
 
     def __init__(self, file):
         self._file = file
         self._error = None
         self._chunks = queue.SimpleQueue()
-        self._free_slots = queue.SimpleQueue()
-        for _ in range(self.QUEUE_DEPTH):
-            self._free_slots.put(None)
+        self._lock = threading.Lock()
+        self._pending = 0  # submitted, not yet written (or dropped)
+        self._caught_up = None  # the callback waiting for _pending to fall to QUEUE_DEPTH
+        self._dropping = False  # let go without writing what is queued
+        self._owns_file = False  # let go: the worker closes the file when done
+        self.done = threading.Event()  # set when the worker has stopped
         self._thread = threading.Thread(target=self._run, name="eketwist-write", daemon=True)
         self._thread.start()
 
     def _run(self):
-        next_chunk, release_slot, write = self._chunks.get, self._free_slots.put, self._file.write
+        next_chunk, write = self._chunks.get, self._file.write
         while (chunk := next_chunk()) is not None:
-            if self._error is None:
+            if self._error is None and not self._dropping:
                 try:
                     written = write(chunk)
                     if written != len(chunk):  # short writes are rare: no view unless needed
@@ -356,16 +359,38 @@ class WriteBehind:
             # Free the record now, not when the next one arrives: while the reactor decrypts
             # that one, this one would otherwise be a third record-sized buffer in the heap.
             del chunk
-            release_slot(None)
+            with self._lock:
+                self._pending -= 1
+                callback = None
+                if self._pending <= self.QUEUE_DEPTH:
+                    callback, self._caught_up = self._caught_up, None
+            if callback is not None:
+                callback()
+        if self._owns_file:
+            self._file.close()  # here: the owner may not close a descriptor this thread writes to
+        self.done.set()
 
     def _raise(self):
         if self._error is not None:
             raise self._error
 
     def submit(self, chunk):
+        """Queue `chunk`; True when the worker is now behind (see when_caught_up)."""
         self._raise()
-        self._free_slots.get()
+        with self._lock:
+            self._pending += 1
+            behind = self._pending > self.QUEUE_DEPTH
         self._chunks.put(chunk)
+        return behind
+
+    def when_caught_up(self, callback):
+        """Call `callback()` once the worker is no longer behind: at once if it is not, else
+        from the worker thread (the owner moves it to its own thread)."""
+        with self._lock:
+            if self._pending > self.QUEUE_DEPTH:
+                self._caught_up = callback
+                return
+        callback()
 
     def close(self):
         """Wait until every chunk is written; raise the first error, if any."""
@@ -373,6 +398,17 @@ class WriteBehind:
             self._chunks.put(None)
             self._thread.join()
         self._raise()
+
+    def let_go(self, write_rest):
+        """Stop using this writer without waiting for it (a slow disk then holds up nobody):
+        it writes what is queued (or, without `write_rest`, drops it), then closes the file."""
+        self._dropping = not write_rest
+        self._owns_file = True
+        if self._thread.is_alive():
+            self._chunks.put(None)
+        else:  # stopped already: nothing writes to the file any more
+            self._file.close()
+            self.done.set()
 
 
 class PartFile:
@@ -403,6 +439,7 @@ class PartFile:
         self.size = os.fstat(fd).st_size
         self._sha1 = hashlib.sha1()
         self._writer = None
+        self._closing_writer = None  # let go by abort, still writing or closing
 
     def _drain(self):
         writer, self._writer = self._writer, None
@@ -431,15 +468,24 @@ class PartFile:
 
     def write(self, data):
         """Queue `data` (bytes) to be written and hashed; a write error from an earlier chunk
-        is raised here or by `finish`."""
+        is raised here or by `finish`. Returns True when the disk is behind: the caller should
+        stop feeding until `when_caught_up` calls back."""
         if self._writer is None:
             self._writer = WriteBehind(self._file)
         try:
             self._sha1.update(data)
-            self._writer.submit(data)
+            behind = self._writer.submit(data)
         except OSError as problem:
             raise _storage_error(problem, self.shown_name) from None
         self.size += len(data)
+        return behind
+
+    def when_caught_up(self, callback):
+        """`callback()` once the disk has caught up: at once, or later from another thread."""
+        if self._writer is None:
+            callback()
+        else:
+            self._writer.when_caught_up(callback)
 
     def finish(self, expected_size, expected_sha1, mtime=None, mode=None, replace=True):
         """Verify and rename into place; return the hex SHA-1. On failure nothing is renamed.
@@ -478,17 +524,26 @@ class PartFile:
         return digest.hex()
 
     def abort(self, keep_part=False):
-        try:
-            self._drain()
-        except EketwistError:
-            pass  # aborting anyway
-        if not self._file.closed:
+        """Give up on the file: nothing is renamed. Does not wait for the disk: the writer
+        finishes what is queued (kept for a resume) or drops it, then closes the file, which
+        releases its lock; `wait_until_closed` waits for that."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._closing_writer = writer
+            writer.let_go(write_rest=keep_part)
+        elif not self._file.closed:
             self._file.close()
         if not keep_part:
             try:
                 os.unlink(self.part)
             except FileNotFoundError:
                 pass
+
+
+    def wait_until_closed(self, timeout=None):
+        """After `abort`: True once the file is closed (what was kept is on disk)."""
+        writer = self._closing_writer
+        return writer is None or writer.done.wait(timeout)
 
 
 def _umask():

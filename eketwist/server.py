@@ -101,7 +101,6 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self._delayed = None
         self._admitted = False
         self._in_handshake = True
-        self._reading_paused = False
         self.callLater = self.factory.clock.callLater
         try:
             self.factory.guard.admit_connection()
@@ -143,12 +142,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     # -- back-pressure on our replies (IPushProducer, registered with our own transport)
 
     def pauseProducing(self):
-        self._reading_paused = True
-        self.transport.pauseProducing()
+        self.hold_reading("replies")
 
     def resumeProducing(self):
-        self._reading_paused = False
-        self.transport.resumeProducing()
+        self.release_reading("replies")
 
     def stopProducing(self):
         pass
@@ -157,8 +154,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         """Make way for a file or listing producer to drive the transport; reading resumes
         meanwhile (anything the client sends now is a protocol error anyway)."""
         self.transport.unregisterProducer()
-        if self._reading_paused:
-            self.resumeProducing()
+        self.release_reading("replies")
 
     def _take_transport_back(self):
         if not self.closing:
@@ -540,7 +536,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         upload = self._upload
         if upload.part.size + len(chunk) > upload.size:
             raise IntegrityError(f"{upload.path}: the client sent more than the announced size")
-        upload.part.write(chunk)
+        self.receive_into(upload.part, chunk)
 
     def on_upload_end(self, message):
         size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)

@@ -455,7 +455,9 @@ def test_data_path_moves_64_mib_both_ways_with_large_records(daemon, tmp_path, r
 def test_write_behind_lets_go_of_each_chunk_once_written(tmp_path):
     """The writer drops a record as soon as it is written, not when the next one arrives:
     otherwise an upload keeps a third record-sized buffer alive (the server's heap grew by
-    10-12 MiB instead of 8 during a 1 GiB put)."""
+    10-12 MiB instead of 8 during a 1 GiB put). It never blocks its owner: `submit` says when
+    it is behind, and `when_caught_up` calls back once it is not."""
+    import threading
     import weakref
 
     from eketwist.files import WriteBehind
@@ -467,11 +469,19 @@ def test_write_behind_lets_go_of_each_chunk_once_written(tmp_path):
         writer = WriteBehind(handle)
         first = Chunk(os.urandom(100_000))
         first_gone = weakref.ref(first)
-        writer.submit(first)
+        behind = [writer.submit(first)]
         del first
-        # Each submit waits for a free slot: after QUEUE_DEPTH more, the first is written.
-        for _ in range(WriteBehind.QUEUE_DEPTH):
-            writer.submit(Chunk(b"next"))
-        assert first_gone() is None, "the writer still holds a chunk it has written"
+        behind += [writer.submit(Chunk(b"next")) for _ in range(WriteBehind.QUEUE_DEPTH)]
+        assert behind[-1], "QUEUE_DEPTH + 1 chunks not yet written: the writer is behind"
+        caught_up = threading.Event()
+        seen = []
+
+        def on_caught_up():  # called as soon as the first chunk is written
+            seen.append(first_gone() is None)
+            caught_up.set()
+
+        writer.when_caught_up(on_caught_up)
+        assert caught_up.wait(10)
+        assert seen == [True], "the writer still held a chunk it had written"
         writer.close()
     assert (tmp_path / "written").stat().st_size == 100_000 + 4 * WriteBehind.QUEUE_DEPTH

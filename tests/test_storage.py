@@ -180,7 +180,8 @@ def test_part_file_resumes_and_restarts(tmp_path):
     destination = tmp_path / "f"
     part = _part(destination)
     part.write(b"hello ")
-    part.abort(keep_part=True)
+    part.abort(keep_part=True)  # does not wait for the disk: the writer finishes, then closes
+    assert part.wait_until_closed(10)
     part = _part(destination)
     assert part.size == 6
     part.resume(part.prefix_sha1())
@@ -263,3 +264,42 @@ def test_client_refuses_unsafe_names_from_a_server(name):
     with pytest.raises(errors.ProtocolError):
         _checked_entry({"name": name, "kind": "file", "size": 1, "mtime": 0, "mode": 0o644})
     assert _checked_entry({"name": "a/b.txt", "kind": "file", "size": 1, "mtime": 0, "mode": 0o644})["name"] == "a/b.txt"
+
+
+def test_aborting_a_part_file_does_not_wait_for_a_slow_disk(tmp_path, monkeypatch):
+    """A connection lost during an upload aborts its part file from the reactor: that must not
+    wait for the disk. What was received is still written for a resume (keep_part), or
+    dropped; the writer closes the file when done."""
+    import time
+
+    real_fdopen = os.fdopen
+
+    class SlowDisk:  # 0.5 s per write
+        def __init__(self, file):
+            self._file = file
+
+        def write(self, data):
+            time.sleep(0.5)
+            return self._file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: (
+        SlowDisk(real_fdopen(fd, mode, *a, **k)) if mode == "r+b" else real_fdopen(fd, mode, *a, **k)))
+    for keep_part in (True, False):
+        destination = tmp_path / f"kept-{keep_part}"
+        part = _part(destination, lock=True)
+        assert not part.write(b"a" * 100_000)
+        assert part.write(b"b" * 100_000), "two records queued on a slow disk: behind"
+        started = time.monotonic()
+        part.abort(keep_part=keep_part)
+        assert time.monotonic() - started < 0.2, "abort waited for the disk"
+        assert part.wait_until_closed(10)
+        partial = tmp_path / f"kept-{keep_part}.part"
+        if keep_part:
+            assert partial.read_bytes() == b"a" * 100_000 + b"b" * 100_000
+            _part(destination, lock=True).abort()  # the lock went with the descriptor
+        else:
+            assert not partial.exists()
+        assert not destination.exists()

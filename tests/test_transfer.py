@@ -7,7 +7,7 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
 
@@ -394,5 +394,61 @@ async def test_other_clients_are_served_while_an_upload_is_flushed_to_a_slow_dis
     assert result["sha1"] == hashlib.sha1(source.read_bytes()).hexdigest()
     # The connection carries on after the upload.
     assert (await writer.stat("upload.bin"))["size"] == 300_000
+    writer.close()
+    reader.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_disk_holds_back_only_its_uploader(root, tmp_path, factory, server_port, monkeypatch):
+    """When the disk falls behind an upload, the server stops reading that client (TCP holds
+    it back) instead of blocking its reactor: other clients are served meanwhile, and the
+    uploader's idle timeout does not run while the wait is the server's own."""
+    import threading
+    import time
+
+    writing = threading.Event()
+    write_started = []
+    real_fdopen = os.fdopen
+
+    class SlowDisk:  # a part file on a disk that takes 0.8 s per record
+        def __init__(self, file):
+            self._file = file
+
+        def write(self, data):
+            if len(data) >= 64 * 1024:
+                write_started.append(time.monotonic())
+                writing.set()
+                time.sleep(0.8)
+            return self._file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        file = real_fdopen(fd, mode, *args, **kwargs)
+        return SlowDisk(file) if mode == "r+b" else file  # "r+b": only part files
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    factory.idle_timeout = 0.5  # shorter than one record's write
+    writer = await authenticated_client(server_port, "writer", WRITER_PASSWORD)
+    reader = await authenticated_client(server_port)
+    source = tmp_path / "upload.bin"
+    source.write_bytes(os.urandom(3 * wire.DATA_CHUNK))
+    ticks = [time.monotonic()]  # the reactor's heartbeat: a gap is a stall of every connection
+    heartbeat = task.LoopingCall(lambda: ticks.append(time.monotonic()))
+    heartbeat.start(0.01)
+    stored = writer.put(str(source), "upload.bin")
+    assert await deferToThread(writing.wait, 10), "the server never wrote the upload"
+    for _ in range(3):  # served while the disk writes the records, one after another
+        entry = await reader.stat("hello.txt")
+        assert entry["size"] == (root / "hello.txt").stat().st_size
+        await sleep(0.3)
+    result = await stored
+    heartbeat.stop()
+    assert len(write_started) == 3
+    stall = max(later - earlier for earlier, later in zip(ticks, ticks[1:]))
+    assert stall < 0.3, f"the reactor stalled for {stall:.2f} s while the disk was slow"
+    assert result["sha1"] == hashlib.sha1(source.read_bytes()).hexdigest()
+    assert (root / "upload.bin").read_bytes() == source.read_bytes()
     writer.close()
     reader.close()
