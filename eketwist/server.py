@@ -493,6 +493,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self._refuse("put", requested, error)
             return
         self._upload = upload = Upload(part, requested, size, mtime, mode, force)
+        self.factory.uploads += 1
         if part.size > size:
             part.restart()
         if not part.size:
@@ -544,6 +545,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         upload, self._upload = self._upload, None
         if size != upload.size:
             upload.part.abort()
+            self._upload_over()
             self._refuse("put", upload.path, IntegrityError(f"{upload.path}: the file changed size while it was sent"))
             return
         # The last writes, fsync and rename take what the disk needs: seconds for a large file
@@ -562,7 +564,12 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         except OSError:
             return digest, None  # already gone again: nothing to remember
 
+    def _upload_over(self):
+        self.factory.uploads -= 1
+        self.factory.transfer_over()
+
     def _stored(self, stored, upload, size):
+        self._upload_over()
         digest, st = stored
         if st is not None:
             self.factory.digests.put(st, digest)
@@ -577,6 +584,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self._ready()
 
     def _not_stored(self, failure, upload):
+        self._upload_over()
         if failure.check(EketwistError):
             self._refuse("put", upload.path, failure.value)
         else:
@@ -586,6 +594,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         upload, self._upload = self._upload, None
         if upload is not None:
             upload.part.abort(keep_part=keep_part)
+            self._upload_over()
             self.log.info(
                 "{user} from {peer}: put {path} aborted after {nbytes} bytes ({why}); partial {kept}",
                 user=self.username, peer=self.peer, path=upload.path, nbytes=upload.part.size,
@@ -670,20 +679,24 @@ class ServerFactory(protocol.Factory):
         self.digests = files.DigestCache()
         self.connections = set()
         self.downloads = 0
+        self.uploads = 0  # from PUT to STORED, a refusal or the end of the connection
         self._trim_call = None
         self.draining = False
         self._points = collections.OrderedDict()
         self.log_limiter = guard.LogLimiter(self.clock)
 
     def transfer_over(self):
-        """Once no download has run for QUIET_BEFORE_TRIM seconds, hand the memory their
+        """Once no transfer has run for QUIET_BEFORE_TRIM seconds, hand the memory their
         records used back to the system (measured with make hostile: after 100 slow readers
         left, the daemon held 189 MiB without this, 55 MiB with it; 51 MiB before)."""
-        if self.downloads == 0 and (self._trim_call is None or not self._trim_call.active()):
+        if self._quiet() and (self._trim_call is None or not self._trim_call.active()):
             self._trim_call = self.clock.callLater(self.QUIET_BEFORE_TRIM, self._trim_when_quiet)
 
+    def _quiet(self):
+        return self.downloads == 0 and self.uploads == 0
+
     def _trim_when_quiet(self):
-        if self.downloads == 0:
+        if self._quiet():
             # Closed connections can linger in reference cycles (Failures keep frames) with
             # their buffers until the collector's next full pass: run it first.
             gc.collect()

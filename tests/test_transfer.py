@@ -452,3 +452,34 @@ async def test_a_slow_disk_holds_back_only_its_uploader(root, tmp_path, factory,
     assert (root / "upload.bin").read_bytes() == source.read_bytes()
     writer.close()
     reader.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_uploads_are_counted_while_they_run(tmp_path, factory, server_port):
+    """The server counts uploads from PUT to their end, however they end (the memory
+    hand-back waits for no transfer to run)."""
+    source = tmp_path / "upload.bin"
+    source.write_bytes(os.urandom(16 * wire.DATA_CHUNK))
+
+    async def until(condition):
+        for _ in range(250):
+            if condition():
+                return True
+            await sleep(0.02)
+        return False
+
+    writer = await authenticated_client(server_port, "writer", WRITER_PASSWORD)
+    assert factory.uploads == 0
+    stored = writer.put(str(source), "whole.bin")
+    assert await until(lambda: factory.uploads == 1)
+    await stored
+    assert await until(lambda: factory.uploads == 0), "a stored upload is still counted"
+
+    cut = await authenticated_client(server_port, "writer", WRITER_PASSWORD)
+    failed = cut.put(str(source), "cut.bin")
+    failed.addErrback(lambda failure: failure.trap(errors.EketwistError))
+    assert await until(lambda: factory.uploads == 1)
+    cut.transport.abortConnection()
+    await failed
+    assert await until(lambda: factory.uploads == 0), "an upload cut short is still counted"
+    writer.close()
