@@ -75,6 +75,9 @@ class _Request:
     def cleanup(self, keep_part):
         if self.part is not None:
             self.part.abort(keep_part=keep_part)
+            # A client serves no one else: wait for what was received to be on disk (the
+            # process may exit next), so that a resume finds all of it.
+            self.part.wait_until_closed()
         if self.handle is not None:
             self.handle.close()
         self.progress.close()

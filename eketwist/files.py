@@ -539,7 +539,6 @@ class PartFile:
             except FileNotFoundError:
                 pass
 
-
     def wait_until_closed(self, timeout=None):
         """After `abort`: True once the file is closed (what was kept is on disk)."""
         writer = self._closing_writer
