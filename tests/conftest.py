@@ -83,6 +83,34 @@ async def authenticated_client(port, user="alice", password=PASSWORD):
     return client
 
 
+def slow_part_files(monkeypatch, seconds, min_bytes=0, on_write=None):
+    """From now on, part files (the only files opened "r+b") sit on a disk that takes
+    `seconds` for each write of at least `min_bytes`; `on_write()` is called as one begins."""
+    import time
+
+    real_fdopen = os.fdopen
+
+    class SlowDisk:
+        def __init__(self, file):
+            self._file = file
+
+        def write(self, data):
+            if len(data) >= min_bytes:
+                if on_write is not None:
+                    on_write()
+                time.sleep(seconds)
+            return self._file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        file = real_fdopen(fd, mode, *args, **kwargs)
+        return SlowDisk(file) if mode == "r+b" else file
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
 def sleep(seconds):
     d = defer.Deferred()
     reactor.callLater(seconds, d.callback, None)

@@ -10,6 +10,8 @@ import pytest
 
 from eketwist import errors, files, spake2plus, userdb
 
+from .conftest import slow_part_files
+
 FAST = {"n": 1024, "r": 8, "p": 1}
 
 
@@ -272,21 +274,7 @@ def test_aborting_a_part_file_does_not_wait_for_a_slow_disk(tmp_path, monkeypatc
     dropped; the writer closes the file when done."""
     import time
 
-    real_fdopen = os.fdopen
-
-    class SlowDisk:  # 0.5 s per write
-        def __init__(self, file):
-            self._file = file
-
-        def write(self, data):
-            time.sleep(0.5)
-            return self._file.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self._file, name)
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: (
-        SlowDisk(real_fdopen(fd, mode, *a, **k)) if mode == "r+b" else real_fdopen(fd, mode, *a, **k)))
+    slow_part_files(monkeypatch, 0.5)
     for keep_part in (True, False):
         destination = tmp_path / f"kept-{keep_part}"
         part = _part(destination, lock=True)

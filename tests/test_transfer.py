@@ -14,7 +14,7 @@ from twisted.protocols import portforward
 from eketwist import connection, errors, wire
 from eketwist.server import ServerFactory
 
-from .conftest import PASSWORD, WRITER_PASSWORD, authenticated_client, connect_client, sleep
+from .conftest import PASSWORD, WRITER_PASSWORD, authenticated_client, connect_client, sleep, slow_part_files
 from .rawclient import CONTROL, DATA, RawClient
 
 
@@ -408,27 +408,12 @@ async def test_a_slow_disk_holds_back_only_its_uploader(root, tmp_path, factory,
 
     writing = threading.Event()
     write_started = []
-    real_fdopen = os.fdopen
 
-    class SlowDisk:  # a part file on a disk that takes 0.8 s per record
-        def __init__(self, file):
-            self._file = file
+    def on_write():
+        write_started.append(time.monotonic())
+        writing.set()
 
-        def write(self, data):
-            if len(data) >= 64 * 1024:
-                write_started.append(time.monotonic())
-                writing.set()
-                time.sleep(0.8)
-            return self._file.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self._file, name)
-
-    def fdopen(fd, mode="r", *args, **kwargs):
-        file = real_fdopen(fd, mode, *args, **kwargs)
-        return SlowDisk(file) if mode == "r+b" else file  # "r+b": only part files
-
-    monkeypatch.setattr(os, "fdopen", fdopen)
+    slow_part_files(monkeypatch, 0.8, min_bytes=64 * 1024, on_write=on_write)  # 0.8 s a record
     factory.idle_timeout = 0.5  # shorter than one record's write
     writer = await authenticated_client(server_port, "writer", WRITER_PASSWORD)
     reader = await authenticated_client(server_port)
