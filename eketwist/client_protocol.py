@@ -85,6 +85,7 @@ class _Request:
 
 class ClientProtocol(SecureConnection, TimeoutMixin):
     log = Logger()
+    PEER = "server"
     TRANSITIONS = {
         "params": {"params": "on_params"},
         "deriving": {},
@@ -313,9 +314,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
 
     def on_get_data(self, chunk):
         request = self._request
-        if request.part.size + len(chunk) > request.size:
-            raise IntegrityError(f"{request.remote}: the server sent more than the announced size")
-        self.receive_into(request.part, chunk)
+        self.receive_into(request, request.remote, chunk)
         request.progress.update(len(chunk))
 
     def on_get_end(self, message):

@@ -98,6 +98,7 @@ class SecureConnection(Protocol):
 
     log = Logger()
     TRANSITIONS = {}
+    PEER = "peer"  # what messages call the other side
     state = "closed"
 
     def connectionMade(self):
@@ -107,13 +108,13 @@ class SecureConnection(Protocol):
         self.closing = False
         self.when_closed = Deferred()
         self._holds = set()  # reasons we are not reading the peer now (see hold_reading)
+        self._patience = None  # the timer that stops waiting for whole records
 
     def connectionLost(self, reason):
         self.closing = True
         self.state = "closed"
-        patience = getattr(self, "_patience", None)
-        if patience is not None and patience.active():
-            patience.cancel()
+        if self._patience is not None and self._patience.active():
+            self._patience.cancel()
         self.when_closed.callback(None)
 
     @property
@@ -126,7 +127,6 @@ class SecureConnection(Protocol):
         # Sends take whole records (Twisted's default is 128 KiB per system call).
         self.transport.SEND_LIMIT = wire.SEND_SIZE
         self._low_water = 1
-        self._patience = None
         self._socket = _tcp_socket(self.transport) if RECEIVE_LOW_WATER else None
         self._set_read_size(0)
 
@@ -194,10 +194,14 @@ class SecureConnection(Protocol):
             if not self._holds and not self.closing:
                 self.transport.resumeProducing()
 
-    def receive_into(self, part, chunk):
-        """Hand a received chunk to the file being written. If the disk is behind, stop
-        reading the peer until it catches up, rather than block the reactor (and every other
-        connection with it). The wait is ours, not the peer's: no timeout runs meanwhile."""
+    def receive_into(self, transfer, shown_name, chunk):
+        """Hand a received chunk to the file `transfer` is writing (it has `size` and `part`),
+        refusing more than was announced. If the disk is behind, stop reading the peer until
+        it catches up, rather than block the reactor (and every other connection with it).
+        The wait is ours, not the peer's: no timeout runs meanwhile."""
+        part = transfer.part
+        if part.size + len(chunk) > transfer.size:
+            raise IntegrityError(f"{shown_name}: the {self.PEER} sent more than the announced size")
         if part.write(chunk) and "disk" not in self._holds:
             from twisted.internet import reactor
 

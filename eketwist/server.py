@@ -76,6 +76,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     pauses us and we stop reading its requests, so nothing piles up in memory."""
 
     log = Logger()
+    PEER = "client"
     TRANSITIONS = {
         "hello": {"hello": "on_hello"},
         "delaying": {},
@@ -534,10 +535,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         return self._upload if self.state == "receiving" else None
 
     def on_upload_data(self, chunk):
-        upload = self._upload
-        if upload.part.size + len(chunk) > upload.size:
-            raise IntegrityError(f"{upload.path}: the client sent more than the announced size")
-        self.receive_into(upload.part, chunk)
+        self.receive_into(self._upload, self._upload.path, chunk)
 
     def on_upload_end(self, message):
         size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)
