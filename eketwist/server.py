@@ -292,6 +292,11 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.setTimeout(self.factory.idle_timeout)
 
     @property
+    def uploading(self):
+        """From PUT to STORED, a refusal or the end of the connection."""
+        return self._upload is not None or self.state == "storing"
+
+    @property
     def busy(self):
         """In the middle of a transfer or a listing, which a graceful shutdown lets finish."""
         return self.state in ("working", "upload-offered", "receiving", "storing")
@@ -494,7 +499,6 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self._refuse("put", requested, error)
             return
         self._upload = upload = Upload(part, requested, size, mtime, mode, force)
-        self.factory.uploads += 1
         if part.size > size:
             part.restart()
         if not part.size:
@@ -543,7 +547,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         upload, self._upload = self._upload, None
         if size != upload.size:
             upload.part.abort()
-            self._upload_over()
+            self.factory.transfer_over()
             self._refuse("put", upload.path, IntegrityError(f"{upload.path}: the file changed size while it was sent"))
             return
         # The last writes, fsync and rename take what the disk needs: seconds for a large file
@@ -562,12 +566,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         except OSError:
             return digest, None  # already gone again: nothing to remember
 
-    def _upload_over(self):
-        self.factory.uploads -= 1
-        self.factory.transfer_over()
-
     def _stored(self, stored, upload, size):
-        self._upload_over()
         digest, st = stored
         if st is not None:
             self.factory.digests.put(st, digest)
@@ -580,19 +579,20 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         if not self.closing:
             self.send_control({"type": "stored", "size": size, "sha1": digest})
             self._ready()
+        self.factory.transfer_over()  # out of "storing" now: no longer counted as uploading
 
     def _not_stored(self, failure, upload):
-        self._upload_over()
         if failure.check(EketwistError):
             self._refuse("put", upload.path, failure.value)
         else:
             self._internal_failure(failure)
+        self.factory.transfer_over()
 
     def _abort_upload(self, keep_part, why):
         upload, self._upload = self._upload, None
         if upload is not None:
             upload.part.abort(keep_part=keep_part)
-            self._upload_over()
+            self.factory.transfer_over()
             self.log.info(
                 "{user} from {peer}: put {path} aborted after {nbytes} bytes ({why}); partial {kept}",
                 user=self.username, peer=self.peer, path=upload.path, nbytes=upload.part.size,
@@ -677,7 +677,6 @@ class ServerFactory(protocol.Factory):
         self.digests = files.DigestCache()
         self.connections = set()
         self.downloads = 0
-        self.uploads = 0  # from PUT to STORED, a refusal or the end of the connection
         self._trim_call = None
         self.draining = False
         self._points = collections.OrderedDict()
@@ -689,6 +688,12 @@ class ServerFactory(protocol.Factory):
         left, the daemon held 189 MiB without this, 55 MiB with it; 51 MiB before)."""
         if self._quiet() and (self._trim_call is None or not self._trim_call.active()):
             self._trim_call = self.clock.callLater(self.QUIET_BEFORE_TRIM, self._trim_when_quiet)
+
+    @property
+    def uploads(self):
+        """Uploads running now (counted when needed: unlike downloads, no record size
+        depends on it)."""
+        return sum(1 for connection in self.connections if connection.uploading)
 
     def _quiet(self):
         return self.downloads == 0 and self.uploads == 0
