@@ -1,11 +1,18 @@
 """Defences against password guessing and connection floods, as bookkeeping with an injected
 clock: no I/O, so it can be tested and measured in simulated time.
 
-- Guessing: failed authentications are counted per source address and per username within a
-  window. Each failure makes the server wait longer before answering the next HELLO from that
-  source or for that user (exponential, capped; the user's cap bounds how long an attacker can
-  delay a legitimate user elsewhere). Too many failures from one source lock it out for a while.
+- Guessing: every guess the server answers is counted, per source address and per username,
+  within a window: it counts as a failure the moment the server sends its share (from then on
+  the client can check its guess), and only a valid confirmation takes that one guess back.
+  Each failure makes the server wait longer before answering the next HELLO from that source or
+  for that user (exponential, capped; the user's cap bounds how long an attacker can delay a
+  legitimate user elsewhere). Too many failures from one source lock it out for a while.
+  A success takes back only what that source did to that name (its owner's typos): other
+  sources' failures on the name stay, so a prober cannot see its owner log in, and one's own
+  account cannot be used to wipe the guesses made against others.
   Unknown usernames are counted exactly like known ones, so the delay reveals nothing.
+- Handshake work: each source has a budget of handshakes per second (a token bucket); beyond
+  it, answers wait, so one address cannot take the daemon's handshake capacity.
 - Floods: a cap on connections per source and on all connections, and OpenSSH's MaxStartups
   for handshakes in progress (start:rate:full - beyond `start`, new connections are dropped
   with a probability rising from rate% to 100% at `full`).
@@ -24,6 +31,8 @@ class Policy:
     delay_base: float = 0.5
     max_source_delay: float = 10.0
     max_user_delay: float = 5.0
+    handshake_rate: float = 20.0  # per source, per second (sustained)
+    handshake_burst: int = 40  # per source, at once
     startups_start: int = 1500
     startups_rate: int = 30
     startups_full: int = 3000
@@ -38,12 +47,14 @@ class Policy:
             problems.append("max-startups needs 0 < start <= full")
         if not 0 <= self.startups_rate <= 100:
             problems.append("max-startups rate is a percentage")
-        for name in ("max_source_failures", "max_per_source", "max_connections", "max_tracked"):
+        for name in ("max_source_failures", "max_per_source", "max_connections", "max_tracked", "handshake_burst"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
         for name in ("failure_window", "source_lockout", "delay_base", "max_source_delay", "max_user_delay"):
             if getattr(self, name) < 0:
                 problems.append(f"{name.replace('_', '-')} must not be negative")
+        if not self.handshake_rate > 0:
+            problems.append("handshake-rate must be positive")
         return problems
 
 
@@ -58,11 +69,13 @@ class Refused(Exception):
 
 
 class _Failures:
-    """Failure times per key within the window, least recently touched first, bounded."""
+    """Failures per key within the window, least recently touched first, bounded. Each failure
+    remembers the other side of its pair (the name for a source, the source for a name), so
+    that a success can take back exactly the failures of that pair."""
 
     def __init__(self, policy):
         self._policy = policy
-        self._times = collections.OrderedDict()
+        self._times = collections.OrderedDict()  # key -> deque of (time, other key)
 
     def __len__(self):
         return len(self._times)
@@ -72,23 +85,33 @@ class _Failures:
         if not times:
             return 0
         horizon = now - self._policy.failure_window
-        while times and times[0] <= horizon:
+        while times and times[0][0] <= horizon:
             times.popleft()
         if not times:
             del self._times[key]
             return 0
         return len(times)
 
-    def add(self, key, now):
+    def add(self, key, other, now):
         times = self._times.get(key)
         if times is None:
             # Enough history to reach the lockout threshold, no more.
             times = self._times[key] = collections.deque(maxlen=self._policy.max_source_failures + 1)
-        times.append(now)
+        times.append((now, other))
         self._times.move_to_end(key)
         while len(self._times) > self._policy.max_tracked:
             self._times.popitem(last=False)
         return self.count(key, now)
+
+    def take_back(self, key, other, when=None):
+        """Forget the failures of the pair (key, other): the one at `when`, or all of them."""
+        times = self._times.get(key)
+        if times:
+            kept = [(t, o) for t, o in times if not (o == other and (when is None or t == when))]
+            times.clear()
+            times.extend(kept)
+            if not times:
+                del self._times[key]
 
     def clear(self, key):
         self._times.pop(key, None)
@@ -104,6 +127,8 @@ class Guard:
         self._by_source = _Failures(self.policy)
         self._by_user = _Failures(self.policy)
         self._locked_until = collections.OrderedDict()
+        self._lockout_started_by = {}  # source -> the answer (time) that started its lockout
+        self._handshake_due = collections.OrderedDict()  # source -> token bucket's next free time
         self._per_source = collections.Counter()
         self.connections = 0
         self.handshakes = 0
@@ -140,18 +165,12 @@ class Guard:
         self.handshakes += 1
 
     def admit_source(self, source):
-        """The limits per address, checked once the client's address is known (behind a
-        proxy, from the PROXY header that precedes its first bytes). Raises Refused."""
-        now = self.clock.seconds()
-        until = self._locked_until.get(source)
-        if until is not None:
-            if until > now:
-                self.refused["locked-out"] += 1
-                raise Refused(
-                    f"too many failed logins from your address; try again in {int(until - now) + 1} s",
-                    log_key=("locked-out", source),
-                )
+        """The limits per address, checked when a connection is accepted (behind a proxy,
+        once its PROXY header has given the client's address). Raises Refused."""
+        self.check_source(source)
+        if source in self._locked_until:  # expired
             del self._locked_until[source]
+            self._lockout_started_by.pop(source, None)
         if self._per_source[source] >= self.policy.max_per_source:
             self.refused["per-source"] += 1
             raise Refused("too many connections from your address", log_key=("per-source", source))
@@ -179,7 +198,34 @@ class Guard:
     def _delay(self, failures, cap):
         if failures <= 0:
             return 0.0
-        return min(self.policy.delay_base * 2 ** (failures - 1), cap)
+        # The exponent is capped: any --max-failures stays a finite float (2**1024 is not).
+        return min(self.policy.delay_base * 2.0 ** min(failures - 1, 64), cap)
+
+    def check_source(self, source):
+        """Raise Refused if `source` is locked out now (a connection opened before the lockout
+        began must not get its guess answered either)."""
+        until = self._locked_until.get(source)
+        if until is not None and until > self.clock.seconds():
+            self.refused["locked-out"] += 1
+            raise Refused(
+                f"too many failed logins from your address; try again in {int(until - self.clock.seconds()) + 1} s",
+                log_key=("locked-out", source),
+            )
+
+    def handshake_delay(self, source):
+        """Seconds to wait before doing a handshake's work for `source`, within its budget
+        (handshake_rate per second, handshake_burst at once): a token bucket kept as the time
+        its next token is free (GCRA). Each call spends one token."""
+        policy = self.policy
+        now = self.clock.seconds()
+        interval = 1.0 / policy.handshake_rate
+        due = max(self._handshake_due.get(source, now), now)
+        delay = max(0.0, due - now - (policy.handshake_burst - 1) * interval)
+        self._handshake_due[source] = due + interval
+        self._handshake_due.move_to_end(source)
+        while len(self._handshake_due) > policy.max_tracked:
+            self._handshake_due.popitem(last=False)
+        return delay
 
     def delay_before_answer(self, source, user):
         """Seconds to wait before answering a HELLO from `source` for `user`."""
@@ -190,24 +236,35 @@ class Guard:
         )
 
     def failed(self, source, user):
-        """Record a failed authentication; returns the lockout in seconds if it starts now."""
+        """Record a failed authentication; returns (when, lockout): the failure's time, for
+        `succeeded` to take it back, and the lockout in seconds if it starts now, else None."""
         now = self.clock.seconds()
-        self._by_user.add(user, now)
-        if self._by_source.add(source, now) >= self.policy.max_source_failures:
-            self._by_source.clear(source)
+        self._by_user.add(user, source, now)
+        if self._by_source.add(source, user, now) >= self.policy.max_source_failures:
+            # The failures stay counted (a right guess that started the lockout takes back
+            # only itself); once the lockout ends, each failure still in the window locks again.
             self._locked_until[source] = now + self.policy.source_lockout
             self._locked_until.move_to_end(source)
+            self._lockout_started_by[source] = now
             while len(self._locked_until) > self.policy.max_tracked:
-                self._locked_until.popitem(last=False)
-            return self.policy.source_lockout
-        return None
+                gone, _ = self._locked_until.popitem(last=False)
+                self._lockout_started_by.pop(gone, None)
+            return now, self.policy.source_lockout
+        return now, None
 
-    def succeeded(self, source, user):
-        self._by_source.clear(source)
-        self._by_user.clear(user)
+    def succeeded(self, source, user, when=None):
+        """A valid confirmation from `source` for `user`: take back the guess answered at
+        `when` (counted when the share was sent) and the earlier failures of this pair (the
+        owner's typos); a lockout that very guess started is lifted. Failures of other sources
+        on this name, and of this source on other names, stay."""
+        self._by_source.take_back(source, user)
+        self._by_user.take_back(user, source)
+        if when is not None and self._lockout_started_by.get(source) == when:
+            del self._lockout_started_by[source]
+            self._locked_until.pop(source, None)
 
     def tracked(self):
-        return len(self._by_source) + len(self._by_user) + len(self._locked_until)
+        return len(self._by_source) + len(self._by_user) + len(self._locked_until) + len(self._handshake_due)
 
 
 class LogLimiter:

@@ -11,7 +11,6 @@ States and the messages each accepts (docs/protocol.md, section 9):
   receiving       -> data, end      : an upload streams into its part file
 """
 
-import collections
 import gc
 import hashlib
 import hmac
@@ -91,43 +90,40 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def connectionMade(self):
         super().connectionMade()
-        # Behind HAProxy the client's address arrives with its first bytes (the PROXY
-        # header): until then `peer` is the proxy's, and no per-address limit applies yet.
+        # The client's real address is known from the start (behind HAProxy, eketwist.proxy
+        # connects us only once the PROXY header has given it): every per-address limit
+        # applies from accept, silent connections included.
+        address = self.transport.getPeer()
+        self.peer = _describe_peer(address)
         self.source = None
-        self.peer = _describe_peer(self.transport.getPeer())
         self.username = None
         self.root = None
         self.can_write = False
         self._upload = None
         self._delayed = None
+        self._guess = None  # when our share answered this connection's guess, until confirmed
         self._admitted = False
         self._in_handshake = True
         self.callLater = self.factory.clock.callLater
+        source = getattr(address, "host", None) or str(address)
         try:
             self.factory.guard.admit_connection()
+            try:
+                self.factory.guard.admit_source(source)
+            except guard.Refused:
+                self.factory.guard.closed(None, in_handshake=True)
+                raise
         except guard.Refused as refusal:
             self._turn_away(refusal)
             return
+        self.source = source
         self._admitted = True
         self.factory.connections.add(self)
+        self.log.info("connection from {peer}", peer=self.peer)
         self.state = "hello"
         self.transport.registerProducer(self, True)
         # A slow client cannot keep a handshake slot: this deadline is never reset by data.
         self.setTimeout(self.factory.handshake_timeout)
-
-    def _identify(self):
-        """The first bytes are here, so is the client's real address: apply its limits."""
-        address = self.transport.getPeer()
-        self.peer = _describe_peer(address)
-        source = getattr(address, "host", None) or str(address)
-        try:
-            self.factory.guard.admit_source(source)
-        except guard.Refused as refusal:
-            self._turn_away(refusal)
-            return False
-        self.source = source
-        self.log.info("connection from {peer}", peer=self.peer)
-        return True
 
     def _turn_away(self, refusal):
         self.closing = True
@@ -163,8 +159,6 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self.transport.registerProducer(self, True)
 
     def dataReceived(self, data):
-        if self.source is None and not self.closing and not self._identify():
-            return
         if self.authenticated and self.state in ("ready", "receiving"):
             self.resetTimeout()
         super().dataReceived(data)
@@ -178,8 +172,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.setTimeout(None)
         if self._delayed is not None and self._delayed.active():
             self._delayed.cancel()
-        if self.state == "confirm":
-            # The client saw our confirmation and hung up: its password did not match.
+        if self._guess is not None:
+            # Our share answered a guess that was never confirmed: a failure, however the
+            # connection ended (counted when the share was sent).
             self._log_auth_failure()
         self._abort_upload(keep_part=True, why="connection lost")
         super().connectionLost(reason)
@@ -198,18 +193,13 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def peer_error(self, message):
         code = str(message.get("code"))[:40]
-        if self.state != "confirm":  # in "confirm", connectionLost logs the failed authentication
+        if self._guess is None:  # after our share, connectionLost logs the failed authentication
             self.log.info("client {peer} reported an error: {code}", peer=self.peer, code=code)
         self.close()
 
     def _log_auth_failure(self):
+        self._guess = None
         self.log.warn("authentication failed for {user} from {peer}", user=self.username, peer=self.peer)
-        lockout = self.factory.guard.failed(self.source, self.username)
-        if lockout:
-            self.log.warn(
-                "locking out {source} for {seconds:.0f} s after {count} failed logins",
-                source=self.source, seconds=lockout, count=self.factory.guard.policy.max_source_failures,
-            )
 
     # -- handshake
 
@@ -223,8 +213,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             raise ProtocolError(problem)
         self.username = name
         self._user, self._user_known = self.factory.users.current().lookup(name)
-        # Recent failures from this source or for this name (known or not) slow the answer.
-        delay = self.factory.guard.delay_before_answer(self.source, name)
+        # Recent failures from this source or for this name (known or not) slow the answer,
+        # and so does a source past its budget of handshakes (the share costs CPU).
+        guard_ = self.factory.guard
+        delay = max(guard_.delay_before_answer(self.source, name), guard_.handshake_delay(self.source))
         if delay > 0:
             self.state = "delaying"
             self._delayed = self.callLater(delay, self._send_params)
@@ -239,13 +231,21 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
                 "type": "params",
                 "server": self.factory.server_id,
                 "salt": self._user.salt.hex(),
-                "scrypt": dict(self._user.scrypt),
+                "scrypt": {key: self._user.scrypt[key] for key in ("n", "r", "p")},
             }
         )
 
     def on_share(self, message):
         share_p = wire.hex_field(message, "share", spake2plus.POINT_BYTES)
+        guard_ = self.factory.guard
         try:
+            # Locked out since its HELLO (by its other connections): no answer to this guess.
+            guard_.check_source(self.source)
+        except guard.Refused as refusal:
+            self._turn_away(refusal)
+            return
+        try:
+            # No cache of verifier points: a hit would tell which names logged in recently.
             share_v, self._keys = spake2plus.verifier_respond(
                 CONTEXT,
                 self.username.encode("utf-8"),
@@ -253,10 +253,17 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
                 self._user.w0,
                 self._user.L,
                 share_p,
-                points=self.factory.verifier_points(self._user),
             )
         except spake2plus.InvalidPoint as problem:
             raise ProtocolError(f"invalid share: {problem}") from None
+        # From this share on, the client can check its guess: it counts as a failure now, and
+        # only a valid confirmation takes it back. Every other ending leaves it counted.
+        self._guess, lockout = guard_.failed(self.source, self.username)
+        if lockout:
+            self.log.warn(
+                "locking out {source} for {seconds:.0f} s after {count} failed logins",
+                source=self.source, seconds=lockout, count=guard_.policy.max_source_failures,
+            )
         self.state = "confirm"
         self.send_handshake({"type": "share", "share": share_v.hex(), "confirm": self._keys.confirm_v.hex()})
 
@@ -269,11 +276,12 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self._log_auth_failure()
             self.fail(AuthenticationFailed())
             return
+        guess, self._guess = self._guess, None
         self.send_handshake({"type": "ok"})
         self.start_records(keys.shared, is_client=False)
         self._in_handshake = False
         self.factory.guard.authenticated(self.source)
-        self.factory.guard.succeeded(self.source, user.name)
+        self.factory.guard.succeeded(self.source, user.name, when=guess)
         self.root = user.root or self.factory.root
         self.can_write = user.rights == userdb.READ_WRITE
         self._ready()
@@ -642,7 +650,6 @@ def _describe_peer(address):
 class ServerFactory(protocol.Factory):
     protocol = ServerProtocol
     noisy = False
-    MAX_CACHED_VERIFIERS = 4096
     # A download holds about one record in memory (more when its reader is slow). Records are
     # 2 MiB while few downloads run (fastest), and shrink as more run, down to 256 KiB: what
     # records in flight hold stays near this budget, however many downloads run at once.
@@ -679,7 +686,6 @@ class ServerFactory(protocol.Factory):
         self.downloads = 0
         self._trim_call = None
         self.draining = False
-        self._points = collections.OrderedDict()
         self.log_limiter = guard.LogLimiter(self.clock)
 
     def transfer_over(self):
@@ -709,19 +715,6 @@ class ServerFactory(protocol.Factory):
         """The size of a download's next record: its share of RECORD_BUDGET, within bounds."""
         share = self.RECORD_BUDGET // max(1, self.downloads)
         return max(self.MIN_RECORD, min(wire.DATA_CHUNK, share))
-
-    def verifier_points(self, user):
-        """The fixed points of a verifier, computed at its first handshake and kept (least
-        recently used forgotten first). Known and unknown names go through the same cache, so
-        the time to answer does not tell them apart."""
-        key = (user.name, user.w0, user.L)
-        points = self._points.get(key)
-        if points is None:
-            points = self._points[key] = spake2plus.verifier_points(user.w0, user.L)
-            while len(self._points) > self.MAX_CACHED_VERIFIERS:
-                self._points.popitem(last=False)
-        self._points.move_to_end(key)
-        return points
 
     def drain(self, grace):
         """Stop serving: close idle connections now, let running transfers finish for up to

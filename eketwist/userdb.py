@@ -8,7 +8,6 @@ whose secret makes the answers for unknown usernames stable; every other line is
 Unknown fields are kept as they are, so later versions can add per-user settings.
 """
 
-import collections
 import hashlib
 import hmac
 import json
@@ -89,9 +88,12 @@ class Users:
         self.secret = secret
         self.secret_is_stored = secret_is_stored
         self.by_name = {user.name: user for user in users}
-        # Fake users get the cost most real users have, so the cost does not tell them apart.
-        costs = collections.Counter(tuple(sorted(user.scrypt.items())) for user in self.by_name.values())
-        self._fake_scrypt = dict(costs.most_common(1)[0][0]) if costs else dict(DEFAULT_SCRYPT)
+        # An unknown name gets a cost drawn (stably, from the secret and the name) from the
+        # real users' costs, in their proportions: a cost that one user in ten has, one unknown
+        # name in ten shows too, so no cost marks a name as real or fake.
+        self._costs = sorted(
+            (tuple(user.scrypt[key] for key in ("n", "r", "p")) for user in self.by_name.values()),
+        ) or [tuple(DEFAULT_SCRYPT[key] for key in ("n", "r", "p"))]
         self._fake_L = spake2plus.encode_point(
             spake2plus.GENERATOR * (self._derive(b"L", b"") % (spake2plus.ORDER - 1) + 1)
         )
@@ -109,19 +111,20 @@ class Users:
 
     def lookup(self, name):
         """(user, known). An unknown name gets a stable fake verifier of the same shape, so
-        the handshake looks the same for it and fails only at the key confirmation."""
-        user = self.by_name.get(name)
-        if user is not None:
-            return user, True
+        the handshake looks the same for it and fails only at the key confirmation. The fake
+        is derived for every name, known or not: the same work, so the time to answer does
+        not tell them apart either."""
         name_bytes = name.encode("utf-8", "surrogatepass")
+        n, r, p = self._costs[self._derive(b"cost", name_bytes) % len(self._costs)]
         fake = User(
             name=name,
-            scrypt=dict(self._fake_scrypt),
+            scrypt={"n": n, "r": r, "p": p},
             salt=self._derive(b"salt", name_bytes).to_bytes(64, "big")[:SALT_BYTES],
             w0=self._derive(b"w0", name_bytes) % spake2plus.ORDER,
             L=self._fake_L,
         )
-        return fake, False
+        user = self.by_name.get(name)
+        return (fake, False) if user is None else (user, True)
 
 
 def _parse_user(obj):

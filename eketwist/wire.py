@@ -138,7 +138,9 @@ class FrameDecoder:
 
 
 def encode_message(message):
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Canonical JSON: keys sorted, no spaces. The bytes then depend on the values only, never
+    on how a dictionary was built (a known user's cost and an unknown one's look alike)."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode("utf-8")
 
 
 def _refuse_constant(name):

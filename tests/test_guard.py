@@ -35,16 +35,70 @@ def test_a_user_under_attack_is_delayed_at_most_the_user_bound():
     for i in range(500):  # a botnet: every guess from a new address
         g.failed(f"10.1.{i // 250}.{i % 250}", "alice")
     assert g.delay_before_answer("192.0.2.7", "alice") == g.policy.max_user_delay == 5
+    # Her owner logs in from elsewhere: the guessers still see the name's delay (a success
+    # that cleared it would tell them she just logged in).
     g.succeeded("192.0.2.7", "alice")
-    assert g.delay_before_answer("192.0.2.7", "alice") == 0
+    assert g.delay_before_answer("10.1.0.1", "alice") == 5
+
+
+def test_a_success_takes_back_the_owners_typos_only():
+    g, clock = make()
+    prober, owner = "10.0.0.66", "192.0.2.7"
+    for _ in range(3):
+        g.failed(prober, "alice")
+    g.failed(owner, "alice")
+    when, _ = g.failed(owner, "alice")  # the guess whose confirmation turns out right
+    assert g.delay_before_answer(owner, "alice") == 5  # 5 failures on the name: at the cap
+    g.succeeded(owner, "alice", when=when)
+    assert g.delay_before_answer(owner, "alice") == 2  # the prober's 3 remain on the name
+    assert g.delay_before_answer(prober, "bob") == 2  # and on the prober's address
+
+
+def test_ones_own_account_does_not_wipe_guesses_at_others():
+    g, clock = make(max_source_failures=3)
+    source = "10.0.0.66"
+    g.failed(source, "victim")
+    g.failed(source, "victim")
+    when, _ = g.failed(source, "mallory")
+    g.succeeded(source, "mallory", when=when)  # mallory's own, valid account
+    assert g.delay_before_answer(source, "nobody") == 1  # the 2 guesses at victim still count
+    assert g.failed(source, "victim")[1] == 900  # the third guess at others: locked out
+
+
+def test_a_lockout_started_by_a_right_guess_is_lifted():
+    g, clock = make(max_source_failures=2, source_lockout=100)
+    g.failed("10.0.0.1", "alice")
+    when, lockout = g.failed("10.0.0.1", "alice")  # answered: starts the lockout
+    assert lockout == 100
+    with pytest.raises(guard.Refused):
+        g.check_source("10.0.0.1")
+    g.succeeded("10.0.0.1", "alice", when=when)  # ...but it was the owner, and right
+    g.check_source("10.0.0.1")
+
+
+def test_any_max_failures_gives_a_finite_delay():
+    g, clock = make(max_source_failures=5000, max_source_delay=10)
+    for _ in range(2000):
+        g.failed("10.0.0.1", "alice")
+    assert g.delay_before_answer("10.0.0.1", "alice") == 10
+
+
+def test_handshake_budget_per_source():
+    g, clock = make(handshake_rate=10, handshake_burst=5)
+    delays = [g.handshake_delay("10.0.0.1") for _ in range(8)]
+    assert delays[:5] == [0, 0, 0, 0, 0]
+    assert delays[5:] == pytest.approx([0.1, 0.2, 0.3])
+    assert g.handshake_delay("10.0.0.2") == 0  # each source has its own budget
+    clock.advance(10)
+    assert g.handshake_delay("10.0.0.1") == 0  # refilled
 
 
 def test_lockout_after_too_many_failures_then_release():
     g, clock = make(max_source_failures=3, source_lockout=100)
     g.admit("10.0.0.1")
-    assert g.failed("10.0.0.1", "a") is None
-    assert g.failed("10.0.0.1", "b") is None
-    assert g.failed("10.0.0.1", "c") == 100
+    assert g.failed("10.0.0.1", "a")[1] is None
+    assert g.failed("10.0.0.1", "b")[1] is None
+    assert g.failed("10.0.0.1", "c")[1] == 100
     with pytest.raises(guard.Refused, match="too many failed logins"):
         g.admit("10.0.0.1")
     g.admit("10.0.0.2")  # others are not affected
@@ -89,7 +143,8 @@ def test_bookkeeping_is_bounded():
     g, clock = make(max_tracked=100)
     for i in range(5000):
         g.failed(f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", f"user{i}")
-    assert g.tracked() <= 300
+        g.handshake_delay(f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}")
+    assert g.tracked() <= 400
 
 
 def test_log_limiter_lets_one_through_per_interval():

@@ -1,0 +1,183 @@
+"""The server under the attacks of docs/security.md, driven in memory (a Clock for time) or over
+real sockets: guesses that must be counted however the connection ends, names that must not be
+told apart by the bytes of an answer, limits that apply from the first moment."""
+
+import json
+import re
+
+import pytest
+import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from eketwist import guard, spake2plus, userdb
+from eketwist.server import ServerFactory
+
+from .conftest import FAST_SCRYPT
+from .rawclient import RawClient
+from .test_fuzz import Conversation, world  # noqa: F401 - a fixture
+
+
+@pytest.fixture
+def auth_failures():
+    """The "authentication failed" lines the server logs."""
+    lines = []
+
+    def observe(event):
+        if "authentication failed" in (event.get("log_format") or ""):
+            lines.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def end_after_share(conversation, ending):
+    """End a connection whose guess the server has answered (it sent its share), as a guesser
+    who has already learnt from confirmV whether the guess was right would."""
+    proto, clock = conversation.proto, conversation.factory.clock
+    if ending == "error":
+        conversation.feed(conversation.handshake_frame({"type": "error", "code": "x", "message": "bye"}))
+    elif ending == "malformed":
+        conversation.feed(b"\xff\xff\xff\xff\x09garbage")
+    elif ending == "unexpected":
+        conversation.feed(conversation.handshake_frame({"type": "hello", "version": 1, "user": "fuzzer"}))
+    elif ending == "timeout":
+        clock.advance(conversation.factory.handshake_timeout + 1)
+    elif ending == "shutdown":
+        conversation.factory.drain(1.0)
+        clock.advance(2)
+    elif ending == "wrong-confirm":
+        conversation.feed(conversation.handshake_frame({"type": "confirm", "confirm": "00" * 32}))
+    if ending != "reset":
+        assert conversation.transport.disconnecting or ending == "silent-close"
+    proto.connectionLost(Failure(ConnectionLost()))
+
+
+@pytest.mark.parametrize(
+    "ending", ["error", "malformed", "unexpected", "timeout", "reset", "shutdown", "wrong-confirm", "silent-close"]
+)
+def test_every_answered_guess_is_counted_however_the_connection_ends(world, auth_failures, ending):
+    conversation = Conversation(world)
+    conversation.factory.guard.policy.delay_base = 0.5
+    conversation.reach("confirm")  # the right password: the client now knows it guessed well
+    end_after_share(conversation, ending)
+    assert conversation.factory.guard.delay_before_answer("127.0.0.1", "somebody") == 0.5
+    assert conversation.factory.guard.delay_before_answer("192.0.2.1", "fuzzer") == 0.5
+    assert len(auth_failures) == 1
+
+
+def test_only_a_valid_confirmation_takes_the_guess_back(world, auth_failures):
+    conversation = Conversation(world)
+    conversation.factory.guard.policy.delay_base = 0.5
+    conversation.reach("ready")
+    assert conversation.factory.guard.delay_before_answer("127.0.0.1", "fuzzer") == 0
+    assert auth_failures == []
+
+
+def test_parallel_connections_get_no_answer_once_their_address_is_locked_out(world):
+    first = Conversation(world)
+    factory = first.factory
+    factory.guard.policy.max_source_failures = 3
+    conversations = [first]
+    for _ in range(5):  # all say HELLO before any guess is answered
+        conversation = Conversation(world)
+        conversation.factory = factory
+        conversation.proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+        conversation.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40001))
+        conversation.proto.makeConnection(conversation.transport)
+        conversations.append(conversation)
+    for conversation in conversations:
+        conversation.reach("share")
+    answered = 0
+    for conversation in conversations:
+        x, share_p = spake2plus.prover_share(conversation.w0)
+        conversation.feed(conversation.handshake_frame({"type": "share", "share": share_p.hex()}))
+        reply = json.loads(conversation.frames_out()[-1][1])
+        if reply["type"] == "share":
+            answered += 1
+        else:
+            assert reply["code"] == "try-later" and "failed logins" in reply["message"]
+    assert answered == 3
+
+
+def _params_bytes(factory, name, host="10.0.0.5"):
+    factory.guard.policy.max_per_source = factory.guard.policy.max_connections = 10_000
+    proto = factory.buildProtocol(IPv4Address("TCP", host, 1234))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", host, 1234))
+    proto.makeConnection(transport)
+    proto.dataReceived(Conversation.handshake_frame(None, {"type": "hello", "version": 1, "user": name}))
+    data = transport.value()
+    length = int.from_bytes(data[:4], "big")
+    return data[5 : 5 + length]
+
+
+def _factory(tmp_path, costs):
+    from twisted.internet.task import Clock
+
+    users = userdb.Users.new()
+    for i, n in enumerate(costs):
+        users.by_name[f"user{i}"] = userdb.make_user(f"user{i}", "pw", dict(FAST_SCRYPT, n=n))
+    userdb.save(tmp_path / "users", users)
+    (tmp_path / "root").mkdir()
+    policy = guard.Policy(handshake_rate=1e6, handshake_burst=1_000_000)
+    return ServerFactory(str(tmp_path / "root"), str(tmp_path / "users"), "s", policy=policy, clock=Clock())
+
+
+def test_params_of_known_and_unknown_names_differ_only_in_the_salt(tmp_path):
+    factory = _factory(tmp_path, [1024])
+    known = _params_bytes(factory, "user0")
+    unknown = _params_bytes(factory, "userX")
+    assert json.loads(known)["scrypt"] == json.loads(unknown)["scrypt"]
+    salt = re.compile(rb'"salt":"[0-9a-f]{32}"')
+    assert salt.sub(b"SALT", known) == salt.sub(b"SALT", unknown)
+
+
+def test_unknown_names_show_the_real_users_costs_in_their_proportions(tmp_path):
+    factory = _factory(tmp_path, [1024, 1024, 1024, 2048])
+    shown = [json.loads(_params_bytes(factory, f"nobody{i}"))["scrypt"]["n"] for i in range(400)]
+    assert set(shown) == {1024, 2048}
+    assert 0.15 < shown.count(2048) / len(shown) < 0.35
+    assert shown == [json.loads(_params_bytes(factory, f"nobody{i}"))["scrypt"]["n"] for i in range(400)]
+
+
+def test_a_sources_handshakes_beyond_its_budget_wait(tmp_path):
+    factory = _factory(tmp_path, [1024])
+    factory.guard.policy.handshake_rate, factory.guard.policy.handshake_burst = 10, 3
+    states = []
+    for _ in range(5):
+        proto = factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1))
+        proto.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 1)))
+        proto.dataReceived(Conversation.handshake_frame(None, {"type": "hello", "version": 1, "user": "user0"}))
+        states.append(proto.state)
+    assert states == ["share", "share", "share", "delaying", "delaying"]
+
+
+@pytest.mark.parametrize("policy", [{"max_per_source": 3}])
+@pytest_twisted.ensureDeferred
+async def test_silent_connections_count_against_the_per_address_cap_from_accept(root, users_file, policy):
+    from twisted.internet import reactor
+
+    factory = ServerFactory(str(root), str(users_file), "t", policy=guard.Policy(**policy))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        number = port.getHost().port
+
+        def open_silent_then_one_more():
+            silent = [RawClient(number, timeout=5) for _ in range(3)]
+            extra = RawClient(number, timeout=5)
+            try:
+                return extra.recv()  # refused without having sent a byte
+            finally:
+                for raw in (*silent, extra):
+                    raw.close()
+
+        refusal = await deferToThread(open_silent_then_one_more)
+        assert refusal["type"] == "error" and refusal["code"] == "try-later"
+        assert "too many connections from your address" in refusal["message"]
+    finally:
+        await port.stopListening()
