@@ -440,7 +440,7 @@ async def run_put(session, args):
         entry = await session.remote_entry(target)
         if entry is not None and entry["kind"] == "dir":
             existing = {e["name"]: e for e in await client.list(target, recursive=True)}
-        await client.mkdir(target, mode=os.stat(local).st_mode)
+        await _remote_directory(client, target, os.stat(local).st_mode)
         directories.append((target, os.stat(local)))
         for directory, subdirectories, filenames in os.walk(local):
             subdirectories.sort()
@@ -452,7 +452,7 @@ async def run_put(session, args):
                     reporter.warn(f"{path}: skipped: a symlink")
                     subdirectories.remove(name_)
                     continue
-                await client.mkdir(remote_join(target, prefix + name_), mode=os.stat(path).st_mode)
+                await _remote_directory(client, remote_join(target, prefix + name_), os.stat(path).st_mode)
                 directories.append((remote_join(target, prefix + name_), os.stat(path)))
             for name_ in sorted(filenames):
                 path = os.path.join(directory, name_)
@@ -472,7 +472,18 @@ async def run_put(session, args):
     for local, target in plan:
         await session.transfer("put", local, target, force=args.force)
     for target, st in sorted(directories, key=lambda item: item[0].count("/"), reverse=True):
-        await client.mkdir(target, mode=st.st_mode, mtime=st.st_mtime)
+        await _remote_directory(client, target, st.st_mode, st.st_mtime)
+
+
+async def _remote_directory(client, remote, mode, mtime=None):
+    """Make a remote directory, or give one we made its mode and time; an existing one (from
+    an earlier run, or not ours) is used as it is: the server changes only what we created."""
+    try:
+        await client.mkdir(remote, mode=mode, mtime=mtime)
+    except errors.Exists as error:
+        entry = None if client.closing else await client.stat(remote)
+        if entry is None or entry["kind"] != "dir":
+            raise error
 
 
 def _size(path):

@@ -245,6 +245,9 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         if len(request.entries) > MAX_LISTING_ENTRIES:
             raise ProtocolError(f"the listing of {request.remote} has more than {MAX_LISTING_ENTRIES} entries")
         if message.get("more") is not True:
+            # The server streams in its directory order; name order here (it also puts every
+            # directory of a tree before its contents).
+            request.entries.sort(key=lambda entry: entry["name"])
             self._complete(request.entries)
 
     def mkdir(self, remote, mode=None, mtime=None):

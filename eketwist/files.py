@@ -1,9 +1,8 @@
-"""The file service: untrusted paths resolved inside a root, listings, and files received whole
-or not at all.
+"""Files received whole or not at all, and the digests of files sent.
 
-No network here. The server's protocol resolves paths and opens files through these functions;
-both sides receive through `PartFile`, which only ever creates the final name by renaming a
-complete, verified file, and which can be resumed.
+No network here. Both sides receive through `PartFile`, which only ever creates the final name
+by renaming a complete, verified file, and which can be resumed. (Where a peer's paths lead on
+the server's disk is eketwist.storage's job.)
 """
 
 import collections
@@ -13,21 +12,16 @@ import hashlib
 import hmac
 import os
 import queue
-import stat
 import threading
 
-from twisted.python.filepath import FilePath, InsecurePath
 
 from .errors import (
-    BadPath,
     EketwistError,
     Busy,
     Exists,
     IntegrityError,
     LocalIOError,
     NoSpace,
-    NotAFile,
-    NotFound,
     PermissionDenied,
 )
 
@@ -40,200 +34,11 @@ HASH_BLOCK = 1 << 20
 MODE_MASK = 0o777
 
 
-def _segments(requested):
-    if not isinstance(requested, str) or "\x00" in requested:
-        raise BadPath("path refused: contains NUL")
-    if requested.startswith("/"):
-        raise BadPath(f"{requested}: path refused: absolute paths are not allowed")
-    segments = [seg for seg in requested.split("/") if seg not in ("", ".")]
-    if ".." in segments:
-        raise BadPath(f"{requested}: path refused: '..' is not allowed")
-    if any(seg.startswith(SERVER_PART_PREFIX) for seg in segments):
-        raise BadPath(f"{requested}: path refused: reserved name")
-    return segments
-
-
-def resolve(root, requested):
-    """The FilePath for `requested` inside `root` (which need not exist yet), or BadPath.
-
-    Built segment by segment (FilePath.child refuses '..', separators and NUL), then the real
-    path is compared with the real root so that no symlink leads outside it. "" and "." are
-    the root itself.
-    """
-    segments = _segments(requested)
-    root_path = FilePath(os.path.realpath(root))
-    path = root_path
-    try:
-        for segment in segments:
-            path = path.child(segment)
-    except InsecurePath:
-        raise BadPath(f"{requested}: path refused") from None
-    real = os.path.realpath(path.path)
-    if real != root_path.path and not real.startswith(root_path.path + os.sep):
-        raise BadPath(f"{requested}: path refused: it leads outside the root")
-    return FilePath(real)
-
-
-def _open_error(problem, shown_name):
-    if isinstance(problem, FileNotFoundError):
-        return NotFound(f"{shown_name}: no such file on the server")
-    if isinstance(problem, PermissionError):
-        return PermissionDenied(f"{shown_name}: permission denied on the server")
-    if problem.errno == errno.ELOOP:
-        return BadPath(f"{shown_name}: path refused")
-    if problem.errno == errno.EISDIR:
-        return NotAFile(f"{shown_name}: is a directory")
-    if problem.errno == errno.ENOTDIR:
-        return NotFound(f"{shown_name}: no such file on the server")
-    return NotFound(f"{shown_name}: cannot open on the server: {problem.strerror}")
-
-
-def open_for_sending(path, shown_name):
-    """Open a regular file for reading: (file object, os.stat_result), or a clear error."""
-    try:
-        # O_NOFOLLOW: the real path was checked; a symlink swapped in since is refused.
-        # O_NONBLOCK: opening a FIFO must not hang the server.
-        fd = os.open(path.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as problem:
-        raise _open_error(problem, shown_name) from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        kind = "is a directory" if stat.S_ISDIR(st.st_mode) else "is not a regular file"
-        raise NotAFile(f"{shown_name}: {kind}")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb", buffering=0), st
-
-
-def _kind(mode):
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    return "other"
-
-
-def entry(name, st):
-    """One listing entry: what `ls` shows and what a tree transfer needs."""
-    return {
-        "name": name,
-        "kind": _kind(st.st_mode),
-        "size": st.st_size,
-        "mtime": st.st_mtime,
-        "mode": stat.S_IMODE(st.st_mode) & MODE_MASK,
-    }
-
-
-def stat_path(path, shown_name):
-    """The entry for one path (symlinks reported as symlinks, not followed)."""
-    try:
-        st = os.lstat(path.path)
-    except OSError as problem:
-        raise _open_error(problem, shown_name) from None
-    return entry(path.basename(), st)
-
-
-def list_entries(path, shown_name, recursive=False):
-    """Entries under a directory, sorted by name; recursive listings give "/"-joined relative
-    names, each directory before its contents. A file lists as itself."""
-    top = stat_path(path, shown_name)
-    if top["kind"] != "dir":
-        yield top
-        return
-    # Depth first with an explicit stack (no recursion limit on deep trees).
-    stack = [("", iter(_sorted_children(path.path, shown_name)))]
-    while stack:
-        prefix, children = stack[-1]
-        child = next(children, None)
-        if child is None:
-            stack.pop()
-            continue
-        if child.name.startswith(SERVER_PART_PREFIX) or not _is_utf8(child.name):
-            continue  # our partial uploads; names no client could ask for
-        try:
-            st = child.stat(follow_symlinks=False)
-        except OSError:
-            continue  # vanished since the scan
-        item = entry(prefix + child.name, st)
-        yield item
-        if recursive and item["kind"] == "dir":
-            name = prefix + child.name
-            stack.append((name + "/", iter(_sorted_children(child.path, f"{shown_name}/{name}"))))
-
-
-def _is_utf8(name):
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # bytes that are not UTF-8 reach us as surrogate escapes
-        return False
-    return True
-
-
-def _sorted_children(directory, shown_name):
-    try:
-        with os.scandir(directory) as scan:
-            return sorted(scan, key=lambda d: d.name)
-    except OSError as problem:
-        raise _open_error(problem, shown_name) from None
-
-
-def make_directory(path, shown_name, mode=None, mtime=None):
-    """Create a directory if it is missing (its parent must exist), then apply mode and mtime."""
-    try:
-        os.mkdir(path.path, 0o700 if mode is None else mode & MODE_MASK)
-    except FileExistsError:
-        if not path.isdir() or path.islink():
-            raise Exists(f"{shown_name}: exists and is not a directory") from None
-    except FileNotFoundError:
-        raise NotFound(f"{shown_name}: the parent directory does not exist") from None
-    except PermissionError:
-        raise PermissionDenied(f"{shown_name}: permission denied on the server") from None
-    except OSError as problem:
-        raise _storage_error(problem, shown_name) from None
-    try:
-        if mode is not None:
-            os.chmod(path.path, mode & MODE_MASK)
-        if mtime is not None:
-            os.utime(path.path, (mtime, mtime))
-    except OSError as problem:
-        raise _storage_error(problem, shown_name) from None
-
-
-def server_part_path(destination, user):
-    """Where the server keeps a partial upload of `destination` for `user`: findable again by
-    the same user for the same path, distinct for different users."""
-    digest = hashlib.sha256(user.encode("utf-8") + b"\0" + destination.basename().encode("utf-8", "surrogateescape"))
-    return destination.sibling(SERVER_PART_PREFIX + digest.hexdigest()[:32])
-
-
-def remove_stale_parts(directory, max_age, now):
-    """Delete partial uploads in `directory` untouched for `max_age` seconds and not in use.
-    Returns how many were removed."""
-    removed = 0
-    try:
-        scan = list(os.scandir(directory))
-    except OSError:
-        return 0
-    for child in scan:
-        if not child.name.startswith(SERVER_PART_PREFIX):
-            continue
-        try:
-            if now - child.stat(follow_symlinks=False).st_mtime < max_age:
-                continue
-            fd = os.open(child.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(child.path)
-            removed += 1
-        except OSError:
-            pass  # in use by an upload right now
-        finally:
-            os.close(fd)
-    return removed
+def server_part_name(name, user):
+    """The name under which the server keeps a partial upload of `name` for `user`, beside
+    it: findable again by the same user for the same name, distinct for different users."""
+    digest = hashlib.sha256(user.encode("utf-8") + b"\0" + name.encode("utf-8", "surrogateescape"))
+    return SERVER_PART_PREFIX + digest.hexdigest()[:32]
 
 
 def hash_prefix(handle, length):
@@ -253,16 +58,20 @@ def hash_prefix(handle, length):
     return sha1
 
 
-def hash_file_prefix(path, length):
+def hash_file_prefix(path, length, dir_fd=None):
     """hash_prefix over a file opened here (None if it is gone or shorter)."""
     try:
-        with open(path, "rb", buffering=0) as handle:
-            return hash_prefix(handle, length)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        try:
+            return hash_prefix(handle, length)
+        except OSError:
+            return None
 
 
-def _storage_error(problem, shown_name):
+def storage_error(problem, shown_name):
     if problem.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{shown_name}: no space left on the receiving disk")
     if problem.errno == errno.EFBIG:
@@ -272,7 +81,10 @@ def _storage_error(problem, shown_name):
     return LocalIOError(f"{shown_name}: {problem.strerror}")
 
 
-def _fsync_directory(directory):
+def _fsync_directory(directory, dir_fd=None):
+    if dir_fd is not None:
+        os.fsync(dir_fd)
+        return
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -419,26 +231,35 @@ class PartFile:
     `restart()` empties it). `finish` checks size and SHA-1, fsyncs, renames into place;
     `abort` closes and, unless asked to keep it, removes the part file. The destination name is
     never created or replaced by an incomplete file.
+
+    With `dir_fd`, `destination` and `part` are names in that directory (the server's way: no
+    path string is resolved again); the PartFile keeps its own descriptor of it.
     """
 
-    def __init__(self, destination, part, shown_name=None, *, lock=False):
+    def __init__(self, destination, part, shown_name=None, *, lock=False, dir_fd=None):
         self.destination = destination
         self.part = part
         self.shown_name = shown_name or os.path.basename(destination)
+        self._dir_fd = None
         try:
-            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            if dir_fd is not None:
+                self._dir_fd = os.dup(dir_fd)
+            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
         except OSError as problem:
-            raise _storage_error(problem, self.shown_name) from None
+            self._close_directory()
+            raise storage_error(problem, self.shown_name) from None
         if lock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
+                self._close_directory()
                 raise Busy(f"{self.shown_name}: another transfer to this file is in progress") from None
         self._file = os.fdopen(fd, "r+b", buffering=0)
         self.size = os.fstat(fd).st_size
         self._sha1 = hashlib.sha1()
         self._writer = None
+        self.stored = None  # after finish: the stat of the file under its final name
         self._closing_writer = None  # let go by abort, still writing or closing
 
     def _drain(self):
@@ -447,12 +268,12 @@ class PartFile:
             try:
                 writer.close()
             except OSError as problem:
-                raise _storage_error(problem, self.shown_name) from None
+                raise storage_error(problem, self.shown_name) from None
 
     def prefix_sha1(self):
         """SHA-1 state over what the part file holds (for a resume); blocking, for a thread.
         Reads through a descriptor of its own, so that `abort` may close ours meanwhile."""
-        return hash_file_prefix(self.part, self.size)
+        return hash_file_prefix(self.part, self.size, dir_fd=self._dir_fd)
 
     def resume(self, sha1):
         self._drain()
@@ -476,7 +297,7 @@ class PartFile:
             self._sha1.update(data)
             behind = self._writer.submit(data)
         except OSError as problem:
-            raise _storage_error(problem, self.shown_name) from None
+            raise storage_error(problem, self.shown_name) from None
         self.size += len(data)
         return behind
 
@@ -509,18 +330,21 @@ class PartFile:
             if mtime is not None:
                 os.utime(fd, (mtime, mtime))
             self._file.close()
+            at = {"src_dir_fd": self._dir_fd, "dst_dir_fd": self._dir_fd}
             if replace:
-                os.replace(self.part, self.destination)
+                os.replace(self.part, self.destination, **at)
             else:
-                os.link(self.part, self.destination)  # fails if the name exists: no clobbering
-                os.unlink(self.part)
-            _fsync_directory(os.path.dirname(os.path.abspath(self.destination)))
+                os.link(self.part, self.destination, follow_symlinks=False, **at)  # no clobbering
+                os.unlink(self.part, dir_fd=self._dir_fd)
+            _fsync_directory(os.path.dirname(os.path.abspath(self.destination)), self._dir_fd)
+            self.stored = os.stat(self.destination, dir_fd=self._dir_fd, follow_symlinks=False)
+            self._close_directory()
         except FileExistsError:
             self.abort(keep_part=True)
             raise Exists(f"{self.shown_name}: already exists (use --force to replace it)") from None
         except OSError as problem:
             self.abort(keep_part=True)
-            raise _storage_error(problem, self.shown_name) from None
+            raise storage_error(problem, self.shown_name) from None
         return digest.hex()
 
     def abort(self, keep_part=False):
@@ -535,9 +359,15 @@ class PartFile:
             self._file.close()
         if not keep_part:
             try:
-                os.unlink(self.part)
+                os.unlink(self.part, dir_fd=self._dir_fd)
             except FileNotFoundError:
                 pass
+        self._close_directory()
+
+    def _close_directory(self):
+        fd, self._dir_fd = self._dir_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def wait_until_closed(self, timeout=None):
         """After `abort`: True once the file is closed (what was kept is on disk)."""

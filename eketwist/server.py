@@ -24,17 +24,13 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from . import files, guard, spake2plus, tuning, userdb, wire
+from . import files, guard, spake2plus, storage, tuning, userdb, wire
 from .connection import SecureConnection, send_file
 from .errors import (
     AuthenticationFailed,
-    BadPath,
     EketwistError,
-    Exists,
     IntegrityError,
     NoSpace,
-    NotAFile,
-    NotFound,
     PermissionDenied,
     ProtocolError,
     Timeout,
@@ -98,6 +94,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.source = None
         self.username = None
         self.root = None
+        self.storage = None
         self.can_write = False
         self._upload = None
         self._delayed = None
@@ -283,6 +280,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.factory.guard.authenticated(self.source)
         self.factory.guard.succeeded(self.source, user.name, when=guess)
         self.root = user.root or self.factory.root
+        self.storage = storage.Root(self.root, protected=self.factory.protected)
         self.can_write = user.rights == userdb.READ_WRITE
         self._ready()
         self.log.info(
@@ -317,8 +315,11 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self.close()
 
     def _working(self):
+        """Sending a file or a listing, or hashing for a resume: the idle timeout runs, and
+        each record or batch that leaves resets it. A client that stops reading holds the
+        file (or the directory) and a record only until then."""
         self.state = "working"
-        self.setTimeout(None)  # a slow reader is governed by back-pressure, not the idle timer
+        self.setTimeout(self.factory.idle_timeout)
 
     def _refuse(self, what, requested, error):
         """A request failed in a way that leaves the connection usable."""
@@ -342,7 +343,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         offset = wire.int_field(message, "offset", 0, MAX_FILE_SIZE) if "offset" in message else 0
         prefix = wire.hex_field(message, "sha1", 20) if offset else None
         try:
-            handle, st = files.open_for_sending(files.resolve(self.root, requested), requested)
+            handle, st = self.storage.open_for_sending(requested)
         except EketwistError as error:
             self._refuse("get", requested, error)
             return
@@ -416,7 +417,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self._take_transport_back()
             return result
 
-        done = send_file(self, handle, offset, None if cached is not None else sha1, record_size=factory.record_size)
+        done = send_file(
+            self, handle, offset, None if cached is not None else sha1,
+            on_chunk=lambda _: self.resetTimeout(), record_size=factory.record_size,
+        )
         done.addBoth(download_over)
         done.addCallbacks(finished, aborted)
 
@@ -429,8 +433,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     def on_stat(self, message):
         requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES, allow_empty=True)
         try:
-            path = files.resolve(self.root, requested)
-            entry = files.stat_path(path, requested or ".")
+            entry = self.storage.stat(requested)
         except EketwistError as error:
             self._refuse("stat", requested, error)
             return
@@ -440,7 +443,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES, allow_empty=True)
         recursive = message.get("recursive") is True
         try:
-            entries = files.list_entries(files.resolve(self.root, requested), requested or ".", recursive)
+            entries = self.storage.listing(requested, recursive)
             first = next(entries, None)  # errors about the path itself come here, before any reply
         except EketwistError as error:
             self._refuse("list", requested, error)
@@ -470,10 +473,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         mtime = wire.number_field(message, "mtime", *MTIME_RANGE) if "mtime" in message else None
         try:
             self._check_writable(requested)
-            path = files.resolve(self.root, requested)
-            if path.path == os.path.realpath(self.root):
-                raise BadPath(f"{requested}: path refused: that is the root")
-            files.make_directory(path, requested, mode, mtime)
+            self.storage.make_directory(requested, mode, mtime)
         except EketwistError as error:
             self._refuse("mkdir", requested, error)
             return
@@ -490,19 +490,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             cap = self.factory.max_upload_size
             if cap is not None and size > cap:
                 raise TooLarge(f"{requested}: {size} bytes is over the server's upload limit of {cap} bytes")
-            destination = files.resolve(self.root, requested)
-            if destination.path == os.path.realpath(self.root):
-                raise BadPath(f"{requested}: path refused: that is the root")
-            if destination.isdir():
-                raise NotAFile(f"{requested}: is a directory on the server")
-            if not destination.parent().isdir():
-                raise NotFound(f"{requested}: the directory does not exist on the server")
-            if destination.exists() and not force:
-                raise Exists(f"{requested}: already exists on the server (use --force to replace it)")
-            files.remove_stale_parts(destination.parent().path, self.factory.partial_max_age, time.time())
-            part = files.PartFile(
-                destination.path, files.server_part_path(destination, self.username).path, requested, lock=True
-            )
+            part = self.storage.receive(requested, self.username, force)
         except EketwistError as error:
             self._refuse("put", requested, error)
             return
@@ -569,10 +557,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     def _store(upload, size, sha1):
         """In a thread: verify, flush and rename the upload into place; (digest, its stat)."""
         digest = upload.part.finish(size, sha1, upload.mtime, upload.mode, replace=upload.force)
-        try:
-            return digest, os.stat(upload.part.destination)
-        except OSError:
-            return digest, None  # already gone again: nothing to remember
+        return digest, upload.part.stored
 
     def _stored(self, stored, upload, size):
         digest, st = stored
@@ -620,6 +605,7 @@ class ListingProducer:
         self.count = 0
 
     def resumeProducing(self):
+        self.connection.resetTimeout()  # the client reads: progress
         batch, size = [], 0
         try:
             while self.pending is not None:
@@ -669,11 +655,14 @@ class ServerFactory(protocol.Factory):
         partial_max_age=DEFAULT_PARTIAL_MAX_AGE,
         policy=None,
         clock=None,
+        protected_paths=(),
     ):
         from twisted.internet import reactor
 
         self.root = os.path.abspath(root)
         self.users = userdb.UsersStore(users_path, ServerProtocol.log)
+        # Never served nor replaced through a root, whatever leads to them.
+        self.protected_paths = [users_path, *protected_paths]
         self.server_id = server_id or socket.gethostname()
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
@@ -749,13 +738,30 @@ class ServerFactory(protocol.Factory):
         users = self.users.current()
         return sorted({self.root, *(user.root for user in users.by_name.values() if user.root)})
 
+    def protected(self):
+        """(device, inode) of the files no request may reach: the users file and the daemon's
+        own files. Looked up at each request, as a rewrite gives the users file a new inode."""
+        pairs = set()
+        for path in self.protected_paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            pairs.add((st.st_dev, st.st_ino))
+        return pairs
+
     def sweep_partial_uploads(self):
-        """Remove partial uploads older than partial_max_age under every root (blocking walk)."""
-        now = time.time()
-        removed = 0
-        for root in self.roots():
-            for directory, subdirectories, _ in os.walk(root):
-                removed += files.remove_stale_parts(directory, self.partial_max_age, now)
-        if removed:
-            self.log.info("removed {count} stale partial uploads", count=removed)
-        return removed
+        """Remove partial uploads older than partial_max_age under every root, in a thread (a
+        walk over big trees would stall every client). Fires with how many were removed."""
+        roots, max_age = self.roots(), self.partial_max_age
+
+        def sweep():
+            now = time.time()
+            return sum(storage.remove_stale_parts(root, max_age, now) for root in roots)
+
+        def swept(removed):
+            if removed:
+                self.log.info("removed {count} stale partial uploads", count=removed)
+            return removed
+
+        return threads.deferToThread(sweep).addCallback(swept)

@@ -252,10 +252,9 @@ def test_put_starts_over_when_the_local_file_changed(daemon, tmp_path, root):
     port = daemon().port
     local = write_random(tmp_path / "up.bin", 1_000_000)
     # A partial from an earlier upload of different content.
-    from twisted.python.filepath import FilePath
     from eketwist import files
 
-    stale = files.server_part_path(FilePath(str(root / "up.bin")), "writer").path
+    stale = root / files.server_part_name("up.bin", "writer")
     with open(stale, "wb") as handle:
         handle.write(os.urandom(500_000))
     summary = json.loads(writer(port, "--json", "put", str(local)).stdout)

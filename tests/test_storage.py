@@ -2,13 +2,14 @@
 
 import hashlib
 import os
+import pathlib
 import stat
 import subprocess
 import sys
 
 import pytest
 
-from eketwist import errors, files, spake2plus, userdb
+from eketwist import errors, files, spake2plus, storage, userdb
 
 from .conftest import slow_part_files
 
@@ -105,49 +106,199 @@ def test_bad_usernames(name):
 @pytest.mark.parametrize(
     "requested, message",
     [("/etc/passwd", "absolute"), ("..", "'..'"), ("a/../../b", "'..'"), ("a\x00b", "NUL"), (".eke-part.x", "reserved"),
-     ("out", "outside the root"), ("dirlink/passwd", "outside the root")],
+     ("out", "outside the root"), ("dirlink/passwd", "outside the root"), ("up/root/f", "outside the root"),
+     ("x" * 256, "longer than 255 bytes"), ("sub/\udcff", "not UTF-8")],
 )
-def test_resolve_refuses(tmp_path, requested, message):
+@pytest.mark.parametrize("walk", ["openat2", "by hand"])
+def test_paths_refused(tmp_path, requested, message, walk, monkeypatch):
+    if walk == "by hand":
+        monkeypatch.setattr(storage, "_SYS_OPENAT2", None)
     root = tmp_path / "root"
     root.mkdir()
+    (root / "f").write_text("x")
     os.symlink("/etc/passwd", root / "out")
     os.symlink("/etc", root / "dirlink")
+    os.symlink("..", root / "up")
     with pytest.raises(errors.BadPath, match=message):
-        files.resolve(str(root), requested)
+        storage.Root(str(root)).open_for_sending(requested)
 
 
-def test_resolve_gives_the_root_for_empty_and_dot(tmp_path):
-    assert files.resolve(str(tmp_path), "").path == str(tmp_path.resolve())
-    assert files.resolve(str(tmp_path), "./").path == str(tmp_path.resolve())
-
-
-def test_resolve_allows_links_inside_the_root(tmp_path):
+def test_links_inside_the_root_are_followed_with_openat2_and_refused_by_hand(tmp_path, monkeypatch):
     root = tmp_path / "root"
     (root / "d").mkdir(parents=True)
     (root / "d" / "f").write_text("x")
     os.symlink("d", root / "alias")
-    assert files.resolve(str(root), "alias/f").path == str((root / "d" / "f").resolve())
-    assert files.resolve(str(root), "./d//f").path == str((root / "d" / "f").resolve())
+    served = storage.Root(str(root))
+    handle, st = served.open_for_sending("alias/f")
+    handle.close()
+    assert served.stat("alias")["kind"] == "symlink"  # a stat names the link itself
+    monkeypatch.setattr(storage, "_SYS_OPENAT2", None)  # a kernel without openat2
+    with pytest.raises(errors.BadPath):
+        served.open_for_sending("alias/f")
+    handle, _ = served.open_for_sending("./d//f")
+    handle.close()
+
+
+def test_the_root_is_dot_and_cannot_be_replaced_or_made(tmp_path):
+    served = storage.Root(str(tmp_path))
+    assert served.stat("")["name"] == "." and served.stat("./")["kind"] == "dir"
+    for operation in (lambda: served.make_directory(""), lambda: served.receive(".", "u", True)):
+        with pytest.raises(errors.BadPath, match="that is the root"):
+            operation()
+
+
+def test_protected_files_are_refused_whatever_leads_to_them(tmp_path):
+    secret = tmp_path / "root" / "users"
+    secret.parent.mkdir()
+    secret.write_text("secrets")
+    os.link(secret, tmp_path / "root" / "hardlink")
+    st = secret.stat()
+    served = storage.Root(str(tmp_path / "root"), protected=lambda: {(st.st_dev, st.st_ino)})
+    for name in ("users", "hardlink"):
+        with pytest.raises(errors.BadPath):
+            served.open_for_sending(name)
+        with pytest.raises(errors.BadPath):
+            served.receive(name, "writer", force=True)
+
+
+def test_mkdir_of_an_existing_directory_changes_nothing(tmp_path):
+    (tmp_path / "other-users-root").mkdir(mode=0o755)
+    served = storage.Root(str(tmp_path))
+    with pytest.raises(errors.Exists, match="exists already"):
+        served.make_directory("other-users-root", mode=0, mtime=0)
+    st = (tmp_path / "other-users-root").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o755 and st.st_mtime > 0
+    # Its own directories, a tree upload gives their mode and time once their contents are in.
+    served.make_directory("new", mode=0o700)
+    served.make_directory("new", mode=0o750, mtime=1000)
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o750
+    assert (tmp_path / "new").stat().st_mtime == 1000
+    with pytest.raises(errors.Exists):
+        storage.Root(str(tmp_path)).make_directory("new", mode=0o777)  # another connection
+
+
+def test_swapping_a_directory_for_a_symlink_never_leads_outside(tmp_path):
+    """A local process swaps a directory for a symlink to outside the root, as fast as it can,
+    while requests go through it: with descriptors, not one escapes."""
+    import threading
+    import time
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_text("OUTSIDE")
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_text("inside")
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            try:
+                os.rename(root / "d", root / "d.real")
+                os.symlink(outside, root / "d")
+                os.unlink(root / "d")
+                os.rename(root / "d.real", root / "d")
+            except OSError:
+                pass
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    served = storage.Root(str(root))
+    escapes = attempts = 0
+    deadline = time.monotonic() + float(os.environ.get("SWAP_RACE_SECONDS", "3"))
+    try:
+        while time.monotonic() < deadline:
+            attempts += 1
+            try:
+                handle, _ = served.open_for_sending("d/f")
+                escapes += handle.read() == b"OUTSIDE"
+                handle.close()
+            except errors.EketwistError:
+                pass
+            try:
+                part = served.receive("d/new", "writer", force=True)
+                part.write(b"x")
+                part.finish(1, hashlib.sha1(b"x").digest())
+            except errors.EketwistError:
+                pass
+            try:
+                escapes += any(e["name"] == "f" and e["size"] == 7 for e in served.listing("d"))
+            except errors.EketwistError:
+                pass
+    finally:
+        stop.set()
+        swapper.join()
+    assert attempts > 100
+    assert escapes == 0
+    assert sorted(os.listdir(outside)) == ["f"]  # nothing written outside either
+
+
+def test_stale_partials_sweep_never_opens_a_fifo_or_follows_a_link(tmp_path):
+    import threading
+    import time
+
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    fifo = tmp_path / "deep" / ".eke-part.fifo"
+    os.mkfifo(fifo)
+    os.utime(fifo, (0, 0))
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / ".eke-part.victim").write_text("x")
+    os.utime(outside / ".eke-part.victim", (0, 0))
+    os.symlink(outside, tmp_path / "deep" / "er" / "link")
+    stale = tmp_path / "deep" / "er" / ".eke-part.old"
+    stale.write_text("x")
+    os.utime(stale, (0, 0))
+    result = []
+    sweeper = threading.Thread(target=lambda: result.append(storage.remove_stale_parts(str(tmp_path), 3600, time.time())))
+    sweeper.start()
+    sweeper.join(5)
+    assert not sweeper.is_alive(), "the sweep hangs on a FIFO"
+    assert result == [1] and not stale.exists() and fifo.exists()
+    assert (outside / ".eke-part.victim").exists()
+
+
+def test_a_deep_tree_is_listed_and_swept_without_recursion_limits(tmp_path):
+    import time
+
+    path = tmp_path
+    for _ in range(1500):
+        path = path / "d"
+        os.mkdir(path)
+    (path / ".eke-part.old").write_text("x")
+    os.utime(path / ".eke-part.old", (0, 0))
+    try:
+        deep = list(storage.Root(str(tmp_path)).listing("", recursive=True))
+        assert len(deep) == 1500
+        assert storage.remove_stale_parts(str(tmp_path), 3600, time.time()) == 1
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp_path / "d")], check=True)  # pytest's rmtree recurses
 
 
 def test_open_for_sending_refuses_unreadable_files_as_an_unprivileged_user(tmp_path):
-    # Root ignores file modes, so the check runs in a child that drops to nobody.
-    secret = tmp_path / "secret"
+    # Root ignores file modes, so the check runs in a child that drops to nobody; the root
+    # must be one nobody can enter (pytest's own temporary directories are 0700).
+    import tempfile
+
+    served = tempfile.mkdtemp(prefix="eke-unprivileged-")
+    os.chmod(served, 0o755)
+    secret = pathlib.Path(served) / "secret"
     secret.write_text("x")
     secret.chmod(0)
-    os.chmod(tmp_path, 0o755)
     drop = "os.setgid(65534); os.setuid(65534)" if os.geteuid() == 0 else "pass"
     # Import first: after dropping to nobody, root's Python installation may be unreadable.
     code = (
         "import os, sys\n"
-        "from twisted.python.filepath import FilePath\n"
-        "from eketwist import files, errors\n"
+        "from eketwist import storage, errors\n"
         f"{drop}\n"
-        "try: files.open_for_sending(FilePath(sys.argv[1]), 'secret')\n"
+        "try: storage.Root(os.path.dirname(sys.argv[1])).open_for_sending('secret')\n"
         "except errors.PermissionDenied as e: print(e.message)"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    result = subprocess.run([sys.executable, "-c", code, str(secret)], capture_output=True, text=True, env=env)
+    try:
+        result = subprocess.run([sys.executable, "-c", code, str(secret)], capture_output=True, text=True, env=env)
+    finally:
+        subprocess.run(["rm", "-rf", served], check=True)
     assert result.stdout.strip() == "secret: permission denied on the server", result.stderr
 
 
@@ -221,23 +372,35 @@ def test_part_file_reports_an_unwritable_directory(tmp_path):
         _part(tmp_path / "no" / "such" / "dir" / "f")
 
 
-def test_listing_is_sorted_hides_partials_and_recurses(tmp_path):
-    from twisted.python.filepath import FilePath
-
+def test_listing_hides_partials_and_recurses_without_following_links(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "z").write_text("z")
     (tmp_path / "a").write_text("aa")
     (tmp_path / ".eke-part.0123").write_text("partial")
-    os.symlink("a", tmp_path / "c")
-    flat = list(files.list_entries(FilePath(str(tmp_path)), "."))
-    assert [(e["name"], e["kind"]) for e in flat] == [("a", "file"), ("b", "dir"), ("c", "symlink")]
-    deep = list(files.list_entries(FilePath(str(tmp_path)), ".", recursive=True))
-    assert [e["name"] for e in deep] == ["a", "b", "b/z", "c"]
-    assert deep[0]["size"] == 2
-    assert list(files.list_entries(FilePath(str(tmp_path / "a")), "a"))[0]["name"] == "a"
+    os.symlink("b", tmp_path / "c")
+    served = storage.Root(str(tmp_path))
+    flat = sorted((e["name"], e["kind"]) for e in served.listing(""))
+    assert flat == [("a", "file"), ("b", "dir"), ("c", "symlink")]
+    deep = list(served.listing(".", recursive=True))
+    names = [e["name"] for e in deep]
+    assert sorted(names) == ["a", "b", "b/z", "c"]
+    assert names.index("b") < names.index("b/z")
+    assert next(e for e in deep if e["name"] == "a")["size"] == 2
+    assert [e["name"] for e in served.listing("a")] == ["a"]
+
+
+def test_a_listing_holds_no_more_than_a_bounded_list_of_subdirectories(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "MAX_PENDING_NAME_BYTES", 10 * 70)
+    for i in range(20):
+        (tmp_path / f"d{i:02d}").mkdir()
+    assert len(list(storage.Root(str(tmp_path)).listing(""))) == 20
+    with pytest.raises(errors.TooLarge, match="list its subdirectories one by one"):
+        list(storage.Root(str(tmp_path)).listing("", recursive=True))
 
 
 def test_stale_partials_are_removed_unless_in_use(tmp_path):
+    import time
+
     old = tmp_path / ".eke-part.old"
     busy = tmp_path / ".eke-part.busy"
     fresh = tmp_path / ".eke-part.fresh"
@@ -246,17 +409,15 @@ def test_stale_partials_are_removed_unless_in_use(tmp_path):
     os.utime(old, (0, 0))
     os.utime(busy, (0, 0))
     holder = files.PartFile(str(tmp_path / "dest"), str(busy), lock=True)
-    assert files.remove_stale_parts(str(tmp_path), max_age=3600, now=__import__("time").time()) == 1
+    assert storage.remove_stale_parts(str(tmp_path), max_age=3600, now=time.time()) == 1
     assert not old.exists() and busy.exists() and fresh.exists()
     holder.abort(keep_part=True)
 
 
 def test_listing_skips_names_that_are_not_utf8(tmp_path):
-    from twisted.python.filepath import FilePath
-
     os.close(os.open(os.path.join(os.fsencode(tmp_path), b"bad-\xff-name"), os.O_CREAT | os.O_WRONLY))
     (tmp_path / "good").write_text("x")
-    assert [e["name"] for e in files.list_entries(FilePath(str(tmp_path)), ".")] == ["good"]
+    assert [e["name"] for e in storage.Root(str(tmp_path)).listing("")] == ["good"]
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/../../b", "/etc/passwd", "a//b", "./a", "a/", ""])

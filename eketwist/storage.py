@@ -1,0 +1,432 @@
+"""A user's root on the server's disk: every path from a peer resolved by descriptors inside it.
+
+A path checked as a string can be swapped for a symlink between the check and the open. Here
+nothing is opened by a path string: each request opens the root's directory, then what lies
+beneath it relative to that descriptor. On Linux (5.6 and later) that is one openat2() with
+RESOLVE_BENEATH, which follows symlinks only while they stay inside the root, atomically in the
+kernel; elsewhere the path is walked one component at a time with O_NOFOLLOW, and symlinks are
+not followed at all. The last component of a path is then used relative to its parent's
+descriptor (fstatat, mkdirat, renameat, unlinkat), so what is checked is what is used.
+
+No network here: the server's protocol calls a `Root` per authenticated user.
+"""
+
+import ctypes
+import errno
+import os
+import stat
+import sys
+
+from .errors import BadPath, EketwistError, Exists, NotAFile, NotFound, PermissionDenied, TooLarge
+from .files import MODE_MASK, SERVER_PART_PREFIX, PartFile, server_part_name, storage_error
+
+# A name is one path segment; most filesystems refuse longer ones (NAME_MAX).
+MAX_NAME_BYTES = 255
+# A recursive listing remembers the subdirectories it has yet to enter: a bounded amount.
+MAX_PENDING_NAME_BYTES = 4 * 1024 * 1024
+
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(os.uname().machine) if sys.platform == "linux" else None
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_BENEATH = 0x08
+_libc = None
+
+
+def _openat2(dir_fd, relative, flags):
+    """openat2(dir_fd, relative, flags, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS); None when the
+    system lacks it (then the caller walks by hand)."""
+    global _libc, _SYS_OPENAT2
+    if _SYS_OPENAT2 is None:
+        return None
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+    how = _OpenHow(flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(relative), ctypes.byref(how), ctypes.sizeof(how))
+    if fd >= 0:
+        return fd
+    code = ctypes.get_errno()
+    if code == errno.ENOSYS:
+        _SYS_OPENAT2 = None  # an older kernel (or a seccomp filter): walk by hand from now on
+        return None
+    raise OSError(code, os.strerror(code), relative)
+
+
+def segments(requested):
+    """The names of `requested` (a peer's "/"-separated path), or BadPath. "" and "." are the
+    root; empty and "." segments are ignored."""
+    if not isinstance(requested, str) or "\x00" in requested:
+        raise BadPath("path refused: contains NUL")
+    if requested.startswith("/"):
+        raise BadPath(f"{requested}: path refused: absolute paths are not allowed")
+    names = [name for name in requested.split("/") if name not in ("", ".")]
+    if ".." in names:
+        raise BadPath(f"{requested}: path refused: '..' is not allowed")
+    if any(name.startswith(SERVER_PART_PREFIX) for name in names):
+        raise BadPath(f"{requested}: path refused: reserved name")
+    for name in names:
+        try:
+            encoded = name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadPath(f"{requested}: path refused: not UTF-8") from None
+        if len(encoded) > MAX_NAME_BYTES:
+            raise BadPath(f"{requested}: path refused: a name is longer than {MAX_NAME_BYTES} bytes")
+    return names
+
+
+def open_error(problem, shown_name):
+    """The error a peer sees for an OSError met while resolving or opening its path."""
+    if isinstance(problem, FileNotFoundError):
+        return NotFound(f"{shown_name}: no such file on the server")
+    if isinstance(problem, PermissionError):
+        return PermissionDenied(f"{shown_name}: permission denied on the server")
+    if problem.errno in (errno.ELOOP, errno.EXDEV):
+        # EXDEV: openat2 met a symlink (or "..") leading out of the root.
+        return BadPath(f"{shown_name}: path refused: it leads outside the root or through a symlink")
+    if problem.errno == errno.EISDIR:
+        return NotAFile(f"{shown_name}: is a directory")
+    if problem.errno == errno.ENOTDIR:
+        return NotFound(f"{shown_name}: no such file on the server")
+    if problem.errno == errno.ENAMETOOLONG:
+        return BadPath(f"{shown_name}: path refused: too long")
+    return NotFound(f"{shown_name}: cannot open on the server: {problem.strerror}")
+
+
+def _kind(mode):
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def entry(name, st):
+    """One listing entry: what `ls` shows and what a tree transfer needs."""
+    return {
+        "name": name,
+        "kind": _kind(st.st_mode),
+        "size": st.st_size,
+        "mtime": st.st_mtime,
+        "mode": stat.S_IMODE(st.st_mode) & MODE_MASK,
+    }
+
+
+def _is_utf8(name):
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach us as surrogate escapes
+        return False
+    return True
+
+
+def _open_directory_nofollow(name, dir_fd):
+    """The directory `name` in `dir_fd`; ELOOP for a symlink (Linux says ENOTDIR when
+    O_DIRECTORY meets one, which would read as "no such directory")."""
+    try:
+        return os.open(name, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except NotADirectoryError:
+        if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name) from None
+        raise
+
+
+class Root:
+    """One root directory, as a user's requests see it. `protected`: a callable giving the
+    (device, inode) pairs never served nor replaced, whatever leads to them (the users file,
+    the daemon's log: defence in depth, as the daemon refuses to start with them in a root)."""
+
+    def __init__(self, path, protected=lambda: frozenset()):
+        self.path = path
+        self._protected = protected
+        self._created = set()  # (device, inode) of directories made through this object
+
+    def __repr__(self):
+        return f"<Root {self.path!r}>"
+
+    # -- resolving
+
+    def _open_root(self):
+        try:
+            return os.open(self.path, _DIRECTORY_FLAGS)
+        except OSError as problem:
+            raise NotFound(f"the root directory is not available on the server ({problem.strerror})") from None
+
+    def _open_beneath(self, root_fd, names, flags):
+        """A descriptor for `names` under the root, opened with `flags`; OSError if not."""
+        if not names:
+            return os.dup(root_fd)
+        fd = _openat2(root_fd, "/".join(names), flags)
+        if fd is not None:
+            return fd
+        # By hand: every directory on the way, and the last name, opened with O_NOFOLLOW.
+        current = root_fd
+        try:
+            for name in names[:-1]:
+                parent, current = current, _open_directory_nofollow(name, current)
+                if parent != root_fd:
+                    os.close(parent)
+            return os.open(names[-1], flags | os.O_NOFOLLOW, dir_fd=current)
+        finally:
+            if current != root_fd:
+                os.close(current)
+
+    def _parent(self, requested):
+        """(descriptor of the parent directory, last name) for an operation on the name itself
+        (never following it); BadPath for the root."""
+        names = segments(requested)
+        if not names:
+            raise BadPath(f"{requested or '.'}: path refused: that is the root")
+        root_fd = self._open_root()
+        try:
+            return self._open_beneath(root_fd, names[:-1], _DIRECTORY_FLAGS), names[-1]
+        except OSError as problem:
+            raise open_error(problem, requested) from None
+        finally:
+            os.close(root_fd)
+
+    def _check_not_protected(self, st, shown_name):
+        if (st.st_dev, st.st_ino) in self._protected():
+            raise BadPath(f"{shown_name}: path refused")
+
+    # -- requests
+
+    def open_for_sending(self, requested):
+        """A regular file, opened for reading: (file object, os.stat_result), or a clear error.
+        A symlink leading inside the root is followed; devices and FIFOs are refused without
+        being waited on (O_NONBLOCK)."""
+        names = segments(requested)
+        root_fd = self._open_root()
+        try:
+            fd = self._open_beneath(root_fd, names, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as problem:
+            raise open_error(problem, requested) from None
+        finally:
+            os.close(root_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "is a directory" if stat.S_ISDIR(st.st_mode) else "is not a regular file"
+                raise NotAFile(f"{requested}: {kind}")
+            self._check_not_protected(st, requested)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return os.fdopen(fd, "rb", buffering=0), st
+
+    def stat(self, requested):
+        """The entry of one path, named as asked; a symlink is reported as one, not followed."""
+        names = segments(requested)
+        if not names:
+            root_fd = self._open_root()
+            try:
+                return entry(".", os.fstat(root_fd))
+            finally:
+                os.close(root_fd)
+        parent_fd, name = self._parent(requested)
+        try:
+            return entry(name, os.stat(name, dir_fd=parent_fd, follow_symlinks=False))
+        except OSError as problem:
+            raise open_error(problem, requested) from None
+        finally:
+            os.close(parent_fd)
+
+    def listing(self, requested, recursive=False):
+        """Entries under a directory, streamed in the directory's own order (never all held):
+        a directory's entries, then, with `recursive`, the contents of each of its
+        subdirectories in turn, named by their "/"-joined path relative to `requested`.
+        Subdirectories are entered by descriptor, never through a symlink. A file lists as
+        itself. Errors about the path itself are raised by the first next()."""
+        names = segments(requested)
+        shown = requested or "."
+        root_fd = self._open_root()
+        try:
+            fd = self._open_beneath(root_fd, names, _DIRECTORY_FLAGS)
+        except OSError as problem:
+            if problem.errno != errno.ENOTDIR:
+                raise open_error(problem, shown) from None
+            fd = None
+        finally:
+            os.close(root_fd)
+        if fd is None:  # not a directory: the entry of the path itself
+            yield self.stat(requested)
+            return
+        # Subdirectories still to enter, by their path relative to the listed directory; their
+        # names are all that is held, within a budget. Each is opened when its turn comes.
+        pending = [("", fd)]
+        pending_bytes = 0
+        try:
+            while pending:
+                prefix, directory = pending.pop()
+                if directory is None:
+                    pending_bytes -= len(prefix) + 64
+                    try:
+                        directory = self._open_subdirectory(names, prefix)
+                    except OSError:
+                        continue  # gone, or swapped for something else since it was listed
+                subdirectories = []
+                try:
+                    with os.scandir(directory) as scan:
+                        for child in scan:
+                            if child.name.startswith(SERVER_PART_PREFIX) or not _is_utf8(child.name):
+                                continue  # our partial uploads; names no client could ask for
+                            try:
+                                st = child.stat(follow_symlinks=False)
+                            except OSError:
+                                continue  # vanished since the scan
+                            item = entry(prefix + child.name, st)
+                            yield item
+                            if recursive and item["kind"] == "dir":
+                                pending_bytes += len(item["name"]) + 1 + 64
+                                if pending_bytes > MAX_PENDING_NAME_BYTES:
+                                    raise TooLarge(
+                                        f"{shown}: too many subdirectories to list in one go; "
+                                        "list its subdirectories one by one"
+                                    )
+                                subdirectories.append(item["name"] + "/")
+                except OSError as problem:
+                    raise open_error(problem, shown) from None
+                finally:
+                    os.close(directory)
+                pending.extend((name, None) for name in reversed(subdirectories))
+        finally:
+            for _, directory in pending:
+                if directory is not None:
+                    os.close(directory)
+
+    def _open_subdirectory(self, names, relative):
+        """A descriptor for `relative` (ending in "/") under the listed directory `names`,
+        every step with O_NOFOLLOW: the tree is never entered through a symlink."""
+        root_fd = self._open_root()
+        try:
+            current = self._open_beneath(root_fd, names, _DIRECTORY_FLAGS)
+        finally:
+            os.close(root_fd)
+        try:
+            for name in relative.rstrip("/").split("/"):
+                current, parent = os.open(name, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=current), current
+                os.close(parent)
+        except OSError:
+            os.close(current)
+            raise
+        return current
+
+    def make_directory(self, requested, mode=None, mtime=None):
+        """Create a directory (its parent must exist), with `mode` and `mtime` if given. An
+        existing directory is left as it is (Exists), unless this Root made it: a tree upload
+        creates its directories first and gives them their times once their contents are in."""
+        parent_fd, name = self._parent(requested)
+        try:
+            try:
+                os.mkdir(name, 0o700 if mode is None else mode & MODE_MASK, dir_fd=parent_fd)
+            except FileExistsError:
+                st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise Exists(f"{requested}: exists and is not a directory") from None
+                if (st.st_dev, st.st_ino) not in self._created:
+                    raise Exists(f"{requested}: the directory exists already") from None
+            else:
+                st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+                self._created.add((st.st_dev, st.st_ino))
+            fd = os.open(name, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=parent_fd)
+            try:
+                if mode is not None:
+                    os.fchmod(fd, mode & MODE_MASK)
+                if mtime is not None:
+                    os.utime(fd, (mtime, mtime))
+            finally:
+                os.close(fd)
+        except EketwistError:
+            raise
+        except FileNotFoundError:
+            raise NotFound(f"{requested}: the parent directory does not exist") from None
+        except PermissionError:
+            raise PermissionDenied(f"{requested}: permission denied on the server") from None
+        except OSError as problem:
+            raise storage_error(problem, requested) from None
+        finally:
+            os.close(parent_fd)
+
+    def receive(self, requested, user, force):
+        """A PartFile for an upload of `requested` by `user`, beside its destination, which it
+        will replace only with `force`. Refuses directories, protected files, missing parents
+        and, without `force`, existing names, before a byte is sent."""
+        try:
+            parent_fd, name = self._parent(requested)
+        except NotFound:
+            raise NotFound(f"{requested}: the directory does not exist on the server") from None
+        try:
+            try:
+                st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            except OSError as problem:
+                raise open_error(problem, requested) from None
+            if st is not None:
+                if stat.S_ISDIR(st.st_mode):
+                    raise NotAFile(f"{requested}: is a directory on the server")
+                self._check_not_protected(st, requested)
+                if not force:
+                    raise Exists(f"{requested}: already exists on the server (use --force to replace it)")
+            return PartFile(name, server_part_name(name, user), requested, lock=True, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+
+
+def remove_stale_parts(root, max_age, now):
+    """Delete partial uploads under `root` untouched for `max_age` seconds and not in use; how
+    many were removed. Blocking (run it in a thread): walks by descriptors, iteratively (no
+    recursion limit), never through a symlink, and opens nothing that is not a regular file
+    (a FIFO with the reserved name must not hang it)."""
+    removed = 0
+    try:
+        top = os.open(root, _DIRECTORY_FLAGS)
+    except OSError:
+        return 0
+    stack = [top]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as scan:
+                children = [(child.name, child.is_dir(follow_symlinks=False)) for child in scan]
+            for name, is_dir in children:
+                if is_dir:
+                    try:
+                        stack.append(os.open(name, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=directory))
+                    except OSError:
+                        pass
+                elif name.startswith(SERVER_PART_PREFIX):
+                    removed += _remove_if_stale(directory, name, max_age, now)
+        except OSError:
+            pass
+        finally:
+            os.close(directory)
+    return removed
+
+
+def _remove_if_stale(directory, name, max_age, now):
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
+    except OSError:
+        return 0
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < max_age:
+            return 0
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while an upload holds it
+        os.unlink(name, dir_fd=directory)
+        return 1
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
