@@ -9,6 +9,8 @@ Unknown fields are kept as they are, so later versions can add per-user settings
 """
 
 import collections
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -242,6 +244,29 @@ def save(path, users):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def writer_lock(path, on_wait=None):
+    """Hold an exclusive flock on `<path>.lock` (created 0600) while reading, changing and
+    saving the users file, so that two writers cannot each save their own copy and undo the
+    other's change. Readers need no lock: save() replaces the file atomically. The lock is a
+    file of its own because the users file itself is replaced at every save."""
+    lock_path = f"{path}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as problem:
+        raise UsersFileError(f"{lock_path}: cannot open the lock file: {problem.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(lock_path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class UsersStore:

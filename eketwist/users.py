@@ -81,6 +81,15 @@ def run(args, out=sys.stdout):
                 f"scrypt n={user.scrypt['n']} r={user.scrypt['r']} p={user.scrypt['p']}\n"
             )
         return EXIT_OK
+    with userdb.writer_lock(path, on_wait=_say_waiting):
+        return _change(args, path)
+
+
+def _say_waiting(lock_path):
+    sys.stderr.write(f"eke-users: waiting for {lock_path}: another eke-users is changing the file\n")
+
+
+def _change(args, path):
     users = _load_or_new(path, create=args.command == "add")
     problem = userdb.check_username(args.name)
     if problem:

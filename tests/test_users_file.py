@@ -1,0 +1,83 @@
+"""The users file as eke-users and the daemon handle it: real files, real eke-users processes."""
+
+import pathlib
+import subprocess
+import sys
+import time
+
+from eketwist import userdb
+
+from .conftest import FAST_SCRYPT
+
+USERS = [sys.executable, "-m", "eketwist.users"]
+
+
+def start_users(path, *args):
+    return subprocess.Popen(
+        [*USERS, "--users", str(path), *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def add_args(name):
+    return "add", name, "--password-stdin", "--scrypt-n", str(FAST_SCRYPT["n"])
+
+
+def _settled(process):
+    """"exited", the CPU time of a sleeping process, or None while it runs."""
+    if process.poll() is not None:
+        return "exited"
+    fields = pathlib.Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    state, utime, stime = fields[0], fields[11], fields[12]
+    return (utime, stime) if state == "S" else None
+
+
+def wait_until_settled(processes, timeout=60):
+    """Wait until each process has exited or sleeps without using the CPU: then it waits for its
+    password (having read the users file) or for another's lock."""
+    deadline = time.monotonic() + timeout
+    previous = None
+    while time.monotonic() < deadline:
+        now = [_settled(process) for process in processes]
+        if None not in now and now == previous:
+            return
+        previous = now
+        time.sleep(0.2)
+    raise AssertionError("the eke-users processes did not settle")
+
+
+def saved(path, *names):
+    users = userdb.Users.new()
+    for name in names:
+        users.by_name[name] = userdb.make_user(name, f"{name}'s password", FAST_SCRYPT)
+    userdb.save(path, users)
+    return users
+
+
+def test_concurrent_adds_lose_no_user(tmp_path):
+    path = tmp_path / "users"
+    names = [f"user{i}" for i in range(8)]
+    processes = [start_users(path, *add_args(name)) for name in names]
+    # Without a lock, all eight now hold the same (empty) copy and the last to save wins.
+    wait_until_settled(processes)
+    for process, name in zip(processes, names):  # in any order: only the lock holder reads now
+        process.stdin.write(f"{name}'s password\n")
+        process.stdin.close()
+    for process in processes:
+        assert process.wait(60) == 0, process.stderr.read()
+    assert sorted(userdb.load(path).by_name) == names
+    assert oct((tmp_path / "users.lock").stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_a_removal_racing_an_add_stays_removed(tmp_path):
+    path = tmp_path / "users"
+    saved(path, "mallory")
+    adding = start_users(path, *add_args("bob"))
+    wait_until_settled([adding])  # it has read the file, mallory included
+    removing = start_users(path, "remove", "mallory")
+    wait_until_settled([removing])  # done, or waiting for the lock
+    _, err = adding.communicate("bob's password\n", timeout=60)
+    assert adding.returncode == 0, err
+    _, err = removing.communicate(timeout=60)
+    assert removing.returncode == 0, err
+    assert sorted(userdb.load(path).by_name) == ["bob"]
