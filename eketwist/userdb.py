@@ -11,11 +11,14 @@ Unknown fields are kept as they are, so later versions can add per-user settings
 import collections
 import contextlib
 import fcntl
+import grp
 import hashlib
 import hmac
 import json
 import os
+import pwd
 import secrets
+import stat
 import tempfile
 import unicodedata
 from dataclasses import dataclass, field
@@ -221,14 +224,22 @@ def dumps(users):
 
 
 def save(path, users):
-    """Atomically replace the users file: a 0600 temporary file in the same directory, fsync,
-    rename, fsync the directory. Readers see the old file or the new one, never a mix."""
+    """Atomically replace the users file: a temporary file in the same directory, fsync,
+    rename, fsync the directory. Readers see the old file or the new one, never a mix.
+    The new file keeps the old one's owner, group and mode (a service user may read it through
+    its group); a new file is 0600."""
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
+    try:
+        old = os.stat(path)
+    except FileNotFoundError:
+        old = None
     fd, tmp = tempfile.mkstemp(prefix=".eke-users.", dir=directory)
     try:
-        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            if old is not None:
+                _keep_owner(handle.fileno(), path, old)
+            os.fchmod(handle.fileno(), 0o600 if old is None else stat.S_IMODE(old.st_mode))
             handle.write(dumps(users))
             handle.flush()
             os.fsync(handle.fileno())
@@ -267,6 +278,33 @@ def writer_lock(path, on_wait=None):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _keep_owner(fd, path, old):
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)
+    except OSError:
+        # Only root may give a file away, or to a group it is not in. A silent change of owner
+        # or group could leave the server unable to read its users file: refuse instead.
+        new = os.fstat(fd)
+        if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+            raise UsersFileError(
+                f"{path} belongs to {_account(old)}; running as {_account(new)}, eke-users cannot give "
+                f"the new copy the same owner and group: run it as the file's owner or as root"
+            ) from None
+
+
+def _account(st):
+    """'user:group' of a stat result, by name where there is one."""
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{user}:{group}"
 
 
 class UsersStore:

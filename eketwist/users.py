@@ -1,7 +1,8 @@
 """The users command: `python -m eketwist.users` / `eke-users`.
 
 Adds, changes and removes users in the users file, which holds verifiers only. Every change
-rewrites the file atomically (mode 0600); a running server picks it up at its next handshake.
+rewrites the file atomically, keeping its mode, owner and group (0600 for a new file), under a
+lock so that concurrent changes all land; a running server picks it up at its next handshake.
 """
 
 import argparse

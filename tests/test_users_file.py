@@ -1,9 +1,14 @@
 """The users file as eke-users and the daemon handle it: real files, real eke-users processes."""
 
+import ctypes
+import os
 import pathlib
+import stat
 import subprocess
 import sys
 import time
+
+import pytest
 
 from eketwist import userdb
 
@@ -16,6 +21,12 @@ def start_users(path, *args):
     return subprocess.Popen(
         [*USERS, "--users", str(path), *args],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def eke_users(path, *args, password=None):
+    return subprocess.run(
+        [*USERS, "--users", str(path), *args], input=password, capture_output=True, text=True, timeout=60,
     )
 
 
@@ -81,3 +92,46 @@ def test_a_removal_racing_an_add_stays_removed(tmp_path):
     _, err = removing.communicate(timeout=60)
     assert removing.returncode == 0, err
     assert sorted(userdb.load(path).by_name) == ["bob"]
+
+
+def test_a_rewrite_keeps_mode_owner_and_group(tmp_path):
+    path = tmp_path / "users"
+    assert eke_users(path, *add_args("alice"), password="pw\n").returncode == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # a new file
+    # README's set-up for a dynamic service user: readable through the group.
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+    path.chmod(0o640)
+    before = path.stat()
+    result = eke_users(path, *add_args("bob"), password="pw\n")
+    assert result.returncode == 0, result.stderr
+    after = path.stat()
+    assert after.st_ino != before.st_ino  # really rewritten
+    assert (stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid) == (0o640, before.st_uid, before.st_gid)
+
+
+def _without_cap_chown():
+    # Root without CAP_CHOWN can give files away no more than any other user.
+    if ctypes.CDLL(None, use_errno=True).prctl(24, 0, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_CHOWN
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to own the file as another user")
+@pytest.mark.parametrize("owner", [(65534, 65534), (0, 65534)], ids=["another-user", "another-group"])
+def test_a_rewrite_that_cannot_keep_the_owner_is_refused(tmp_path, owner):
+    path = tmp_path / "users"
+    saved(path, "alice")
+    os.chown(path, *owner)
+    path.chmod(0o640)
+    before = path.read_bytes()
+    result = subprocess.run(
+        [*USERS, "--users", str(path), *add_args("bob")], input="pw\n", capture_output=True, text=True,
+        timeout=60, preexec_fn=_without_cap_chown,
+    )
+    assert result.returncode == 1
+    assert "cannot give the new copy the same owner and group" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert path.read_bytes() == before
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (*owner, 0o640)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users", "users.lock"]  # no temporary file left
