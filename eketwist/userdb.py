@@ -214,6 +214,20 @@ def load(path):
     return parse(text, source=str(path))
 
 
+def exposure(path):
+    """A warning when users other than the file's owner and group may read or change it."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    if not mode & 0o007:
+        return None
+    return (
+        f"{path} can be read or changed by any user (mode {mode:04o}): a reader can guess "
+        f"passwords offline, a writer can add users; run: chmod o-rwx {path}"
+    )
+
+
 def dumps(users):
     lines = [
         "# eketwist users file: verifiers only, never passwords. Edit with eke-users.",
@@ -316,6 +330,7 @@ class UsersStore:
         self.log = log
         self._stamp = self._current_stamp()
         self.users = load(path)  # a broken file at start is fatal: the caller reports it
+        self._warn_about()
         if not self.users.secret_is_stored:
             log.warn(
                 "users file {path} has no header secret: unknown usernames get answers that "
@@ -349,4 +364,11 @@ class UsersStore:
             return False
         self.users = users
         self.log.info("users file reloaded ({reason}): {count} users", reason=reason, count=len(users.by_name))
+        self._warn_about()
         return True
+
+    def _warn_about(self):
+        """Log what makes the file just read unsafe or useless, though it parses."""
+        problem = exposure(self.path)
+        if problem:
+            self.log.warn("users file: {problem}", problem=problem)

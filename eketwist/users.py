@@ -74,6 +74,9 @@ def _load_or_new(path, create):
 
 def run(args, out=sys.stdout):
     path = args.users
+    problem = userdb.exposure(path)
+    if problem:
+        _warn(problem)
     if args.command == "list":
         users = userdb.load(path)
         for user in users.by_name.values():
@@ -84,6 +87,10 @@ def run(args, out=sys.stdout):
         return EXIT_OK
     with userdb.writer_lock(path, on_wait=_say_waiting):
         return _change(args, path)
+
+
+def _warn(text):
+    sys.stderr.write(f"eke-users: warning: {text}\n")
 
 
 def _say_waiting(lock_path):

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from twisted.logger import Logger, LogLevel, formatEvent
 
 from eketwist import userdb
 
@@ -63,6 +64,10 @@ def saved(path, *names):
         users.by_name[name] = userdb.make_user(name, f"{name}'s password", FAST_SCRYPT)
     userdb.save(path, users)
     return users
+
+
+def daemon_warnings(events):
+    return [formatEvent(event) for event in events if event["log_level"] == LogLevel.warn]
 
 
 def test_concurrent_adds_lose_no_user(tmp_path):
@@ -135,3 +140,29 @@ def test_a_rewrite_that_cannot_keep_the_owner_is_refused(tmp_path, owner):
     st = path.stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (*owner, 0o640)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["users", "users.lock"]  # no temporary file left
+
+
+def test_eke_users_warns_about_a_file_others_can_read(tmp_path):
+    path = tmp_path / "users"
+    saved(path, "alice")
+    path.chmod(0o640)  # group-readable is README's advice, not a problem
+    assert eke_users(path, "list").stderr == ""
+    path.chmod(0o644)
+    for result in (eke_users(path, "list"), eke_users(path, *add_args("bob"), password="pw\n")):
+        assert result.returncode == 0
+        assert result.stderr.startswith("eke-users: warning: ") and result.stderr.count("\n") == 1
+        assert "mode 0644" in result.stderr and "chmod o-rwx" in result.stderr
+
+
+def test_the_daemon_warns_about_a_file_others_can_read(tmp_path):
+    path = tmp_path / "users"
+    users = saved(path, "alice")
+    path.chmod(0o604)
+    events = []
+    store = userdb.UsersStore(str(path), Logger(observer=events.append))
+    assert len(daemon_warnings(events)) == 1 and "mode 0604" in daemon_warnings(events)[0]
+    users.by_name["bob"] = userdb.make_user("bob", "pw", FAST_SCRYPT)
+    userdb.save(path, users)
+    del events[:]
+    assert "bob" in store.current().by_name
+    assert len(daemon_warnings(events)) == 1 and "mode 0604" in daemon_warnings(events)[0]
