@@ -331,12 +331,6 @@ class UsersStore:
         self._stamp = self._current_stamp()
         self.users = load(path)  # a broken file at start is fatal: the caller reports it
         self._warn_about()
-        if not self.users.secret_is_stored:
-            log.warn(
-                "users file {path} has no header secret: unknown usernames get answers that "
-                "change at each restart; run 'eke-users' once to add one",
-                path=path,
-            )
 
     def _current_stamp(self):
         try:
@@ -372,3 +366,10 @@ class UsersStore:
         problem = exposure(self.path)
         if problem:
             self.log.warn("users file: {problem}", problem=problem)
+        if not self.users.secret_is_stored:
+            self.log.warn(
+                "users file {path} has no header secret: unknown usernames get answers that "
+                "change at each start and reload, unlike real users'; add the header line "
+                "(docs/protocol.md, section 11)",
+                path=self.path,
+            )

@@ -99,6 +99,14 @@ def _say_waiting(lock_path):
 
 def _change(args, path):
     users = _load_or_new(path, create=args.command == "add")
+    if users.by_name and not users.secret_is_stored:
+        # The header was most likely lost in a hand edit. A new secret would change the answers
+        # for unknown names but not for real ones, telling them apart: have the old one restored.
+        raise ValueError(
+            f"{path} has users but no header line, so it was written by hand: restore the header "
+            f"from a backup, or put a new one first: "
+            f'{{"eketwist-users": 1, "secret": "<64 hex digits, e.g. from openssl rand -hex 32>"}}'
+        )
     problem = userdb.check_username(args.name)
     if problem:
         raise ValueError(problem)
@@ -124,8 +132,6 @@ def _change(args, path):
         else:
             user = _apply_account(args, user)
         users.by_name[args.name] = user
-    if not users.secret_is_stored:
-        users.secret_is_stored = True
     userdb.save(path, users)
     return EXIT_OK
 

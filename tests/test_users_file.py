@@ -1,6 +1,7 @@
 """The users file as eke-users and the daemon handle it: real files, real eke-users processes."""
 
 import ctypes
+import json
 import os
 import pathlib
 import stat
@@ -166,3 +167,46 @@ def test_the_daemon_warns_about_a_file_others_can_read(tmp_path):
     del events[:]
     assert "bob" in store.current().by_name
     assert len(daemon_warnings(events)) == 1 and "mode 0604" in daemon_warnings(events)[0]
+
+
+def headerless(path, *names):
+    """A hand-written file: user lines only. Returns the hex secrets in it."""
+    users = [userdb.make_user(name, "pw", FAST_SCRYPT).to_json() for name in names]
+    path.write_text("".join(json.dumps(user) + "\n" for user in users))
+    path.chmod(0o600)
+    return [user[key] for user in users for key in ("salt", "w0", "L")]
+
+
+def test_eke_users_does_not_invent_a_secret_for_a_headerless_file(tmp_path):
+    path = tmp_path / "users"
+    secrets_in_file = headerless(path, "alice")
+    before = path.read_bytes()
+    changes = [
+        add_args("bob"), ("passwd", "alice", "--password-stdin", "--scrypt-n", str(FAST_SCRYPT["n"])),
+        ("modify", "alice", "--rights", "read-write"), ("remove", "alice"),
+    ]
+    for args in changes:
+        result = eke_users(path, *args, password="pw\n")
+        assert result.returncode == 1, args
+        assert "no header line" in result.stderr and result.stderr.count("\n") == 1
+        assert not any(secret in result.stderr for secret in secrets_in_file)
+        assert path.read_bytes() == before
+    assert eke_users(path, "list").returncode == 0  # reading it is fine
+    # An empty file has no secret worth keeping: the first add writes the header.
+    path.write_text("# users\n")
+    path.chmod(0o600)
+    assert eke_users(path, *add_args("bob"), password="pw\n").returncode == 0
+    assert userdb.load(path).secret_is_stored
+
+
+def test_the_daemon_loads_a_headerless_file_and_warns_at_each_reload(tmp_path):
+    path = tmp_path / "users"
+    headerless(path, "alice")
+    events = []
+    store = userdb.UsersStore(str(path), Logger(observer=events.append))
+    assert "alice" in store.current().by_name
+    assert ["no header secret" in text for text in daemon_warnings(events)] == [True]
+    headerless(path, "alice", "bob")
+    del events[:]
+    assert "bob" in store.current().by_name
+    assert ["no header secret" in text for text in daemon_warnings(events)] == [True]
