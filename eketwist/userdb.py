@@ -366,6 +366,11 @@ class UsersStore:
         problem = exposure(self.path)
         if problem:
             self.log.warn("users file: {problem}", problem=problem)
+        if not self.users.by_name:
+            self.log.warn(
+                "users file {path} has no users: nobody can log in (add one with eke-users)",
+                path=self.path,
+            )
         if not self.users.secret_is_stored:
             self.log.warn(
                 "users file {path} has no header secret: unknown usernames get answers that "

@@ -84,6 +84,8 @@ def run(args, out=sys.stdout):
                 f"{user.name}\t{user.rights}\t{user.root or '(server root)'}\t"
                 f"scrypt n={user.scrypt['n']} r={user.scrypt['r']} p={user.scrypt['p']}\n"
             )
+        if not users.by_name:
+            _warn(f"{path} has no users: nobody can log in")
         return EXIT_OK
     with userdb.writer_lock(path, on_wait=_say_waiting):
         return _change(args, path)

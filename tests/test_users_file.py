@@ -210,3 +210,25 @@ def test_the_daemon_loads_a_headerless_file_and_warns_at_each_reload(tmp_path):
     del events[:]
     assert "bob" in store.current().by_name
     assert ["no header secret" in text for text in daemon_warnings(events)] == [True]
+
+
+def test_a_file_without_users_is_reported(tmp_path):
+    path = tmp_path / "users"
+    path.touch(mode=0o600)
+    users = userdb.Users.new()
+    for content in (lambda: None, lambda: userdb.save(path, users)):  # empty, then a header only
+        content()
+        result = eke_users(path, "list")
+        assert (result.returncode, result.stdout) == (0, "")
+        assert result.stderr == f"eke-users: warning: {path} has no users: nobody can log in\n"
+    events = []
+    store = userdb.UsersStore(str(path), Logger(observer=events.append))
+    assert ["nobody can log in" in text for text in daemon_warnings(events)] == [True]
+    users.by_name["alice"] = userdb.make_user("alice", "pw", FAST_SCRYPT)
+    userdb.save(path, users)
+    del events[:]
+    assert "alice" in store.current().by_name and daemon_warnings(events) == []
+    del users.by_name["alice"]
+    userdb.save(path, users)
+    assert store.current().by_name == {}
+    assert ["nobody can log in" in text for text in daemon_warnings(events)] == [True]
