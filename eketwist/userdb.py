@@ -8,11 +8,16 @@ whose secret makes the answers for unknown usernames stable; every other line is
 Unknown fields are kept as they are, so later versions can add per-user settings.
 """
 
+import contextlib
+import fcntl
+import grp
 import hashlib
 import hmac
 import json
 import os
+import pwd
 import secrets
+import stat
 import tempfile
 import unicodedata
 from dataclasses import dataclass, field
@@ -212,6 +217,20 @@ def load(path):
     return parse(text, source=str(path))
 
 
+def exposure(path):
+    """A warning when users other than the file's owner and group may read or change it."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    if not mode & 0o007:
+        return None
+    return (
+        f"{path} can be read or changed by any user (mode {mode:04o}): a reader can guess "
+        f"passwords offline, a writer can add users; run: chmod o-rwx {path}"
+    )
+
+
 def dumps(users):
     lines = [
         "# eketwist users file: verifiers only, never passwords. Edit with eke-users.",
@@ -222,14 +241,22 @@ def dumps(users):
 
 
 def save(path, users):
-    """Atomically replace the users file: a 0600 temporary file in the same directory, fsync,
-    rename, fsync the directory. Readers see the old file or the new one, never a mix."""
+    """Atomically replace the users file: a temporary file in the same directory, fsync,
+    rename, fsync the directory. Readers see the old file or the new one, never a mix.
+    The new file keeps the old one's owner, group and mode (a service user may read it through
+    its group); a new file is 0600."""
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
+    try:
+        old = os.stat(path)
+    except FileNotFoundError:
+        old = None
     fd, tmp = tempfile.mkstemp(prefix=".eke-users.", dir=directory)
     try:
-        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            if old is not None:
+                _keep_owner(handle.fileno(), path, old)
+            os.fchmod(handle.fileno(), 0o600 if old is None else stat.S_IMODE(old.st_mode))
             handle.write(dumps(users))
             handle.flush()
             os.fsync(handle.fileno())
@@ -247,6 +274,56 @@ def save(path, users):
         os.close(dir_fd)
 
 
+@contextlib.contextmanager
+def writer_lock(path, on_wait=None):
+    """Hold an exclusive flock on `<path>.lock` (created 0600) while reading, changing and
+    saving the users file, so that two writers cannot each save their own copy and undo the
+    other's change. Readers need no lock: save() replaces the file atomically. The lock is a
+    file of its own because the users file itself is replaced at every save."""
+    lock_path = f"{path}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as problem:
+        raise UsersFileError(f"{lock_path}: cannot open the lock file: {problem.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(lock_path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _keep_owner(fd, path, old):
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)
+    except OSError:
+        # Only root may give a file away, or to a group it is not in. A silent change of owner
+        # or group could leave the server unable to read its users file: refuse instead.
+        new = os.fstat(fd)
+        if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+            raise UsersFileError(
+                f"{path} belongs to {_account(old)}; running as {_account(new)}, eke-users cannot give "
+                f"the new copy the same owner and group: run it as the file's owner or as root"
+            ) from None
+
+
+def _account(st):
+    """'user:group' of a stat result, by name where there is one."""
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{user}:{group}"
+
+
 class UsersStore:
     """The server's view of the users file: re-read when it changes on disk, keeping the last
     good copy (and logging why) when the new one is broken."""
@@ -256,12 +333,7 @@ class UsersStore:
         self.log = log
         self._stamp = self._current_stamp()
         self.users = load(path)  # a broken file at start is fatal: the caller reports it
-        if not self.users.secret_is_stored:
-            log.warn(
-                "users file {path} has no header secret: unknown usernames get answers that "
-                "change at each restart; run 'eke-users' once to add one",
-                path=path,
-            )
+        self._warn_about()
 
     def _current_stamp(self):
         try:
@@ -289,4 +361,23 @@ class UsersStore:
             return False
         self.users = users
         self.log.info("users file reloaded ({reason}): {count} users", reason=reason, count=len(users.by_name))
+        self._warn_about()
         return True
+
+    def _warn_about(self):
+        """Log what makes the file just read unsafe or useless, though it parses."""
+        problem = exposure(self.path)
+        if problem:
+            self.log.warn("users file: {problem}", problem=problem)
+        if not self.users.by_name:
+            self.log.warn(
+                "users file {path} has no users: nobody can log in (add one with eke-users)",
+                path=self.path,
+            )
+        if not self.users.secret_is_stored:
+            self.log.warn(
+                "users file {path} has no header secret: unknown usernames get answers that "
+                "change at each start and reload, unlike real users'; add the header line "
+                "(docs/protocol.md, section 11)",
+                path=self.path,
+            )

@@ -1,7 +1,8 @@
 """The users command: `python -m eketwist.users` / `eke-users`.
 
 Adds, changes and removes users in the users file, which holds verifiers only. Every change
-rewrites the file atomically (mode 0600); a running server picks it up at its next handshake.
+rewrites the file atomically, keeping its mode, owner and group (0600 for a new file), under a
+lock so that concurrent changes all land; a running server picks it up at its next handshake.
 """
 
 import argparse
@@ -73,6 +74,9 @@ def _load_or_new(path, create):
 
 def run(args, out=sys.stdout):
     path = args.users
+    problem = userdb.exposure(path)
+    if problem:
+        _warn(problem)
     if args.command == "list":
         users = userdb.load(path)
         for user in users.by_name.values():
@@ -80,8 +84,31 @@ def run(args, out=sys.stdout):
                 f"{user.name}\t{user.rights}\t{user.root or '(server root)'}\t"
                 f"scrypt n={user.scrypt['n']} r={user.scrypt['r']} p={user.scrypt['p']}\n"
             )
+        if not users.by_name:
+            _warn(f"{path} has no users: nobody can log in")
         return EXIT_OK
+    with userdb.writer_lock(path, on_wait=_say_waiting):
+        return _change(args, path)
+
+
+def _warn(text):
+    sys.stderr.write(f"eke-users: warning: {text}\n")
+
+
+def _say_waiting(lock_path):
+    sys.stderr.write(f"eke-users: waiting for {lock_path}: another eke-users is changing the file\n")
+
+
+def _change(args, path):
     users = _load_or_new(path, create=args.command == "add")
+    if users.by_name and not users.secret_is_stored:
+        # The header was most likely lost in a hand edit. A new secret would change the answers
+        # for unknown names but not for real ones, telling them apart: have the old one restored.
+        raise ValueError(
+            f"{path} has users but no header line, so it was written by hand: restore the header "
+            f"from a backup, or put a new one first: "
+            f'{{"eketwist-users": 1, "secret": "<64 hex digits, e.g. from openssl rand -hex 32>"}}'
+        )
     problem = userdb.check_username(args.name)
     if problem:
         raise ValueError(problem)
@@ -107,8 +134,6 @@ def run(args, out=sys.stdout):
         else:
             user = _apply_account(args, user)
         users.by_name[args.name] = user
-    if not users.secret_is_stored:
-        users.secret_is_stored = True
     userdb.save(path, users)
     return EXIT_OK
 

@@ -1,0 +1,234 @@
+"""The users file as eke-users and the daemon handle it: real files, real eke-users processes."""
+
+import ctypes
+import json
+import os
+import pathlib
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+from twisted.logger import Logger, LogLevel, formatEvent
+
+from eketwist import userdb
+
+from .conftest import FAST_SCRYPT
+
+USERS = [sys.executable, "-m", "eketwist.users"]
+
+
+def start_users(path, *args):
+    return subprocess.Popen(
+        [*USERS, "--users", str(path), *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def eke_users(path, *args, password=None):
+    return subprocess.run(
+        [*USERS, "--users", str(path), *args], input=password, capture_output=True, text=True, timeout=60,
+    )
+
+
+def add_args(name):
+    return "add", name, "--password-stdin", "--scrypt-n", str(FAST_SCRYPT["n"])
+
+
+def _settled(process):
+    """"exited", the CPU time of a sleeping process, or None while it runs."""
+    if process.poll() is not None:
+        return "exited"
+    fields = pathlib.Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    state, utime, stime = fields[0], fields[11], fields[12]
+    return (utime, stime) if state == "S" else None
+
+
+def wait_until_settled(processes, timeout=60):
+    """Wait until each process has exited or sleeps without using the CPU: then it waits for its
+    password (having read the users file) or for another's lock."""
+    deadline = time.monotonic() + timeout
+    previous = None
+    while time.monotonic() < deadline:
+        now = [_settled(process) for process in processes]
+        if None not in now and now == previous:
+            return
+        previous = now
+        time.sleep(0.2)
+    raise AssertionError("the eke-users processes did not settle")
+
+
+def saved(path, *names):
+    users = userdb.Users.new()
+    for name in names:
+        users.by_name[name] = userdb.make_user(name, f"{name}'s password", FAST_SCRYPT)
+    userdb.save(path, users)
+    return users
+
+
+def daemon_warnings(events):
+    return [formatEvent(event) for event in events if event["log_level"] == LogLevel.warn]
+
+
+def test_concurrent_adds_lose_no_user(tmp_path):
+    path = tmp_path / "users"
+    names = [f"user{i}" for i in range(8)]
+    processes = [start_users(path, *add_args(name)) for name in names]
+    # Without a lock, all eight now hold the same (empty) copy and the last to save wins.
+    wait_until_settled(processes)
+    for process, name in zip(processes, names):  # in any order: only the lock holder reads now
+        process.stdin.write(f"{name}'s password\n")
+        process.stdin.close()
+    for process in processes:
+        assert process.wait(60) == 0, process.stderr.read()
+    assert sorted(userdb.load(path).by_name) == names
+    assert oct((tmp_path / "users.lock").stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_a_removal_racing_an_add_stays_removed(tmp_path):
+    path = tmp_path / "users"
+    saved(path, "mallory")
+    adding = start_users(path, *add_args("bob"))
+    wait_until_settled([adding])  # it has read the file, mallory included
+    removing = start_users(path, "remove", "mallory")
+    wait_until_settled([removing])  # done, or waiting for the lock
+    _, err = adding.communicate("bob's password\n", timeout=60)
+    assert adding.returncode == 0, err
+    _, err = removing.communicate(timeout=60)
+    assert removing.returncode == 0, err
+    assert sorted(userdb.load(path).by_name) == ["bob"]
+
+
+def test_a_rewrite_keeps_mode_owner_and_group(tmp_path):
+    path = tmp_path / "users"
+    assert eke_users(path, *add_args("alice"), password="pw\n").returncode == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # a new file
+    # README's set-up for a dynamic service user: readable through the group.
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+    path.chmod(0o640)
+    before = path.stat()
+    result = eke_users(path, *add_args("bob"), password="pw\n")
+    assert result.returncode == 0, result.stderr
+    after = path.stat()
+    assert after.st_ino != before.st_ino  # really rewritten
+    assert (stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid) == (0o640, before.st_uid, before.st_gid)
+
+
+def _without_cap_chown():
+    # Root without CAP_CHOWN can give files away no more than any other user.
+    if ctypes.CDLL(None, use_errno=True).prctl(24, 0, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_CHOWN
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to own the file as another user")
+@pytest.mark.parametrize("owner", [(65534, 65534), (0, 65534)], ids=["another-user", "another-group"])
+def test_a_rewrite_that_cannot_keep_the_owner_is_refused(tmp_path, owner):
+    path = tmp_path / "users"
+    saved(path, "alice")
+    os.chown(path, *owner)
+    path.chmod(0o640)
+    before = path.read_bytes()
+    result = subprocess.run(
+        [*USERS, "--users", str(path), *add_args("bob")], input="pw\n", capture_output=True, text=True,
+        timeout=60, preexec_fn=_without_cap_chown,
+    )
+    assert result.returncode == 1
+    assert "cannot give the new copy the same owner and group" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert path.read_bytes() == before
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (*owner, 0o640)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users", "users.lock"]  # no temporary file left
+
+
+def test_eke_users_warns_about_a_file_others_can_read(tmp_path):
+    path = tmp_path / "users"
+    saved(path, "alice")
+    path.chmod(0o640)  # group-readable is README's advice, not a problem
+    assert eke_users(path, "list").stderr == ""
+    path.chmod(0o644)
+    for result in (eke_users(path, "list"), eke_users(path, *add_args("bob"), password="pw\n")):
+        assert result.returncode == 0
+        assert result.stderr.startswith("eke-users: warning: ") and result.stderr.count("\n") == 1
+        assert "mode 0644" in result.stderr and "chmod o-rwx" in result.stderr
+
+
+def test_the_daemon_warns_about_a_file_others_can_read(tmp_path):
+    path = tmp_path / "users"
+    users = saved(path, "alice")
+    path.chmod(0o604)
+    events = []
+    store = userdb.UsersStore(str(path), Logger(observer=events.append))
+    assert len(daemon_warnings(events)) == 1 and "mode 0604" in daemon_warnings(events)[0]
+    users.by_name["bob"] = userdb.make_user("bob", "pw", FAST_SCRYPT)
+    userdb.save(path, users)
+    del events[:]
+    assert "bob" in store.current().by_name
+    assert len(daemon_warnings(events)) == 1 and "mode 0604" in daemon_warnings(events)[0]
+
+
+def headerless(path, *names):
+    """A hand-written file: user lines only. Returns the hex secrets in it."""
+    users = [userdb.make_user(name, "pw", FAST_SCRYPT).to_json() for name in names]
+    path.write_text("".join(json.dumps(user) + "\n" for user in users))
+    path.chmod(0o600)
+    return [user[key] for user in users for key in ("salt", "w0", "L")]
+
+
+def test_eke_users_does_not_invent_a_secret_for_a_headerless_file(tmp_path):
+    path = tmp_path / "users"
+    secrets_in_file = headerless(path, "alice")
+    before = path.read_bytes()
+    changes = [
+        add_args("bob"), ("passwd", "alice", "--password-stdin", "--scrypt-n", str(FAST_SCRYPT["n"])),
+        ("modify", "alice", "--rights", "read-write"), ("remove", "alice"),
+    ]
+    for args in changes:
+        result = eke_users(path, *args, password="pw\n")
+        assert result.returncode == 1, args
+        assert "no header line" in result.stderr and result.stderr.count("\n") == 1
+        assert not any(secret in result.stderr for secret in secrets_in_file)
+        assert path.read_bytes() == before
+    assert eke_users(path, "list").returncode == 0  # reading it is fine
+    # An empty file has no secret worth keeping: the first add writes the header.
+    path.write_text("# users\n")
+    path.chmod(0o600)
+    assert eke_users(path, *add_args("bob"), password="pw\n").returncode == 0
+    assert userdb.load(path).secret_is_stored
+
+
+def test_the_daemon_loads_a_headerless_file_and_warns_at_each_reload(tmp_path):
+    path = tmp_path / "users"
+    headerless(path, "alice")
+    events = []
+    store = userdb.UsersStore(str(path), Logger(observer=events.append))
+    assert "alice" in store.current().by_name
+    assert ["no header secret" in text for text in daemon_warnings(events)] == [True]
+    headerless(path, "alice", "bob")
+    del events[:]
+    assert "bob" in store.current().by_name
+    assert ["no header secret" in text for text in daemon_warnings(events)] == [True]
+
+
+def test_a_file_without_users_is_reported(tmp_path):
+    path = tmp_path / "users"
+    path.touch(mode=0o600)
+    users = userdb.Users.new()
+    for content in (lambda: None, lambda: userdb.save(path, users)):  # empty, then a header only
+        content()
+        result = eke_users(path, "list")
+        assert (result.returncode, result.stdout) == (0, "")
+        assert result.stderr == f"eke-users: warning: {path} has no users: nobody can log in\n"
+    events = []
+    store = userdb.UsersStore(str(path), Logger(observer=events.append))
+    assert ["nobody can log in" in text for text in daemon_warnings(events)] == [True]
+    users.by_name["alice"] = userdb.make_user("alice", "pw", FAST_SCRYPT)
+    userdb.save(path, users)
+    del events[:]
+    assert "alice" in store.current().by_name and daemon_warnings(events) == []
+    del users.by_name["alice"]
+    userdb.save(path, users)
+    assert store.current().by_name == {}
+    assert ["nobody can log in" in text for text in daemon_warnings(events)] == [True]
