@@ -7,7 +7,7 @@ import socket
 from twisted.application import internet
 from twisted.python import usage
 
-from . import guard, server, service, userdb
+from . import exposure, guard, server, service, userdb
 from .tuning import tune_allocator
 
 _P = guard.Policy()
@@ -23,7 +23,8 @@ class Options(usage.Options):
     optParameters = [
         ["port", "p", "4000", "where to listen: a port number (TCP on all interfaces) or a Twisted "
          "endpoint such as tcp:4000:interface=127.0.0.1, ssl:..., systemd:domain=INET:name=eke"],
-        ["root", "r", ".", "the directory whose files are served"],
+        ["root", "r", ".", "the directory whose files are served (it must not contain the users "
+         "file, the pidfile, the log or a TLS key)"],
         ["users", "u", "./eke-users", "the users file (create it with eke-users add NAME)"],
         ["server-id", None, socket.gethostname(), "this server's name in the handshake (idVerifier)"],
         ["handshake-timeout", None, server.DEFAULT_HANDSHAKE_TIMEOUT, "seconds a client has to authenticate", float],
@@ -57,6 +58,11 @@ class Options(usage.Options):
         root = self["root"]
         if not os.path.isdir(root):
             raise usage.UsageError(f"--root {root}: not a directory")
+        # Relative to where twistd was started, also after it changes directory.
+        self["users"] = os.path.abspath(self["users"])
+        pidfile, logfile = exposure.twistd_files(self.parent)
+        self["protected"] = exposure.Protected(self["users"], pidfile, logfile, exposure.tls_key_paths(port))
+        self._refuse_exposure([root])
         if not self["server-id"] or len(self["server-id"].encode("utf-8")) > 255:
             raise usage.UsageError("--server-id must be 1 to 255 bytes")
         if self["max-upload-size"] is not None:
@@ -66,10 +72,15 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be positive")
         self["policy"] = self._policy()
         try:
-            userdb.load(self["users"])
+            users = userdb.load(self["users"])
         except userdb.UsersFileError as problem:
             raise usage.UsageError(str(problem)) from None
+        self._refuse_exposure([user.root for user in users.by_name.values() if user.root])
 
+    def _refuse_exposure(self, roots):
+        problem = self["protected"].problem(roots)
+        if problem:
+            raise usage.UsageError(problem)
 
     def _policy(self):
         try:
@@ -140,6 +151,8 @@ def makeService(options):
         partial_max_age=options["partial-max-age"],
         policy=policy,
     )
+    protected, server_root = options["protected"], factory.root
+    exposure.refuse_exposing_reloads(factory.users, lambda users: protected.users_problem(server_root, users))
     top = service.EketwistService(options["port"], factory, options["shutdown-grace"])
     # Abandoned partial uploads: swept at start and then every hour (or age, if shorter).
     sweep_every = min(3600.0, options["partial-max-age"])

@@ -1,0 +1,123 @@
+"""The daemon's edges: it never serves its own files, believes PROXY headers from trusted
+proxies only, and keeps its log safe to read and private."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from eketwist import tap, userdb
+
+from .conftest import FAST_SCRYPT, VENV_BIN, free_port, wait_for_port
+
+TWISTD = str(VENV_BIN / "twistd")
+
+
+def umask_022():
+    os.umask(0o022)
+
+
+def twistd(cwd, *arguments, timeout=30):
+    return subprocess.run(
+        [TWISTD, *arguments], cwd=cwd, capture_output=True, text=True, timeout=timeout, preexec_fn=umask_022
+    )
+
+
+def refusal(result):
+    """The one line twistd printed for a refused start (after its usage text)."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(TWISTD), output
+    return last
+
+
+@pytest.fixture
+def site(tmp_path, users_file):
+    """A directory laid out like the README's: ./eke-users beside ./files."""
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "hello.txt").write_text("hello\n")
+    return tmp_path
+
+
+# -- the daemon never serves its own files
+
+
+def test_bare_twistd_eke_refuses_and_the_readme_command_starts(site):
+    port = f"tcp:{free_port()}:interface=127.0.0.1"
+    # `twistd eke`: root "." holds ./eke-users (and twistd.pid, twistd.log).
+    line = refusal(twistd(site, "--nodaemon", "eke", "--port", port))
+    assert f"the users file {site / 'eke-users'} is inside the served root {site}" in line
+    assert "--root ./files" in line
+    # The README's `twistd eke --port 4000 --root ./files`, daemonized as written.
+    started = twistd(site, "eke", "--port", port, "--root", "./files")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        wait_for_port(int(port.split(":")[1]))
+    finally:
+        pid = int((site / "twistd.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while (site / "twistd.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _key_in_root(site):
+    (site / "files" / "key.pem").write_text("not a key")
+    return ["--port", "ssl:0:interface=127.0.0.1:privateKey=files/key.pem:certKey=cert.pem", "--root", "files"], "files/key.pem"
+
+
+def _users_in_root(site):
+    shutil.copy(site / "eke-users", site / "files" / "eke-users")
+    return ["--root", "files", "--users", "files/eke-users"], "files/eke-users"
+
+
+def _users_linked_from_root(site):
+    # The real file is outside, but the link inside can be replaced by an upload.
+    (site / "files" / "users-link").symlink_to(site / "eke-users")
+    return ["--root", "files", "--users", "files/users-link"], "files/users-link"
+
+
+def _users_under_a_users_own_root(site):
+    users = userdb.load(site / "eke-users")
+    users.by_name["carol"] = userdb.make_user("carol", "pw", FAST_SCRYPT, root=str(site))
+    userdb.save(site / "eke-users", users)
+    return ["--root", "files"], str(site)
+
+
+@pytest.mark.parametrize(
+    "twistd_options, layout",
+    [
+        (["--pidfile", "files/twistd.pid"], lambda site: (["--root", "files"], "files/twistd.pid")),
+        (["--logfile", "files/twistd.log"], lambda site: (["--root", "files"], "files/twistd.log")),
+        ([], _key_in_root),
+        ([], _users_in_root),
+        ([], _users_linked_from_root),
+        ([], _users_under_a_users_own_root),
+    ],
+    ids=["pidfile", "logfile", "tls-key", "users-file", "users-file-symlink", "user-root"],
+)
+def test_start_refused_when_a_daemon_file_is_inside_a_root(site, twistd_options, layout):
+    eke_options, named = layout(site)
+    if "--port" not in eke_options:
+        eke_options += ["--port", "tcp:0:interface=127.0.0.1"]
+    line = refusal(twistd(site, "--nodaemon", "--pidfile=", *twistd_options, "eke", *eke_options))
+    assert "inside the served root" in line and named in line, line
+    assert not (site / "files" / "twistd.log").exists()
+
+
+def test_reload_refuses_a_users_file_that_puts_it_inside_a_root(site, monkeypatch):
+    monkeypatch.chdir(site)
+    options = tap.Options()
+    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--root", "files"])
+    top = tap.makeService(options)
+    store = top.factory.users
+    users = userdb.load(site / "eke-users")
+    users.by_name["mallory"] = userdb.make_user("mallory", "pw", FAST_SCRYPT, root=str(site))
+    userdb.save(site / "eke-users", users)
+    assert "mallory" not in store.current().by_name  # the last good copy is kept
+    assert "alice" in store.current().by_name
