@@ -13,10 +13,10 @@ import signal
 from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import sdnotify
+from .logs import SafeLogger
 
 DEFAULT_SHUTDOWN_GRACE = 30.0
 
@@ -38,7 +38,7 @@ class ListeningNotifier:
 
 
 class EketwistService(service.MultiService):
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(self, description, factory, shutdown_grace=DEFAULT_SHUTDOWN_GRACE, reactor=None):
         super().__init__()

@@ -5,9 +5,10 @@ import resource
 import socket
 
 from twisted.application import internet
+from twisted.logger import Logger
 from twisted.python import usage
 
-from . import exposure, guard, server, service, userdb
+from . import exposure, guard, logs, server, service, userdb
 from .tuning import tune_allocator
 
 _P = guard.Policy()
@@ -62,6 +63,7 @@ class Options(usage.Options):
         self["users"] = os.path.abspath(self["users"])
         pidfile, logfile = exposure.twistd_files(self.parent)
         self["protected"] = exposure.Protected(self["users"], pidfile, logfile, exposure.tls_key_paths(port))
+        self["twistd-logfile"] = logfile
         self._refuse_exposure([root])
         if not self["server-id"] or len(self["server-id"].encode("utf-8")) > 255:
             raise usage.UsageError("--server-id must be 1 to 255 bytes")
@@ -137,7 +139,19 @@ def raise_descriptor_limit(policy, log=None):
             log.warn("descriptor limit {soft}: at most {count} connections", soft=soft, count=policy.max_connections)
 
 
+def _escape_server_logs():
+    """Bridge until server.py declares `log = SafeLogger()` itself (then this does nothing):
+    the server's events are escaped like everyone else's."""
+    for cls in (server.ServerProtocol, server.ServerFactory):
+        current = cls.__dict__.get("log")
+        if type(current) is Logger:
+            cls.log = logs.SafeLogger(namespace=current.namespace)
+
+
 def makeService(options):
+    if options.get("twistd-logfile"):
+        logs.restrict_log_file(options["twistd-logfile"])  # before twistd opens it
+    _escape_server_logs()
     tune_allocator()
     policy = options["policy"]
     raise_descriptor_limit(policy, server.ServerFactory.log)

@@ -4,14 +4,18 @@ proxies only, and keeps its log safe to read and private."""
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 
 import pytest
+from twisted.logger import formatEvent
+from twisted.python.logfile import LogFile
 
-from eketwist import tap, userdb
+from eketwist import logs, tap, userdb
 
-from .conftest import FAST_SCRYPT, VENV_BIN, free_port, wait_for_port
+from .conftest import FAST_SCRYPT, VENV_BIN, Daemon, free_port, wait_for_port
+from .rawclient import RawClient
 
 TWISTD = str(VENV_BIN / "twistd")
 
@@ -47,7 +51,7 @@ def site(tmp_path, users_file):
 # -- the daemon never serves its own files
 
 
-def test_bare_twistd_eke_refuses_and_the_readme_command_starts(site):
+def test_bare_twistd_eke_refuses_and_the_readme_command_starts_with_a_private_log(site):
     port = f"tcp:{free_port()}:interface=127.0.0.1"
     # `twistd eke`: root "." holds ./eke-users (and twistd.pid, twistd.log).
     line = refusal(twistd(site, "--nodaemon", "eke", "--port", port))
@@ -64,6 +68,8 @@ def test_bare_twistd_eke_refuses_and_the_readme_command_starts(site):
         deadline = time.monotonic() + 15
         while (site / "twistd.pid").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+    # twistd.log was created while the umask was 022: still not readable by others.
+    assert stat.S_IMODE((site / "twistd.log").stat().st_mode) & 0o077 == 0
 
 
 def _key_in_root(site):
@@ -121,3 +127,46 @@ def test_reload_refuses_a_users_file_that_puts_it_inside_a_root(site, monkeypatc
     userdb.save(site / "eke-users", users)
     assert "mallory" not in store.current().by_name  # the last good copy is kept
     assert "alice" in store.current().by_name
+
+
+# -- the log
+
+
+def test_safe_logger_escapes_text_fields_only():
+    events = []
+    log = logs.SafeLogger(observer=events.append)
+    log.info("{code} after {seconds:.0f} s", code="\x1b]0;owned\x07\nfake line", seconds=2.4)
+    assert formatEvent(events[0]) == "\\x1b]0;owned\\x07\\nfake line after 2 s"
+
+
+def test_log_file_and_its_rotations_are_private(tmp_path):
+    path = tmp_path / "twistd.log"
+    old = os.umask(0o022)
+    try:
+        logs.restrict_log_file(str(path))
+        log_file = LogFile.fromFullPath(str(path), rotateLength=10)
+        log_file.write("x" * 20)
+        log_file.write("y")  # rotates first
+        log_file.close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "twistd.log.1").exists()
+    for name in ("twistd.log", "twistd.log.1"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+
+
+def test_real_daemon_log_is_private_and_shows_a_peer_escape_escaped(tmp_path, root, users_file):
+    daemon = Daemon(tmp_path, root, users_file, preexec_fn=umask_022).start()
+    try:
+        raw = RawClient(daemon.port)
+        raw.send({"type": "error", "code": "\x1b[2J\x1b]0;owned\x07", "message": "x"})
+        deadline = time.monotonic() + 10
+        while "reported an error" not in daemon.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raw.close()
+        text = daemon.log_text()
+        assert "reported an error: \\x1b[2J\\x1b]0;owned\\x07" in text
+        assert "\x1b" not in text and "\x07" not in text
+        assert stat.S_IMODE(daemon.log.stat().st_mode) & 0o077 == 0
+    finally:
+        daemon.stop()
