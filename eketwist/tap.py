@@ -8,14 +8,14 @@ from twisted.application import internet
 from twisted.logger import Logger
 from twisted.python import usage
 
-from . import exposure, guard, logs, server, service, userdb
+from . import exposure, guard, logs, proxy, server, service, userdb
 from .tuning import tune_allocator
 
 _P = guard.Policy()
 
 
 class Options(usage.Options):
-    synopsis = "[--port ENDPOINT] [--root DIR] [--users FILE] [--server-id NAME]"
+    synopsis = "[--port ENDPOINT] [--root DIR] [--users FILE] [--server-id NAME] [--trusted-proxies ADDR,...]"
     longdesc = (
         "Serve the files under --root to users who prove they know their password with "
         "SPAKE2+ (RFC 9383); every byte is then encrypted and authenticated. Users are "
@@ -24,6 +24,9 @@ class Options(usage.Options):
     optParameters = [
         ["port", "p", "4000", "where to listen: a port number (TCP on all interfaces) or a Twisted "
          "endpoint such as tcp:4000:interface=127.0.0.1, ssl:..., systemd:domain=INET:name=eke"],
+        ["trusted-proxies", None, None,
+         "with a haproxy: port, the addresses or networks (CIDR) of the proxies allowed to send a "
+         "PROXY header, comma-separated; connections from anywhere else are closed at once"],
         ["root", "r", ".", "the directory whose files are served (it must not contain the users "
          "file, the pidfile, the log or a TLS key)"],
         ["users", "u", "./eke-users", "the users file (create it with eke-users add NAME)"],
@@ -56,6 +59,7 @@ class Options(usage.Options):
         port = self["port"]
         if port.isdigit():
             self["port"] = f"tcp:{port}"
+        self._check_proxies()
         root = self["root"]
         if not os.path.isdir(root):
             raise usage.UsageError(f"--root {root}: not a directory")
@@ -78,6 +82,22 @@ class Options(usage.Options):
         except userdb.UsersFileError as problem:
             raise usage.UsageError(str(problem)) from None
         self._refuse_exposure([user.root for user in users.by_name.values() if user.root])
+
+    def _check_proxies(self):
+        behind_proxy = proxy.is_proxy_description(self["port"])
+        if self["trusted-proxies"] is None:
+            if behind_proxy:
+                raise usage.UsageError(
+                    f"--port {self['port']}: a PROXY header is believed only from the proxies listed "
+                    "with --trusted-proxies ADDR[,ADDR...] (HAProxy's addresses, e.g. 127.0.0.1)"
+                )
+            return
+        if not behind_proxy:
+            raise usage.UsageError("--trusted-proxies applies only to a haproxy: port (e.g. --port haproxy:tcp:4001)")
+        try:
+            self["trusted-proxies"] = proxy.TrustedProxies.parse(self["trusted-proxies"])
+        except ValueError as problem:
+            raise usage.UsageError(str(problem)) from None
 
     def _refuse_exposure(self, roots):
         problem = self["protected"].problem(roots)
@@ -167,7 +187,9 @@ def makeService(options):
     )
     protected, server_root = options["protected"], factory.root
     exposure.refuse_exposing_reloads(factory.users, lambda users: protected.users_problem(server_root, users))
-    top = service.EketwistService(options["port"], factory, options["shutdown-grace"])
+    top = service.EketwistService(
+        options["port"], factory, options["shutdown-grace"], trusted_proxies=options["trusted-proxies"]
+    )
     # Abandoned partial uploads: swept at start and then every hour (or age, if shorter).
     sweep_every = min(3600.0, options["partial-max-age"])
     internet.TimerService(sweep_every, factory.sweep_partial_uploads).setServiceParent(top)

@@ -9,12 +9,15 @@ import subprocess
 import time
 
 import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.logger import formatEvent
 from twisted.python.logfile import LogFile
 
-from eketwist import logs, tap, userdb
+from eketwist import logs, proxy, server, tap, userdb
 
-from .conftest import FAST_SCRYPT, VENV_BIN, Daemon, free_port, wait_for_port
+from .conftest import FAST_SCRYPT, VENV_BIN, Daemon, free_port, sleep, wait_for_port
 from .rawclient import RawClient
 
 TWISTD = str(VENV_BIN / "twistd")
@@ -127,6 +130,172 @@ def test_reload_refuses_a_users_file_that_puts_it_inside_a_root(site, monkeypatc
     userdb.save(site / "eke-users", users)
     assert "mallory" not in store.current().by_name  # the last good copy is kept
     assert "alice" in store.current().by_name
+
+
+@pytest.mark.parametrize(
+    "port, extra, expected",
+    [
+        ("haproxy:tcp:0:interface=127.0.0.1", [], "--trusted-proxies ADDR"),
+        ("tcp:0:interface=127.0.0.1", ["--trusted-proxies", "127.0.0.1"], "only to a haproxy: port"),
+        ("haproxy:tcp:0:interface=127.0.0.1", ["--trusted-proxies", "10.0.0.1/8"], "host bits set"),
+    ],
+    ids=["haproxy-without-trusted", "trusted-without-haproxy", "bad-network"],
+)
+def test_proxy_options_refused(site, port, extra, expected):
+    line = refusal(twistd(site, "--nodaemon", "--pidfile=", "eke", "--port", port, "--root", "files", *extra))
+    assert expected in line
+
+
+# -- PROXY protocol from trusted proxies only
+
+
+class Recorder(protocol.Factory):
+    """A wrapped factory that notes what its protocols saw."""
+
+    def __init__(self):
+        self.built = []
+        self.peers_at_connection = []
+        self.received = []
+
+    def buildProtocol(self, addr):
+        self.built.append(addr)
+        recorder = self
+
+        class Noting(protocol.Protocol):
+            def connectionMade(self):
+                recorder.peers_at_connection.append(self.transport.getPeer())
+
+            def dataReceived(self, data):
+                recorder.received.append(data)
+
+        return Noting()
+
+
+class Client(protocol.Protocol):
+    def __init__(self, first=b""):
+        self.first = first
+        self.lost = defer.Deferred()
+        self.received = b""
+
+    def connectionMade(self):
+        if self.first:
+            self.transport.write(self.first)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+async def listen(factory, trusted, clock=None):
+    endpoint = proxy.TrustedProxyEndpoint(
+        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), proxy.TrustedProxies.parse(trusted), clock=clock
+    )
+    return await endpoint.listen(factory)
+
+
+async def connect(port, first=b""):
+    return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Client(first))
+
+
+async def closed_within(client, seconds):
+    timeout = reactor.callLater(seconds, client.lost.cancel)
+    try:
+        await client.lost
+    except defer.CancelledError:
+        raise AssertionError(f"still connected after {seconds} s") from None
+    timeout.cancel()
+
+
+HEADER = b"PROXY TCP4 192.0.2.33 127.0.0.1 40404 4000\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_untrusted_peer_is_dropped_at_accept():
+    recorder = Recorder()
+    port = await listen(recorder, "192.0.2.1,10.0.0.0/8")
+    try:
+        client = await connect(port, HEADER + b"hello")
+        await closed_within(client, 5)
+        assert recorder.built == [] and recorder.received == []
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_trusted_proxy_claim_is_the_peer_the_server_sees_at_connection_made(factory):
+    seen = []
+
+    class Noting(server.ServerProtocol):
+        def connectionMade(self):
+            seen.append(self.transport.getPeer())
+            super().connectionMade()
+
+    factory.protocol = Noting
+    port = await listen(factory, "127.0.0.1")
+    try:
+        # The header in pieces, the first shorter than any PROXY signature.
+        client = await connect(port, HEADER[:3])
+        await sleep(0.1)
+        assert seen == []  # nothing reaches the server before the header is whole
+        client.transport.write(HEADER[3:])
+        for _ in range(50):
+            if seen:
+                break
+            await sleep(0.02)
+        assert (seen[0].host, seen[0].port) == ("192.0.2.33", 40404)
+        (connection,) = factory.connections
+        assert connection.peer == "192.0.2.33:40404"
+        client.transport.loseConnection()
+        await client.lost
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_or_trickling_trusted_connection_is_dropped_at_the_deadline():
+    clock = task.Clock()
+    recorder = Recorder()
+    port = await listen(recorder, "127.0.0.0/8", clock=clock)
+    try:
+        client = await connect(port)
+        for piece in (b"PRO", b"XY T", b"CP4 "):  # each piece is valid so far, none ends it
+            await sleep(0.05)
+            clock.advance(proxy.HEADER_TIMEOUT / 4)
+            client.transport.write(piece)
+        await sleep(0.05)
+        assert not client.lost.called
+        clock.advance(proxy.HEADER_TIMEOUT / 4)
+        await closed_within(client, 5)
+        silent = await connect(port)
+        await sleep(0.05)
+        clock.advance(proxy.HEADER_TIMEOUT)
+        await closed_within(silent, 5)
+        assert recorder.built == []
+    finally:
+        await port.stopListening()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        proxy.V2_PREFIX + b"\x21\x11\xff\xff",  # announces 64 KiB of addresses and TLVs
+        b"PROXY TCP4 " + b"1" * 200,  # a v1 line longer than the protocol allows
+        b"GET / HTTP/1.1\r\n\r\n",
+    ],
+    ids=["v2-too-long", "v1-too-long", "not-proxy"],
+)
+@pytest_twisted.ensureDeferred
+async def test_oversized_or_invalid_header_is_dropped_at_once(header):
+    recorder = Recorder()
+    port = await listen(recorder, "127.0.0.1", clock=task.Clock())  # the deadline never comes
+    try:
+        client = await connect(port, header)
+        await closed_within(client, 5)
+        assert recorder.built == []
+    finally:
+        await port.stopListening()
 
 
 # -- the log
