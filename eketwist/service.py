@@ -1,7 +1,8 @@
 """The daemon as a service: listening, readiness, reload and graceful shutdown.
 
 - The listening service comes from `strports.service`, so a port in use stops start-up; its
-  endpoint is wrapped to announce READY=1 (sd_notify) once the port really listens.
+  endpoint is wrapped to announce READY=1 (sd_notify) once the port really listens. A
+  `haproxy:` port takes PROXY headers from the trusted proxies only (eketwist.proxy).
 - SIGHUP re-reads the users file (a broken one is refused, the last good copy kept).
 - On stop (SIGTERM): STOPPING=1, stop accepting, close idle connections, let running
   transfers finish for up to the grace period, then close the rest (their clients resume).
@@ -13,10 +14,10 @@ import signal
 from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import sdnotify
+from . import proxy, sdnotify
+from .logs import SafeLogger
 
 DEFAULT_SHUTDOWN_GRACE = 30.0
 
@@ -37,17 +38,31 @@ class ListeningNotifier:
         return self._endpoint.listen(factory).addCallback(listening)
 
 
-class EketwistService(service.MultiService):
-    log = Logger()
+def listener(description, factory, trusted_proxies=None, reactor=None):
+    """The listening service for an endpoint description. `haproxy:` is ours, not Twisted's:
+    PROXY headers only from `trusted_proxies` (see eketwist.proxy)."""
+    if not proxy.is_proxy_description(description):
+        return strports.service(description, factory, reactor=reactor)
+    if trusted_proxies is None:
+        raise ValueError("a haproxy: port needs trusted proxies")
+    listening = strports.service(proxy.inner_description(description), factory, reactor=reactor)
+    listening.endpoint = proxy.TrustedProxyEndpoint(listening.endpoint, trusted_proxies, clock=reactor)
+    return listening
 
-    def __init__(self, description, factory, shutdown_grace=DEFAULT_SHUTDOWN_GRACE, reactor=None):
+
+class EketwistService(service.MultiService):
+    log = SafeLogger()
+
+    def __init__(
+        self, description, factory, shutdown_grace=DEFAULT_SHUTDOWN_GRACE, reactor=None, trusted_proxies=None
+    ):
         super().__init__()
         from twisted.internet import reactor as default_reactor
 
         self.reactor = reactor or default_reactor
         self.factory = factory
         self.shutdown_grace = shutdown_grace
-        self.listener = strports.service(description, factory)
+        self.listener = listener(description, factory, trusted_proxies, self.reactor)
         self.listener.endpoint = ListeningNotifier(self.listener.endpoint, self._listening)
         self._previous_sighup = None
 

@@ -5,16 +5,17 @@ import resource
 import socket
 
 from twisted.application import internet
+from twisted.logger import Logger
 from twisted.python import usage
 
-from . import guard, server, service, userdb
+from . import exposure, guard, logs, proxy, server, service, userdb
 from .tuning import tune_allocator
 
 _P = guard.Policy()
 
 
 class Options(usage.Options):
-    synopsis = "[--port ENDPOINT] [--root DIR] [--users FILE] [--server-id NAME]"
+    synopsis = "[--port ENDPOINT] [--root DIR] [--users FILE] [--server-id NAME] [--trusted-proxies ADDR,...]"
     longdesc = (
         "Serve the files under --root to users who prove they know their password with "
         "SPAKE2+ (RFC 9383); every byte is then encrypted and authenticated. Users are "
@@ -23,7 +24,11 @@ class Options(usage.Options):
     optParameters = [
         ["port", "p", "4000", "where to listen: a port number (TCP on all interfaces) or a Twisted "
          "endpoint such as tcp:4000:interface=127.0.0.1, ssl:..., systemd:domain=INET:name=eke"],
-        ["root", "r", ".", "the directory whose files are served"],
+        ["trusted-proxies", None, None,
+         "with a haproxy: port, the addresses or networks (CIDR) of the proxies allowed to send a "
+         "PROXY header, comma-separated; connections from anywhere else are closed at once"],
+        ["root", "r", ".", "the directory whose files are served (it must not contain the users "
+         "file, the pidfile, the log or a TLS key)"],
         ["users", "u", "./eke-users", "the users file (create it with eke-users add NAME)"],
         ["server-id", None, socket.gethostname(), "this server's name in the handshake (idVerifier)"],
         ["handshake-timeout", None, server.DEFAULT_HANDSHAKE_TIMEOUT, "seconds a client has to authenticate", float],
@@ -54,9 +59,16 @@ class Options(usage.Options):
         port = self["port"]
         if port.isdigit():
             self["port"] = f"tcp:{port}"
+        self._check_proxies()
         root = self["root"]
         if not os.path.isdir(root):
             raise usage.UsageError(f"--root {root}: not a directory")
+        # Relative to where twistd was started, also after it changes directory.
+        self["users"] = os.path.abspath(self["users"])
+        pidfile, logfile = exposure.twistd_files(self.parent)
+        self["protected"] = exposure.Protected(self["users"], pidfile, logfile, exposure.tls_key_paths(port))
+        self["twistd-logfile"] = logfile
+        self._refuse_exposure([root])
         if not self["server-id"] or len(self["server-id"].encode("utf-8")) > 255:
             raise usage.UsageError("--server-id must be 1 to 255 bytes")
         if self["max-upload-size"] is not None:
@@ -66,10 +78,31 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be positive")
         self["policy"] = self._policy()
         try:
-            userdb.load(self["users"])
+            users = userdb.load(self["users"])
         except userdb.UsersFileError as problem:
             raise usage.UsageError(str(problem)) from None
+        self._refuse_exposure([user.root for user in users.by_name.values() if user.root])
 
+    def _check_proxies(self):
+        behind_proxy = proxy.is_proxy_description(self["port"])
+        if self["trusted-proxies"] is None:
+            if behind_proxy:
+                raise usage.UsageError(
+                    f"--port {self['port']}: a PROXY header is believed only from the proxies listed "
+                    "with --trusted-proxies ADDR[,ADDR...] (HAProxy's addresses, e.g. 127.0.0.1)"
+                )
+            return
+        if not behind_proxy:
+            raise usage.UsageError("--trusted-proxies applies only to a haproxy: port (e.g. --port haproxy:tcp:4001)")
+        try:
+            self["trusted-proxies"] = proxy.TrustedProxies.parse(self["trusted-proxies"])
+        except ValueError as problem:
+            raise usage.UsageError(str(problem)) from None
+
+    def _refuse_exposure(self, roots):
+        problem = self["protected"].problem(roots)
+        if problem:
+            raise usage.UsageError(problem)
 
     def _policy(self):
         try:
@@ -126,7 +159,19 @@ def raise_descriptor_limit(policy, log=None):
             log.warn("descriptor limit {soft}: at most {count} connections", soft=soft, count=policy.max_connections)
 
 
+def _escape_server_logs():
+    """Bridge until server.py declares `log = SafeLogger()` itself (then this does nothing):
+    the server's events are escaped like everyone else's."""
+    for cls in (server.ServerProtocol, server.ServerFactory):
+        current = cls.__dict__.get("log")
+        if type(current) is Logger:
+            cls.log = logs.SafeLogger(namespace=current.namespace)
+
+
 def makeService(options):
+    if options.get("twistd-logfile"):
+        logs.restrict_log_file(options["twistd-logfile"])  # before twistd opens it
+    _escape_server_logs()
     tune_allocator()
     policy = options["policy"]
     raise_descriptor_limit(policy, server.ServerFactory.log)
@@ -140,7 +185,11 @@ def makeService(options):
         partial_max_age=options["partial-max-age"],
         policy=policy,
     )
-    top = service.EketwistService(options["port"], factory, options["shutdown-grace"])
+    protected, server_root = options["protected"], factory.root
+    exposure.refuse_exposing_reloads(factory.users, lambda users: protected.users_problem(server_root, users))
+    top = service.EketwistService(
+        options["port"], factory, options["shutdown-grace"], trusted_proxies=options["trusted-proxies"]
+    )
     # Abandoned partial uploads: swept at start and then every hour (or age, if shorter).
     sweep_every = min(3600.0, options["partial-max-age"])
     internet.TimerService(sweep_every, factory.sweep_partial_uploads).setServiceParent(top)

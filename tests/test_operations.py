@@ -283,7 +283,8 @@ def test_haproxy_with_proxy_protocol_v2_in_front_of_two_instances(root, users_fi
     haproxy = need("haproxy")
     ports = [free_port(), free_port()]
     front = free_port()
-    daemons = [start(twistd_command(root, users_file, f"haproxy:tcp:{p}:interface=127.0.0.1")) for p in ports]
+    daemons = [start(twistd_command(root, users_file, f"haproxy:tcp:{p}:interface=127.0.0.1", "--trusted-proxies", "127.0.0.1"))
+               for p in ports]
     config = tmp_path / "haproxy.cfg"
     config.write_text(
         "global\n    log stdout format raw local0\n"
@@ -329,7 +330,7 @@ def test_haproxy_with_proxy_protocol_v2_in_front_of_two_instances(root, users_fi
 
 def test_proxy_protocol_v1_header_gives_the_client_address(root, users_file):
     port = free_port()
-    process, output = start(twistd_command(root, users_file, f"haproxy:tcp:{port}:interface=127.0.0.1"))
+    process, output = start(twistd_command(root, users_file, f"haproxy:tcp:{port}:interface=127.0.0.1", "--trusted-proxies", "127.0.0.1"))
     try:
         wait_for_daemon(output.text, port, process)
         raw = RawClient(port)
