@@ -12,6 +12,7 @@ import gc
 import getpass
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -19,6 +20,7 @@ import time
 from . import errors
 from .errors import EketwistError, UsageError
 from .prelude import Prelude
+from .textsafe import escape
 from .tuning import tune_allocator
 
 DEFAULT_PORT = 4000
@@ -158,9 +160,23 @@ def remote_join(directory, name):
     return f"{directory}/{name}" if directory else name
 
 
+# What json.dumps(ensure_ascii=False) leaves raw: DEL, C1 controls (U+009B is a terminal's
+# CSI), the Unicode line separators, and lone surrogates (which stdout could not even encode).
+_RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def json_text(document):
+    """`document` as one line of JSON in which every control character is an escape."""
+    return _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", json.dumps(document, ensure_ascii=False))
+
+
 class Reporter:
     """Everything the user sees: progress bars (stderr, terminals only), status lines, and the
-    results (stdout: `SHA1  PATH` lines, or one JSON document)."""
+    results (stdout: `SHA1  PATH` lines, listings, or one JSON document).
+
+    The one place that shows text from the server (names, error messages, the paths made of
+    them): every text line goes through textsafe.escape, every JSON document through
+    json_text, so that no control character reaches a terminal raw."""
 
     def __init__(self, args, out=sys.stdout, err=sys.stderr):
         self.quiet = args.quiet
@@ -183,6 +199,7 @@ class Reporter:
         self._write(f"eke-client: {text}")
 
     def _write(self, text):
+        text = escape(text)
         if self.bars:
             from tqdm import tqdm
 
@@ -208,7 +225,7 @@ class Reporter:
     def done(self, record):
         self.files.append(record)
         if record["status"] == "ok" and not self.json:
-            self.out.write(f"{record['sha1']}  {record['local']}\n")
+            self.out.write(f"{record['sha1']}  {escape(record['local'])}\n")
             self.out.flush()
 
     def finish(self, command, error=None):
@@ -224,8 +241,21 @@ class Reporter:
             }
             if error is not None:
                 summary["error"] = {"code": error.code, "message": error.message, "exit": error.exit_code}
-            self.out.write(json.dumps(summary, ensure_ascii=False) + "\n")
+            self.out.write(json_text(summary) + "\n")
             self.out.flush()
+
+    def listing(self, path, entries, long=False):
+        """The result of `ls`: one line per entry, or one JSON document."""
+        if self.json:
+            self.out.write(json_text({"command": "ls", "status": "ok", "path": path, "entries": entries}) + "\n")
+            return
+        for entry in entries:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["mtime"]))
+            name = escape(entry["name"])
+            if long:
+                self.out.write(f"{_mode_string(entry)} {entry['size']:>12} {when} {name}\n")
+            else:
+                self.out.write(f"{name}\t{entry['kind']}\t{entry['size']}\t{when}\n")
 
 
 class _FileBar:
@@ -240,7 +270,7 @@ class _FileBar:
         from tqdm import tqdm
 
         self._bar = tqdm(
-            total=size, initial=initial, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
+            total=size, initial=initial, desc=escape(name), unit="B", unit_scale=True, unit_divisor=1024,
             file=self._err, position=1 if self._overall is not None else 0,
             leave=self._overall is None,
         )
@@ -489,17 +519,7 @@ def _mode_string(entry):
 
 async def run_ls(session, args):
     entries = await session.client.list(args.path, recursive=args.recursive)
-    reporter = session.reporter
-    if reporter.json:
-        reporter.out.write(json.dumps({"command": "ls", "status": "ok", "path": args.path, "entries": entries}, ensure_ascii=False) + "\n")
-        return
-    for entry in entries:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["mtime"]))
-        if args.long:
-            line = f"{_mode_string(entry)} {entry['size']:>12} {when} {entry['name']}"
-        else:
-            line = f"{entry['name']}\t{entry['kind']}\t{entry['size']}\t{when}"
-        reporter.out.write(line + "\n")
+    session.reporter.listing(args.path, entries, long=args.long)
 
 
 COMMANDS = {"get": run_get, "put": run_put, "ls": run_ls}

@@ -1,0 +1,108 @@
+"""The real client command against a server that turns hostile (tests/hostileserver.py): before
+authentication anyone can play it, after it a thief of the users file can. Whatever it sends,
+the client's output carries no raw control character or forged line, and nothing it names
+escapes the limits the client sets."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from .hostileserver import HostileServer, Tree, entry, make_alice
+
+PASSWORD = "alice's secret on a hostile server"
+ALICE = make_alice(PASSWORD)
+# What a terminal would obey: C0 controls (but our tab and newline), DEL, C1 (U+009B is CSI).
+RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+FORGED = "da39a3ee5e6b4b0d3255bfef95601890afd80709  /etc/passwd"
+# Clear the screen, set the window title, then a prompt that is not ours.
+SCREEN_TRICKS = "\x1b[2J\x1b[H\x1b]0;eke\x07\x9b31m\nPassword for alice (again): "
+
+
+def run_client(server, *args, cwd=None, extra_env=None, command=None):
+    """The real client command against `server`; (exit code, stdout, stderr) as text."""
+    env = dict(os.environ, EKE_PASSWORD=PASSWORD, **(extra_env or {}))
+    process = subprocess.run(
+        [*(command or [sys.executable, "-m", "eketwist.client"]), "--port", str(server.port), "--user", "alice", *args],
+        capture_output=True, env=env, cwd=cwd, timeout=120,
+    )
+    server.stop()
+    return process.returncode, process.stdout.decode("utf-8"), process.stderr.decode("utf-8")
+
+
+def assert_shows_no_controls(*outputs):
+    for output in outputs:
+        assert not RAW_CONTROL.search(output), output
+        assert "Password for" not in output.replace("\\nPassword for", ""), output
+        assert FORGED not in output.splitlines(), output
+
+
+@pytest.mark.parametrize("how", ["prelude", "endpoint"])
+def test_error_before_authentication_is_shown_escaped(how):
+    server = HostileServer(ALICE, preauth_error={"code": "try-later\x1b]0;x\x07", "message": SCREEN_TRICKS})
+    connect = ["--connect", f"tcp:host=127.0.0.1:port={server.port}"] if how == "endpoint" else []
+    code, out, err = run_client(server, *connect, "ls")
+    assert code == 1  # an unknown code is a generic failure
+    assert_shows_no_controls(out, err)
+    assert err == "eke-client: \\x1b[2J\\x1b[H\\x1b]0;eke\\x07\\x9b31m\\nPassword for alice (again): \n"
+
+
+def test_error_before_authentication_in_json_has_no_raw_controls(tmp_path):
+    server = HostileServer(ALICE, preauth_error={"code": "busy", "message": SCREEN_TRICKS + "\u2028"})
+    code, out, err = run_client(server, "--json", "get", "x", cwd=tmp_path)
+    assert code == 12
+    assert_shows_no_controls(out, err)
+    assert json.loads(out)["error"]["message"] == SCREEN_TRICKS + "\u2028"
+
+
+def test_error_after_authentication_is_shown_escaped(tmp_path):
+    tree = Tree()
+    tree.on_get = lambda conn, message: conn.send({"type": "error", "code": "not-found", "message": SCREEN_TRICKS})
+    code, out, err = run_client(HostileServer(ALICE, tree), "get", "x", cwd=tmp_path)
+    assert code == 5
+    assert_shows_no_controls(out, err)
+    assert "\\x1b[2J" in err
+
+
+HOSTILE_NAMES = [
+    entry("a\x1b]0;title\x07b"),
+    entry("c\x9b2Jd"),
+    entry("e\u2028f\\g"),
+    entry("x\n" + FORGED),
+]
+
+
+@pytest.mark.parametrize("options", [[], ["-l"], ["-R"]])
+def test_names_in_a_listing_are_shown_escaped(options):
+    code, out, err = run_client(HostileServer(ALICE, Tree(HOSTILE_NAMES)), "ls", *options)
+    assert code == 0, err
+    assert_shows_no_controls(out, err)
+    lines = out.splitlines()
+    assert len(lines) == len(HOSTILE_NAMES)
+    assert lines[0].endswith("a\\x1b]0;title\\x07b") or "a\\x1b]0;title\\x07b\t" in lines[0]
+    assert any("e\\u2028f\\\\g" in line for line in lines)  # a real backslash is doubled
+
+
+def test_names_in_a_json_listing_have_no_raw_controls():
+    code, out, err = run_client(HostileServer(ALICE, Tree(HOSTILE_NAMES)), "--json", "ls")
+    assert code == 0, err
+    assert_shows_no_controls(out, err)
+    assert [e["name"] for e in json.loads(out)["entries"]] == [e["name"] for e in HOSTILE_NAMES]
+
+
+def test_names_in_a_tree_download_are_shown_escaped(tmp_path):
+    forger = "x\n" + FORGED.split("/")[0]  # directories x\nda39...  and x\nda39...  /etc
+    files = ["a\x1b]0;title\x07b", "c\x9b2Jd", "e\u2028f", forger + "/etc/passwd"]
+    tree = Tree([
+        entry("a\x1b]0;title\x07b"), entry("c\x9b2Jd"), entry("e\u2028f"), entry("link\x1b[2J", "symlink"),
+        entry(forger, "dir", mode=0o755), entry(forger + "/etc", "dir", mode=0o755), entry(forger + "/etc/passwd"),
+    ])
+    code, out, err = run_client(HostileServer(ALICE, tree), "get", "-r", "top", cwd=tmp_path)
+    assert code == 0, err
+    assert_shows_no_controls(out, err)
+    assert len(out.splitlines()) == len(files)  # one `SHA1  PATH` line per file
+    assert "top/x\\n" + FORGED in out
+    assert sorted(os.listdir(tmp_path / "top")) == sorted(files[:3] + [forger])
