@@ -473,5 +473,7 @@ def _checked_entry(item):
         "kind": kind if kind in ("file", "dir", "symlink", "other") else "other",
         "size": wire.int_field(item, "size", 0, MAX_FILE_SIZE),
         "mtime": wire.number_field(item, "mtime", *MTIME_RANGE),
-        "mode": wire.int_field(item, "mode", 0, 0o7777),
+        # Permission bits only, as for files: a directory made by `get -r` must not become
+        # setgid or sticky (nor anything setuid) because the server said so.
+        "mode": wire.int_field(item, "mode", 0, 0o7777) & files.MODE_MASK,
     }

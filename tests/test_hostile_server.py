@@ -106,3 +106,12 @@ def test_names_in_a_tree_download_are_shown_escaped(tmp_path):
     assert len(out.splitlines()) == len(files)  # one `SHA1  PATH` line per file
     assert "top/x\\n" + FORGED in out
     assert sorted(os.listdir(tmp_path / "top")) == sorted(files[:3] + [forger])
+
+
+def test_tree_download_keeps_only_permission_bits(tmp_path):
+    tree = Tree([entry("d", "dir", mode=0o7777), entry("d/e", "dir", mode=0o6750), entry("d/e/f", mode=0o7777)])
+    code, out, err = run_client(HostileServer(ALICE, tree), "get", "-r", "top", cwd=tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "top/d").stat().st_mode & 0o7777 == 0o777
+    assert (tmp_path / "top/d/e").stat().st_mode & 0o7777 == 0o750
+    assert (tmp_path / "top/d/e/f").stat().st_mode & 0o7000 == 0
