@@ -247,7 +247,11 @@ class Reporter:
     def listing(self, path, entries, long=False):
         """The result of `ls`: one line per entry, or one JSON document."""
         if self.json:
-            self.out.write(json_text({"command": "ls", "status": "ok", "path": path, "entries": entries}) + "\n")
+            # Entry by entry: the whole listing as dicts at once would cost more than the listing.
+            self.out.write(f'{{"command": "ls", "status": "ok", "path": {json_text(path)}, "entries": [')
+            for index, entry in enumerate(entries):
+                self.out.write((", " if index else "") + json_text(entry.to_json()))
+            self.out.write("]}\n")
             return
         for entry in entries:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["mtime"]))
@@ -397,7 +401,9 @@ async def run_get(session, args):
         remotes, local = _local_directory_target(args.paths, "files to get")
     else:
         remotes, local = args.paths[:1], (args.paths[1] if len(args.paths) == 2 else None)
-    plan = []  # (remote, local path)
+    # (remote, local path, name in a tree or None): a tree's paths are joined when transferred,
+    # so that the plan shares the listing's strings instead of holding two more per file.
+    plan = []
     directories = []  # (local dir, entry) to finish after their contents
     for remote in remotes:
         name = remote_basename(remote)
@@ -408,7 +414,7 @@ async def run_get(session, args):
         else:
             target = local
         if not args.recursive:
-            plan.append((remote, target))
+            plan.append((remote, target, None))
             continue
         try:
             entries = await session.client.list(remote, recursive=True)
@@ -416,7 +422,7 @@ async def run_get(session, args):
             session.failed(remote, error, {"remote": remote, "local": target})
             continue
         if len(entries) == 1 and entries[0]["kind"] == "file" and entries[0]["name"] == name:
-            plan.append((remote, target))  # a file named with -r
+            plan.append((remote, target, None))  # a file named with -r
             continue
         os.makedirs(target, exist_ok=True)
         for entry in entries:
@@ -432,11 +438,13 @@ async def run_get(session, args):
                         continue
                 except FileNotFoundError:
                     pass
-                plan.append((source, destination))
+                plan.append((remote, target, entry["name"]))
             else:
                 reporter.warn(f"{source}: skipped: a {entry['kind']}, not a regular file or directory")
     reporter.overall(0, len(plan))
-    for remote, target in plan:
+    for remote, target, name in plan:
+        if name is not None:
+            remote, target = remote_join(remote, name), os.path.join(target, *name.split("/"))
         await session.transfer("get", remote, target, resume=not args.no_resume)
     for path, entry in sorted(directories, key=lambda item: item[0].count(os.sep), reverse=True):
         os.chmod(path, entry["mode"])

@@ -91,6 +91,8 @@ class HostileServer:
             sock.settimeout(60)
             with sock:
                 self._conversation(Connection(sock))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client hung up on us: what a client should do to a hostile server
         except Exception as problem:  # reported by stop()
             self.failure = problem
 

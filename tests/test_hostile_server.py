@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from eketwist.client_protocol import MAX_LISTING_BYTES
+
 from .hostileserver import HostileServer, Tree, entry, make_alice
 
 PASSWORD = "alice's secret on a hostile server"
@@ -115,3 +117,21 @@ def test_tree_download_keeps_only_permission_bits(tmp_path):
     assert (tmp_path / "top/d").stat().st_mode & 0o7777 == 0o777
     assert (tmp_path / "top/d/e").stat().st_mode & 0o7777 == 0o750
     assert (tmp_path / "top/d/e/f").stat().st_mode & 0o7000 == 0
+
+
+def test_a_huge_listing_is_refused_within_its_memory_budget():
+    """A listing of long names past MAX_LISTING_BYTES (its entries count their real size):
+    refused, and the client's peak memory stays within the budget plus its own start-up."""
+    count = MAX_LISTING_BYTES // 4000 + 10_000
+    listing = (entry(f"{i:08d}" + "x" * 3992) for i in range(count))
+    server = HostileServer(ALICE, Tree(listing))
+    env = dict(os.environ, EKE_PASSWORD=PASSWORD)
+    command = [sys.executable, "-m", "eketwist.client", "--port", str(server.port), "--user", "alice", "ls"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    server.stop()
+    assert os.waitstatus_to_exitcode(status) == 7, err
+    assert err == "eke-client: the listing of your root is larger than this client holds (256 MiB)\n"
+    assert usage.ru_maxrss * 1024 < MAX_LISTING_BYTES + 100 * 2**20
