@@ -275,7 +275,9 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         part file holds when the server's file still starts with it. Fires with
         {"remote", "path", "size", "sha1", "resumed_from"}."""
         try:
-            part = files.PartFile(local, local + files.CLIENT_PART_SUFFIX, os.path.basename(local), lock=True)
+            part = files.PartFile(
+                local, local + files.CLIENT_PART_SUFFIX, os.path.basename(local), lock=True, private=True
+            )
         except EketwistError as error:
             return fail(error)
         request = _Request("get", remote, progress, local=local, prefix_sha1=None)

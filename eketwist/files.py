@@ -421,7 +421,9 @@ class PartFile:
     never created or replaced by an incomplete file.
     """
 
-    def __init__(self, destination, part, shown_name=None, *, lock=False):
+    def __init__(self, destination, part, shown_name=None, *, lock=False, private=False):
+        """`private`: an existing part file is used only when it is a regular file of ours
+        that no one else can write (the client's, in a directory others may write to)."""
         self.destination = destination
         self.part = part
         self.shown_name = shown_name or os.path.basename(destination)
@@ -429,6 +431,14 @@ class PartFile:
             fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as problem:
             raise _storage_error(problem, self.shown_name) from None
+        if private:
+            # Checked on the descriptor: another user's part file would read our download.
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                os.close(fd)
+                raise LocalIOError(
+                    f"{part}: refusing to use it: not a regular file of yours that only you can write (remove it)"
+                )
         if lock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,6 +6,7 @@ escapes the limits the client sets."""
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -135,3 +136,43 @@ def test_a_huge_listing_is_refused_within_its_memory_budget():
     assert os.waitstatus_to_exitcode(status) == 7, err
     assert err == "eke-client: the listing of your root is larger than this client holds (256 MiB)\n"
     assert usage.ru_maxrss * 1024 < MAX_LISTING_BYTES + 100 * 2**20
+
+
+def cut_short(conn, message):
+    """A get answered with the first bytes of a file, then the connection gone."""
+    conn.send({"type": "file", "name": "x", "size": 100, "mtime": 0, "mode": 0o644, "digest": "sha1", "offset": 0})
+    conn.send_data(b"the first half")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize("planted", ["writable by others", "another user's", "a FIFO"])
+def test_a_part_file_planted_by_someone_else_is_refused(tmp_path, planted):
+    """In a directory others can write to, LOCAL.part may be someone else's: downloading into
+    it would let them read the file. The client refuses it and asks for nothing; once it is
+    gone, the client's own part file is private."""
+    part = tmp_path / "report.pdf.part"
+    if planted == "a FIFO":
+        os.mkfifo(part, 0o600)
+    else:
+        part.write_bytes(b"planted")
+        part.chmod(0o666 if planted == "writable by others" else 0o600)
+    if planted == "another user's":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give a file to another user")
+        os.chown(part, 65534, 65534)
+    tree = Tree(contents={"report.pdf": b"the secret report"})
+    code, out, err = run_client(HostileServer(ALICE, tree), "get", "report.pdf", cwd=tmp_path)
+    assert code == 8, err
+    assert "report.pdf.part: refusing to use it" in err
+    assert tree.requests == []
+    assert not (tmp_path / "report.pdf").exists()
+    if planted != "a FIFO":
+        assert part.read_bytes() == b"planted"
+
+    part.unlink()
+    tree = Tree()
+    tree.on_get = cut_short
+    code, out, err = run_client(HostileServer(ALICE, tree), "get", "report.pdf", cwd=tmp_path)
+    assert code == 3, err
+    assert part.read_bytes() == b"the first half"
+    assert part.stat().st_mode & 0o7777 == 0o600
