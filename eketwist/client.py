@@ -137,7 +137,8 @@ def read_password(args, environ=os.environ):
         except OSError as problem:
             raise UsageError(f"{args.password_file}: cannot read the password: {problem.strerror}") from None
     elif "EKE_PASSWORD" in environ:
-        password = environ["EKE_PASSWORD"]
+        # Taken out of the environment: os.environ would keep a copy for the process's life.
+        password = environ.pop("EKE_PASSWORD")
     else:
         try:
             password = getpass.getpass(f"Password for {args.user}: ")
@@ -535,7 +536,7 @@ COMMANDS = {"get": run_get, "put": run_put, "ls": run_ls}
 
 async def connect(reactor, args, password, prelude):
     """An authenticating ClientProtocol: on the Prelude's socket when there is one, else
-    through the endpoint."""
+    through the endpoint, taking the password out of `password` (see main)."""
     from twisted.internet.protocol import Factory
 
     from .client_protocol import ClientProtocol
@@ -551,7 +552,7 @@ async def connect(reactor, args, password, prelude):
 
     endpoint = make_endpoint(reactor, args)
     try:
-        return await connectProtocol(endpoint, ClientProtocol(args.user, password, timeout=args.timeout))
+        return await connectProtocol(endpoint, ClientProtocol(args.user, password.pop(), timeout=args.timeout))
     except Exception as problem:
         raise errors.ConnectionFailed(f"cannot connect to the server: {problem}") from None
 
@@ -602,10 +603,13 @@ def main(argv=None):
         parser.error("--user is required (or set EKE_USER)")
     reporter = Reporter(args)
     early = None
+    # The password in a list that whoever runs scrypt empties (the Prelude, or the protocol
+    # machine, which drops it once scrypt has started): no frame of ours keeps it meanwhile.
+    password = []
     try:
-        password = read_password(args)
+        password.append(read_password(args))
         if not (args.connect or args.tls):
-            early = Prelude(args.host, args.port, args.user, password, args.timeout)
+            early = Prelude(args.host, args.port, args.user, password.pop(), args.timeout)
             # No TLS on this connection: keep Twisted from loading pyOpenSSL, which it does
             # whenever it can (about 20 ms of a 1 KiB get's 270).
             sys.modules.setdefault("OpenSSL", None)

@@ -176,3 +176,56 @@ def test_a_part_file_planted_by_someone_else_is_refused(tmp_path, planted):
     assert code == 3, err
     assert part.read_bytes() == b"the first half"
     assert part.stat().st_mode & 0o7777 == 0o600
+
+
+# Runs the real client's main() and, once authenticated, looks for the password (by its
+# SHA-256, so as not to hold it) among everything Python can reach: what gc tracks, the
+# untracked tuples and dicts they hold, and the locals of every running frame.
+FIND_PASSWORD = """
+import gc, hashlib, os, sys
+from eketwist import client, client_protocol
+
+TARGET = os.environ.pop("TEST_PASSWORD_SHA256")
+LENGTH = int(os.environ.pop("TEST_PASSWORD_LENGTH"))
+
+def holders():
+    gc.unfreeze()  # the client froze what it had imported: gc.get_objects() would skip it
+    found = []
+    def check(value, where, depth=0):
+        if isinstance(value, (str, bytes)) and len(value) == LENGTH:
+            data = value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+            if hashlib.sha256(data).hexdigest() == TARGET:
+                found.append(where)
+        elif depth < 3 and isinstance(value, (tuple, dict)) and not gc.is_tracked(value):
+            for item in ([*value.keys(), *value.values()] if isinstance(value, dict) else value):
+                check(item, where, depth + 1)
+    for obj in gc.get_objects():
+        for referent in gc.get_referents(obj):
+            check(referent, type(obj).__name__)
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            for name, value in frame.f_locals.items():
+                check(value, f"{frame.f_code.co_name}() local {name}")
+            frame = frame.f_back
+    return found
+
+on_ok = client_protocol.ClientProtocol.on_ok
+def on_ok_then_look(self, message):
+    on_ok(self, message)
+    print("password held by:", holders(), file=sys.stderr)
+client_protocol.ClientProtocol.on_ok = on_ok_then_look
+client.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("how", ["prelude", "endpoint"])
+def test_no_reference_to_the_password_after_authentication(how):
+    import hashlib
+
+    server = HostileServer(ALICE, Tree())
+    connect = ["--connect", f"tcp:host=127.0.0.1:port={server.port}"] if how == "endpoint" else []
+    digest = {"TEST_PASSWORD_SHA256": hashlib.sha256(PASSWORD.encode()).hexdigest(), "TEST_PASSWORD_LENGTH": str(len(PASSWORD))}
+    command = [sys.executable, "-c", FIND_PASSWORD]
+    code, out, err = run_client(server, *connect, "ls", extra_env=digest, command=command)
+    assert code == 0, err
+    assert "password held by: []\n" in err, err
