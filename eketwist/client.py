@@ -468,7 +468,7 @@ async def run_put(session, args):
         if entry is None or entry["kind"] != "dir":
             raise UsageError(f"{remote}: with several files to put, the last argument must be an existing remote directory")
     plan = []  # (local, remote)
-    directories = []  # (remote dir, stat) to finish after their contents
+    directories = []  # (remote dir, stat): created before the files, finished after them
     for local in locals_:
         name = os.path.basename(os.path.normpath(local))
         target = remote_join(remote or "", name) if into_directory else remote
@@ -479,39 +479,63 @@ async def run_put(session, args):
         entry = await session.remote_entry(target)
         if entry is not None and entry["kind"] == "dir":
             existing = {e["name"]: e for e in await client.list(target, recursive=True)}
-        await client.mkdir(target, mode=os.stat(local).st_mode)
         directories.append((target, os.stat(local)))
-        for directory, subdirectories, filenames in os.walk(local):
-            subdirectories.sort()
-            relative = os.path.relpath(directory, local)
-            prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
-            for name_ in list(subdirectories):
-                path = os.path.join(directory, name_)
-                if os.path.islink(path):
-                    reporter.warn(f"{path}: skipped: a symlink")
-                    subdirectories.remove(name_)
-                    continue
-                await client.mkdir(remote_join(target, prefix + name_), mode=os.stat(path).st_mode)
-                directories.append((remote_join(target, prefix + name_), os.stat(path)))
-            for name_ in sorted(filenames):
-                path = os.path.join(directory, name_)
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    reporter.warn(f"{path}: skipped: a symlink")
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    reporter.warn(f"{path}: skipped: not a regular file")
-                    continue
-                theirs = existing.get(prefix + name_)
-                if theirs is not None and theirs["kind"] == "file" and _same_file(st, theirs):
-                    session.skipped(path, remote_join(target, prefix + name_), "already complete")
-                    continue
-                plan.append((path, remote_join(target, prefix + name_)))
+        for relative, path, st in _local_tree(local, reporter):
+            destination = remote_join(target, relative)
+            if stat.S_ISDIR(st.st_mode):
+                directories.append((destination, st))
+                continue
+            theirs = existing.get(relative)
+            if theirs is not None and theirs["kind"] == "file" and _same_file(st, theirs):
+                session.skipped(path, destination, "already complete")
+                continue
+            plan.append((path, destination))
+    # The whole tree is planned before anything is created on the server: a local tree that
+    # cannot be read no longer leaves half of it there. Parents come before their contents.
+    for target, st in directories:
+        await client.mkdir(target, mode=st.st_mode)
     reporter.overall(sum(_size(path) for path, _ in plan), len(plan))
     for local, target in plan:
         await session.transfer("put", local, target, force=args.force)
-    for target, st in sorted(directories, key=lambda item: item[0].count("/"), reverse=True):
+    for target, st in reversed(directories):  # contents before their parents: mtimes stay
         await client.mkdir(target, mode=st.st_mode, mtime=st.st_mtime)
+
+
+def _local_tree(top, reporter):
+    """(relative "/"-joined name, path, lstat) of the directories and regular files under
+    `top`, depth first in name order, each directory before its contents; symlinks and other
+    files skipped with a warning. An explicit stack: os.walk recursed (Python 3.11), and a
+    tree 1,000 levels deep raised RecursionError."""
+    stack = [("", iter(_sorted_children(top, reporter)))]
+    while stack:
+        prefix, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            continue
+        try:
+            st = child.stat(follow_symlinks=False)
+        except OSError as problem:
+            reporter.warn(f"{child.path}: skipped: {problem.strerror}")
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            reporter.warn(f"{child.path}: skipped: a symlink")
+        elif stat.S_ISDIR(st.st_mode):
+            yield prefix + child.name, child.path, st
+            stack.append((prefix + child.name + "/", iter(_sorted_children(child.path, reporter))))
+        elif stat.S_ISREG(st.st_mode):
+            yield prefix + child.name, child.path, st
+        else:
+            reporter.warn(f"{child.path}: skipped: not a regular file")
+
+
+def _sorted_children(directory, reporter):
+    try:
+        with os.scandir(directory) as scan:
+            return sorted(scan, key=lambda child: child.name)
+    except OSError as problem:
+        reporter.warn(f"{directory}: skipped its contents: {problem.strerror}")
+        return []
 
 
 def _size(path):

@@ -229,3 +229,25 @@ def test_no_reference_to_the_password_after_authentication(how):
     code, out, err = run_client(server, *connect, "ls", extra_env=digest, command=command)
     assert code == 0, err
     assert "password held by: []\n" in err, err
+
+
+def test_put_of_a_very_deep_tree_plans_it_all_then_creates_it(tmp_path):
+    """1,500 levels: os.walk's recursion died at about 970, after creating as many remote
+    directories. Now every directory is created, all before the first file."""
+    depth = 1500
+    deepest = str(tmp_path / "deep")
+    os.mkdir(deepest)
+    for _ in range(depth):  # os.makedirs and Path.mkdir(parents=True) recurse too
+        deepest += "/d"
+        os.mkdir(deepest)
+    with open(deepest + "/leaf.txt", "wb") as leaf:
+        leaf.write(b"at the bottom")
+    tree = Tree()
+    code, out, err = run_client(HostileServer(ALICE, tree), "put", "-r", "deep", cwd=tmp_path)
+    assert code == 0, err[-2000:]
+    kinds = [message["type"] for message in tree.requests if isinstance(message, dict)]
+    created = [message["path"] for message in tree.requests if message["type"] == "mkdir" and "mtime" not in message]
+    assert kinds[:2] == ["stat", "mkdir"] and kinds.index("put") == 2 + depth
+    assert created == ["deep"] + ["deep" + "/d" * level for level in range(1, depth + 1)]
+    assert [m["path"] for m in tree.requests if m["type"] == "put"] == ["deep" + "/d" * depth + "/leaf.txt"]
+    assert len(tree.requests) == 1 + 2 * (depth + 1) + 1
