@@ -12,6 +12,7 @@ import gc
 import getpass
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -19,6 +20,7 @@ import time
 from . import errors
 from .errors import EketwistError, UsageError
 from .prelude import Prelude
+from .textsafe import escape
 from .tuning import tune_allocator
 
 DEFAULT_PORT = 4000
@@ -135,7 +137,8 @@ def read_password(args, environ=os.environ):
         except OSError as problem:
             raise UsageError(f"{args.password_file}: cannot read the password: {problem.strerror}") from None
     elif "EKE_PASSWORD" in environ:
-        password = environ["EKE_PASSWORD"]
+        # Taken out of the environment: os.environ would keep a copy for the process's life.
+        password = environ.pop("EKE_PASSWORD")
     else:
         try:
             password = getpass.getpass(f"Password for {args.user}: ")
@@ -158,9 +161,23 @@ def remote_join(directory, name):
     return f"{directory}/{name}" if directory else name
 
 
+# What json.dumps(ensure_ascii=False) leaves raw: DEL, C1 controls (U+009B is a terminal's
+# CSI), the Unicode line separators, and lone surrogates (which stdout could not even encode).
+_RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def json_text(document):
+    """`document` as one line of JSON in which every control character is an escape."""
+    return _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", json.dumps(document, ensure_ascii=False))
+
+
 class Reporter:
     """Everything the user sees: progress bars (stderr, terminals only), status lines, and the
-    results (stdout: `SHA1  PATH` lines, or one JSON document)."""
+    results (stdout: `SHA1  PATH` lines, listings, or one JSON document).
+
+    The one place that shows text from the server (names, error messages, the paths made of
+    them): every text line goes through textsafe.escape, every JSON document through
+    json_text, so that no control character reaches a terminal raw."""
 
     def __init__(self, args, out=sys.stdout, err=sys.stderr):
         self.quiet = args.quiet
@@ -183,6 +200,7 @@ class Reporter:
         self._write(f"eke-client: {text}")
 
     def _write(self, text):
+        text = escape(text)
         if self.bars:
             from tqdm import tqdm
 
@@ -208,7 +226,7 @@ class Reporter:
     def done(self, record):
         self.files.append(record)
         if record["status"] == "ok" and not self.json:
-            self.out.write(f"{record['sha1']}  {record['local']}\n")
+            self.out.write(f"{record['sha1']}  {escape(record['local'])}\n")
             self.out.flush()
 
     def finish(self, command, error=None):
@@ -224,8 +242,25 @@ class Reporter:
             }
             if error is not None:
                 summary["error"] = {"code": error.code, "message": error.message, "exit": error.exit_code}
-            self.out.write(json.dumps(summary, ensure_ascii=False) + "\n")
+            self.out.write(json_text(summary) + "\n")
             self.out.flush()
+
+    def listing(self, path, entries, long=False):
+        """The result of `ls`: one line per entry, or one JSON document."""
+        if self.json:
+            # Entry by entry: the whole listing as dicts at once would cost more than the listing.
+            self.out.write(f'{{"command": "ls", "status": "ok", "path": {json_text(path)}, "entries": [')
+            for index, entry in enumerate(entries):
+                self.out.write((", " if index else "") + json_text(entry.to_json()))
+            self.out.write("]}\n")
+            return
+        for entry in entries:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["mtime"]))
+            name = escape(entry["name"])
+            if long:
+                self.out.write(f"{_mode_string(entry)} {entry['size']:>12} {when} {name}\n")
+            else:
+                self.out.write(f"{name}\t{entry['kind']}\t{entry['size']}\t{when}\n")
 
 
 class _FileBar:
@@ -240,7 +275,7 @@ class _FileBar:
         from tqdm import tqdm
 
         self._bar = tqdm(
-            total=size, initial=initial, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
+            total=size, initial=initial, desc=escape(name), unit="B", unit_scale=True, unit_divisor=1024,
             file=self._err, position=1 if self._overall is not None else 0,
             leave=self._overall is None,
         )
@@ -367,7 +402,9 @@ async def run_get(session, args):
         remotes, local = _local_directory_target(args.paths, "files to get")
     else:
         remotes, local = args.paths[:1], (args.paths[1] if len(args.paths) == 2 else None)
-    plan = []  # (remote, local path)
+    # (remote, local path, name in a tree or None): a tree's paths are joined when transferred,
+    # so that the plan shares the listing's strings instead of holding two more per file.
+    plan = []
     directories = []  # (local dir, entry) to finish after their contents
     for remote in remotes:
         name = remote_basename(remote)
@@ -378,7 +415,7 @@ async def run_get(session, args):
         else:
             target = local
         if not args.recursive:
-            plan.append((remote, target))
+            plan.append((remote, target, None))
             continue
         try:
             entries = await session.client.list(remote, recursive=True)
@@ -386,7 +423,7 @@ async def run_get(session, args):
             session.failed(remote, error, {"remote": remote, "local": target})
             continue
         if len(entries) == 1 and entries[0]["kind"] == "file" and entries[0]["name"] == name:
-            plan.append((remote, target))  # a file named with -r
+            plan.append((remote, target, None))  # a file named with -r
             continue
         os.makedirs(target, exist_ok=True)
         for entry in entries:
@@ -402,11 +439,13 @@ async def run_get(session, args):
                         continue
                 except FileNotFoundError:
                     pass
-                plan.append((source, destination))
+                plan.append((remote, target, entry["name"]))
             else:
                 reporter.warn(f"{source}: skipped: a {entry['kind']}, not a regular file or directory")
     reporter.overall(0, len(plan))
-    for remote, target in plan:
+    for remote, target, name in plan:
+        if name is not None:
+            remote, target = remote_join(remote, name), os.path.join(target, *name.split("/"))
         await session.transfer("get", remote, target, resume=not args.no_resume)
     for path, entry in sorted(directories, key=lambda item: item[0].count(os.sep), reverse=True):
         os.chmod(path, entry["mode"])
@@ -429,7 +468,7 @@ async def run_put(session, args):
         if entry is None or entry["kind"] != "dir":
             raise UsageError(f"{remote}: with several files to put, the last argument must be an existing remote directory")
     plan = []  # (local, remote)
-    directories = []  # (remote dir, stat) to finish after their contents
+    directories = []  # (remote dir, stat): created before the files, finished after them
     for local in locals_:
         name = os.path.basename(os.path.normpath(local))
         target = remote_join(remote or "", name) if into_directory else remote
@@ -440,38 +479,25 @@ async def run_put(session, args):
         entry = await session.remote_entry(target)
         if entry is not None and entry["kind"] == "dir":
             existing = {e["name"]: e for e in await client.list(target, recursive=True)}
-        await _remote_directory(client, target, os.stat(local).st_mode)
         directories.append((target, os.stat(local)))
-        for directory, subdirectories, filenames in os.walk(local):
-            subdirectories.sort()
-            relative = os.path.relpath(directory, local)
-            prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
-            for name_ in list(subdirectories):
-                path = os.path.join(directory, name_)
-                if os.path.islink(path):
-                    reporter.warn(f"{path}: skipped: a symlink")
-                    subdirectories.remove(name_)
-                    continue
-                await _remote_directory(client, remote_join(target, prefix + name_), os.stat(path).st_mode)
-                directories.append((remote_join(target, prefix + name_), os.stat(path)))
-            for name_ in sorted(filenames):
-                path = os.path.join(directory, name_)
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    reporter.warn(f"{path}: skipped: a symlink")
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    reporter.warn(f"{path}: skipped: not a regular file")
-                    continue
-                theirs = existing.get(prefix + name_)
-                if theirs is not None and theirs["kind"] == "file" and _same_file(st, theirs):
-                    session.skipped(path, remote_join(target, prefix + name_), "already complete")
-                    continue
-                plan.append((path, remote_join(target, prefix + name_)))
+        for relative, path, st in _local_tree(local, reporter):
+            destination = remote_join(target, relative)
+            if stat.S_ISDIR(st.st_mode):
+                directories.append((destination, st))
+                continue
+            theirs = existing.get(relative)
+            if theirs is not None and theirs["kind"] == "file" and _same_file(st, theirs):
+                session.skipped(path, destination, "already complete")
+                continue
+            plan.append((path, destination))
+    # The whole tree is planned before anything is created on the server: a local tree that
+    # cannot be read no longer leaves half of it there. Parents come before their contents.
+    for target, st in directories:
+        await _remote_directory(client, target, st.st_mode)
     reporter.overall(sum(_size(path) for path, _ in plan), len(plan))
     for local, target in plan:
         await session.transfer("put", local, target, force=args.force)
-    for target, st in sorted(directories, key=lambda item: item[0].count("/"), reverse=True):
+    for target, st in reversed(directories):  # contents before their parents: mtimes stay
         await _remote_directory(client, target, st.st_mode, st.st_mtime)
 
 
@@ -484,6 +510,43 @@ async def _remote_directory(client, remote, mode, mtime=None):
         entry = None if client.closing else await client.stat(remote)
         if entry is None or entry["kind"] != "dir":
             raise error
+
+
+def _local_tree(top, reporter):
+    """(relative "/"-joined name, path, lstat) of the directories and regular files under
+    `top`, depth first in name order, each directory before its contents; symlinks and other
+    files skipped with a warning. An explicit stack: os.walk recursed (Python 3.11), and a
+    tree 1,000 levels deep raised RecursionError."""
+    stack = [("", iter(_sorted_children(top, reporter)))]
+    while stack:
+        prefix, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            continue
+        try:
+            st = child.stat(follow_symlinks=False)
+        except OSError as problem:
+            reporter.warn(f"{child.path}: skipped: {problem.strerror}")
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            reporter.warn(f"{child.path}: skipped: a symlink")
+        elif stat.S_ISDIR(st.st_mode):
+            yield prefix + child.name, child.path, st
+            stack.append((prefix + child.name + "/", iter(_sorted_children(child.path, reporter))))
+        elif stat.S_ISREG(st.st_mode):
+            yield prefix + child.name, child.path, st
+        else:
+            reporter.warn(f"{child.path}: skipped: not a regular file")
+
+
+def _sorted_children(directory, reporter):
+    try:
+        with os.scandir(directory) as scan:
+            return sorted(scan, key=lambda child: child.name)
+    except OSError as problem:
+        reporter.warn(f"{directory}: skipped its contents: {problem.strerror}")
+        return []
 
 
 def _size(path):
@@ -500,17 +563,7 @@ def _mode_string(entry):
 
 async def run_ls(session, args):
     entries = await session.client.list(args.path, recursive=args.recursive)
-    reporter = session.reporter
-    if reporter.json:
-        reporter.out.write(json.dumps({"command": "ls", "status": "ok", "path": args.path, "entries": entries}, ensure_ascii=False) + "\n")
-        return
-    for entry in entries:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["mtime"]))
-        if args.long:
-            line = f"{_mode_string(entry)} {entry['size']:>12} {when} {entry['name']}"
-        else:
-            line = f"{entry['name']}\t{entry['kind']}\t{entry['size']}\t{when}"
-        reporter.out.write(line + "\n")
+    session.reporter.listing(args.path, entries, long=args.long)
 
 
 COMMANDS = {"get": run_get, "put": run_put, "ls": run_ls}
@@ -518,7 +571,7 @@ COMMANDS = {"get": run_get, "put": run_put, "ls": run_ls}
 
 async def connect(reactor, args, password, prelude):
     """An authenticating ClientProtocol: on the Prelude's socket when there is one, else
-    through the endpoint."""
+    through the endpoint, taking the password out of `password` (see main)."""
     from twisted.internet.protocol import Factory
 
     from .client_protocol import ClientProtocol
@@ -534,7 +587,7 @@ async def connect(reactor, args, password, prelude):
 
     endpoint = make_endpoint(reactor, args)
     try:
-        return await connectProtocol(endpoint, ClientProtocol(args.user, password, timeout=args.timeout))
+        return await connectProtocol(endpoint, ClientProtocol(args.user, password.pop(), timeout=args.timeout))
     except Exception as problem:
         raise errors.ConnectionFailed(f"cannot connect to the server: {problem}") from None
 
@@ -585,10 +638,13 @@ def main(argv=None):
         parser.error("--user is required (or set EKE_USER)")
     reporter = Reporter(args)
     early = None
+    # The password in a list that whoever runs scrypt empties (the Prelude, or the protocol
+    # machine, which drops it once scrypt has started): no frame of ours keeps it meanwhile.
+    password = []
     try:
-        password = read_password(args)
+        password.append(read_password(args))
         if not (args.connect or args.tls):
-            early = Prelude(args.host, args.port, args.user, password, args.timeout)
+            early = Prelude(args.host, args.port, args.user, password.pop(), args.timeout)
             # No TLS on this connection: keep Twisted from loading pyOpenSSL, which it does
             # whenever it can (about 20 ms of a 1 KiB get's 270).
             sys.modules.setdefault("OpenSSL", None)

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import os
 import stat as stat_module
+import sys
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail
@@ -43,8 +44,12 @@ from .errors import (
 )
 from .server import CONTEXT, MAX_FILE_SIZE, MTIME_RANGE
 
-# A listing is held in memory: a server cannot make it grow without end.
-MAX_LISTING_ENTRIES = 2_000_000
+# A listing is held in memory: a server cannot make it grow without end. Counted in bytes,
+# since names of up to 4 KiB each make the cost per entry vary 20-fold: each entry costs its
+# name (sys.getsizeof) plus ENTRY_BYTES, the rest of an Entry as measured
+# (bench/listing_memory.py). 256 MiB holds about a million entries with names of 50 bytes.
+MAX_LISTING_BYTES = 256 * 1024 * 1024
+ENTRY_BYTES = 200
 REQUEST_STATES = ("get-header", "listing", "stat", "mkdir", "put-offer", "put-stored")
 
 
@@ -70,6 +75,7 @@ class _Request:
         self.part = None
         self.handle = None
         self.entries = []
+        self.entries_bytes = 0
         self.__dict__.update(details)
 
     def cleanup(self, keep_part):
@@ -241,9 +247,14 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         if not isinstance(batch, list):
             raise ProtocolError("entries: a list is expected")
         request = self._request
-        request.entries.extend(_checked_entry(item) for item in batch)
-        if len(request.entries) > MAX_LISTING_ENTRIES:
-            raise ProtocolError(f"the listing of {request.remote} has more than {MAX_LISTING_ENTRIES} entries")
+        for item in batch:
+            entry = _checked_entry(item)
+            request.entries_bytes += sys.getsizeof(entry.name) + ENTRY_BYTES
+            if request.entries_bytes > MAX_LISTING_BYTES:
+                raise ProtocolError(
+                    f"the listing of {request.remote or 'your root'} is larger than this client holds ({MAX_LISTING_BYTES >> 20} MiB)"
+                )
+            request.entries.append(entry)
         if message.get("more") is not True:
             # The server streams in its directory order; name order here (it also puts every
             # directory of a tree before its contents).
@@ -267,7 +278,9 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         part file holds when the server's file still starts with it. Fires with
         {"remote", "path", "size", "sha1", "resumed_from"}."""
         try:
-            part = files.PartFile(local, local + files.CLIENT_PART_SUFFIX, os.path.basename(local), lock=True)
+            part = files.PartFile(
+                local, local + files.CLIENT_PART_SUFFIX, os.path.basename(local), lock=True, private=True
+            )
         except EketwistError as error:
             return fail(error)
         request = _Request("get", remote, progress, local=local, prefix_sha1=None)
@@ -461,6 +474,31 @@ def _lost_because(reason):
     return "the connection to the server was lost"
 
 
+class Entry:
+    """One entry of a listing, read like the server's dict (`entry["name"]`). Slots, not a
+    dict, and only the checked values kept: a listing may hold a million of these."""
+
+    __slots__ = ("name", "kind", "size", "mtime", "mode")
+
+    def __init__(self, name, kind, size, mtime, mode):
+        self.name, self.kind, self.size, self.mtime, self.mode = name, kind, size, mtime, mode
+
+    def __getitem__(self, field):
+        if field not in self.__slots__:
+            raise KeyError(field)
+        return getattr(self, field)
+
+    def to_json(self):
+        return {field: getattr(self, field) for field in self.__slots__}
+
+    def __repr__(self):
+        return f"Entry({self.to_json()!r})"
+
+
+# The kinds as our own strings: the decoded message's copies would cost 53 bytes an entry.
+_KINDS = {kind: kind for kind in ("file", "dir", "symlink", "other")}
+
+
 def _checked_entry(item):
     """A listing entry from the server, with its fields checked."""
     if not isinstance(item, dict):
@@ -471,10 +509,12 @@ def _checked_entry(item):
     # Names become local paths in a tree download: a server must not steer them elsewhere.
     if name.startswith("/") or any(segment in ("", ".", "..") for segment in name.split("/")):
         raise ProtocolError(f"the server sent an unsafe name in a listing: {name[:80]!r}")
-    return {
-        "name": name,
-        "kind": kind if kind in ("file", "dir", "symlink", "other") else "other",
-        "size": wire.int_field(item, "size", 0, MAX_FILE_SIZE),
-        "mtime": wire.number_field(item, "mtime", *MTIME_RANGE),
-        "mode": wire.int_field(item, "mode", 0, 0o7777),
-    }
+    return Entry(
+        name,
+        _KINDS.get(kind, "other") if isinstance(kind, str) else "other",
+        wire.int_field(item, "size", 0, MAX_FILE_SIZE),
+        wire.number_field(item, "mtime", *MTIME_RANGE),
+        # Permission bits only, as for files: a directory made by `get -r` must not become
+        # setgid or sticky (nor anything setuid) because the server said so.
+        wire.int_field(item, "mode", 0, 0o7777) & files.MODE_MASK,
+    )

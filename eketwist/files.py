@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import queue
+import stat
 import threading
 
 
@@ -236,7 +237,9 @@ class PartFile:
     path string is resolved again); the PartFile keeps its own descriptor of it.
     """
 
-    def __init__(self, destination, part, shown_name=None, *, lock=False, dir_fd=None):
+    def __init__(self, destination, part, shown_name=None, *, lock=False, private=False, dir_fd=None):
+        """`private`: an existing part file is used only when it is a regular file of ours
+        that no one else can write (the client's, in a directory others may write to)."""
         self.destination = destination
         self.part = part
         self.shown_name = shown_name or os.path.basename(destination)
@@ -248,6 +251,15 @@ class PartFile:
         except OSError as problem:
             self._close_directory()
             raise storage_error(problem, self.shown_name) from None
+        if private:
+            # Checked on the descriptor: another user's part file would read our download.
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                os.close(fd)
+                self._close_directory()
+                raise LocalIOError(
+                    f"{part}: refusing to use it: not a regular file of yours that only you can write (remove it)"
+                )
         if lock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

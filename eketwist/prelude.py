@@ -53,6 +53,7 @@ class Prelude:
         return bytes(data)
 
     def _run(self):
+        password, self._password = self._password, None  # this frame's, until scrypt is done
         try:
             length, kind = wire.HEADER.unpack(self._read(wire.HEADER_BYTES))
             if kind != wire.HANDSHAKE or length > wire.MAX_HANDSHAKE_PAYLOAD:
@@ -63,7 +64,6 @@ class Prelude:
             if message["type"] != "params":
                 raise errors.ProtocolError(f"unexpected {message['type'][:40]!r} message in state 'params'")
             server_id, salt, scrypt = parse_params(message)
-            password, self._password = self._password, None
             w0, w1 = pbkdf.register(password.encode("utf-8"), salt, self._username.encode("utf-8"), **scrypt)
             self._outcome = (server_id, w0, w1)
         except errors.EketwistError as error:

@@ -183,3 +183,11 @@ def daemon(tmp_path, root, users_file):
 def twistd_server(daemon):
     server = daemon()
     return server.port, server.log
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A root and users file for in-memory conversations (tests/conversation.py)."""
+    from .conversation import make_world
+
+    return make_world(tmp_path_factory.mktemp("world"), FAST_SCRYPT)

@@ -19,7 +19,7 @@ from eketwist.server import ServerFactory
 
 from .conftest import FAST_SCRYPT
 from .rawclient import RawClient
-from .test_fuzz import Conversation, world  # noqa: F401 - a fixture
+from .conversation import Conversation
 
 
 @pytest.fixture

@@ -1,0 +1,253 @@
+"""The real client command against a server that turns hostile (tests/hostileserver.py): before
+authentication anyone can play it, after it a thief of the users file can. Whatever it sends,
+the client's output carries no raw control character or forged line, and nothing it names
+escapes the limits the client sets."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from eketwist.client_protocol import MAX_LISTING_BYTES
+
+from .hostileserver import HostileServer, Tree, entry, make_alice
+
+PASSWORD = "alice's secret on a hostile server"
+ALICE = make_alice(PASSWORD)
+# What a terminal would obey: C0 controls (but our tab and newline), DEL, C1 (U+009B is CSI).
+RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+FORGED = "da39a3ee5e6b4b0d3255bfef95601890afd80709  /etc/passwd"
+# Clear the screen, set the window title, then a prompt that is not ours.
+SCREEN_TRICKS = "\x1b[2J\x1b[H\x1b]0;eke\x07\x9b31m\nPassword for alice (again): "
+
+
+def run_client(server, *args, cwd=None, extra_env=None, command=None):
+    """The real client command against `server`; (exit code, stdout, stderr) as text."""
+    env = dict(os.environ, EKE_PASSWORD=PASSWORD, **(extra_env or {}))
+    process = subprocess.run(
+        [*(command or [sys.executable, "-m", "eketwist.client"]), "--port", str(server.port), "--user", "alice", *args],
+        capture_output=True, env=env, cwd=cwd, timeout=120,
+    )
+    server.stop()
+    return process.returncode, process.stdout.decode("utf-8"), process.stderr.decode("utf-8")
+
+
+def assert_shows_no_controls(*outputs):
+    for output in outputs:
+        assert not RAW_CONTROL.search(output), output
+        assert "Password for" not in output.replace("\\nPassword for", ""), output
+        assert FORGED not in output.splitlines(), output
+
+
+@pytest.mark.parametrize("how", ["prelude", "endpoint"])
+def test_error_before_authentication_is_shown_escaped(how):
+    server = HostileServer(ALICE, preauth_error={"code": "try-later\x1b]0;x\x07", "message": SCREEN_TRICKS})
+    connect = ["--connect", f"tcp:host=127.0.0.1:port={server.port}"] if how == "endpoint" else []
+    code, out, err = run_client(server, *connect, "ls")
+    assert code == 1  # an unknown code is a generic failure
+    assert_shows_no_controls(out, err)
+    assert err == "eke-client: \\x1b[2J\\x1b[H\\x1b]0;eke\\x07\\x9b31m\\nPassword for alice (again): \n"
+
+
+def test_error_before_authentication_in_json_has_no_raw_controls(tmp_path):
+    server = HostileServer(ALICE, preauth_error={"code": "busy", "message": SCREEN_TRICKS + "\u2028"})
+    code, out, err = run_client(server, "--json", "get", "x", cwd=tmp_path)
+    assert code == 12
+    assert_shows_no_controls(out, err)
+    assert json.loads(out)["error"]["message"] == SCREEN_TRICKS + "\u2028"
+
+
+def test_error_after_authentication_is_shown_escaped(tmp_path):
+    tree = Tree()
+    tree.on_get = lambda conn, message: conn.send({"type": "error", "code": "not-found", "message": SCREEN_TRICKS})
+    code, out, err = run_client(HostileServer(ALICE, tree), "get", "x", cwd=tmp_path)
+    assert code == 5
+    assert_shows_no_controls(out, err)
+    assert "\\x1b[2J" in err
+
+
+HOSTILE_NAMES = [
+    entry("a\x1b]0;title\x07b"),
+    entry("c\x9b2Jd"),
+    entry("e\u2028f\\g"),
+    entry("x\n" + FORGED),
+]
+
+
+@pytest.mark.parametrize("options", [[], ["-l"], ["-R"]])
+def test_names_in_a_listing_are_shown_escaped(options):
+    code, out, err = run_client(HostileServer(ALICE, Tree(HOSTILE_NAMES)), "ls", *options)
+    assert code == 0, err
+    assert_shows_no_controls(out, err)
+    lines = out.splitlines()
+    assert len(lines) == len(HOSTILE_NAMES)
+    assert lines[0].endswith("a\\x1b]0;title\\x07b") or "a\\x1b]0;title\\x07b\t" in lines[0]
+    assert any("e\\u2028f\\\\g" in line for line in lines)  # a real backslash is doubled
+
+
+def test_names_in_a_json_listing_have_no_raw_controls():
+    code, out, err = run_client(HostileServer(ALICE, Tree(HOSTILE_NAMES)), "--json", "ls")
+    assert code == 0, err
+    assert_shows_no_controls(out, err)
+    assert [e["name"] for e in json.loads(out)["entries"]] == [e["name"] for e in HOSTILE_NAMES]
+
+
+def test_names_in_a_tree_download_are_shown_escaped(tmp_path):
+    forger = "x\n" + FORGED.split("/")[0]  # directories x\nda39...  and x\nda39...  /etc
+    files = ["a\x1b]0;title\x07b", "c\x9b2Jd", "e\u2028f", forger + "/etc/passwd"]
+    tree = Tree([
+        entry("a\x1b]0;title\x07b"), entry("c\x9b2Jd"), entry("e\u2028f"), entry("link\x1b[2J", "symlink"),
+        entry(forger, "dir", mode=0o755), entry(forger + "/etc", "dir", mode=0o755), entry(forger + "/etc/passwd"),
+    ])
+    code, out, err = run_client(HostileServer(ALICE, tree), "get", "-r", "top", cwd=tmp_path)
+    assert code == 0, err
+    assert_shows_no_controls(out, err)
+    assert len(out.splitlines()) == len(files)  # one `SHA1  PATH` line per file
+    assert "top/x\\n" + FORGED in out
+    assert sorted(os.listdir(tmp_path / "top")) == sorted(files[:3] + [forger])
+
+
+def test_tree_download_keeps_only_permission_bits(tmp_path):
+    tree = Tree([entry("d", "dir", mode=0o7777), entry("d/e", "dir", mode=0o6750), entry("d/e/f", mode=0o7777)])
+    code, out, err = run_client(HostileServer(ALICE, tree), "get", "-r", "top", cwd=tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "top/d").stat().st_mode & 0o7777 == 0o777
+    assert (tmp_path / "top/d/e").stat().st_mode & 0o7777 == 0o750
+    assert (tmp_path / "top/d/e/f").stat().st_mode & 0o7000 == 0
+
+
+def test_a_huge_listing_is_refused_within_its_memory_budget():
+    """A listing of long names past MAX_LISTING_BYTES (its entries count their real size):
+    refused, and the client's peak memory stays within the budget plus its own start-up."""
+    count = MAX_LISTING_BYTES // 4000 + 10_000
+    listing = (entry(f"{i:08d}" + "x" * 3992) for i in range(count))
+    server = HostileServer(ALICE, Tree(listing))
+    env = dict(os.environ, EKE_PASSWORD=PASSWORD)
+    command = [sys.executable, "-m", "eketwist.client", "--port", str(server.port), "--user", "alice", "ls"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    server.stop()
+    assert os.waitstatus_to_exitcode(status) == 7, err
+    assert err == "eke-client: the listing of your root is larger than this client holds (256 MiB)\n"
+    assert usage.ru_maxrss * 1024 < MAX_LISTING_BYTES + 100 * 2**20
+
+
+def cut_short(conn, message):
+    """A get answered with the first bytes of a file, then the connection gone."""
+    conn.send({"type": "file", "name": "x", "size": 100, "mtime": 0, "mode": 0o644, "digest": "sha1", "offset": 0})
+    conn.send_data(b"the first half")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize("planted", ["writable by others", "another user's", "a FIFO"])
+def test_a_part_file_planted_by_someone_else_is_refused(tmp_path, planted):
+    """In a directory others can write to, LOCAL.part may be someone else's: downloading into
+    it would let them read the file. The client refuses it and asks for nothing; once it is
+    gone, the client's own part file is private."""
+    part = tmp_path / "report.pdf.part"
+    if planted == "a FIFO":
+        os.mkfifo(part, 0o600)
+    else:
+        part.write_bytes(b"planted")
+        part.chmod(0o666 if planted == "writable by others" else 0o600)
+    if planted == "another user's":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give a file to another user")
+        os.chown(part, 65534, 65534)
+    tree = Tree(contents={"report.pdf": b"the secret report"})
+    code, out, err = run_client(HostileServer(ALICE, tree), "get", "report.pdf", cwd=tmp_path)
+    assert code == 8, err
+    assert "report.pdf.part: refusing to use it" in err
+    assert tree.requests == []
+    assert not (tmp_path / "report.pdf").exists()
+    if planted != "a FIFO":
+        assert part.read_bytes() == b"planted"
+
+    part.unlink()
+    tree = Tree()
+    tree.on_get = cut_short
+    code, out, err = run_client(HostileServer(ALICE, tree), "get", "report.pdf", cwd=tmp_path)
+    assert code == 3, err
+    assert part.read_bytes() == b"the first half"
+    assert part.stat().st_mode & 0o7777 == 0o600
+
+
+# Runs the real client's main() and, once authenticated, looks for the password (by its
+# SHA-256, so as not to hold it) among everything Python can reach: what gc tracks, the
+# untracked tuples and dicts they hold, and the locals of every running frame.
+FIND_PASSWORD = """
+import gc, hashlib, os, sys
+from eketwist import client, client_protocol
+
+TARGET = os.environ.pop("TEST_PASSWORD_SHA256")
+LENGTH = int(os.environ.pop("TEST_PASSWORD_LENGTH"))
+
+def holders():
+    gc.unfreeze()  # the client froze what it had imported: gc.get_objects() would skip it
+    found = []
+    def check(value, where, depth=0):
+        if isinstance(value, (str, bytes)) and len(value) == LENGTH:
+            data = value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+            if hashlib.sha256(data).hexdigest() == TARGET:
+                found.append(where)
+        elif depth < 3 and isinstance(value, (tuple, dict)) and not gc.is_tracked(value):
+            for item in ([*value.keys(), *value.values()] if isinstance(value, dict) else value):
+                check(item, where, depth + 1)
+    for obj in gc.get_objects():
+        for referent in gc.get_referents(obj):
+            check(referent, type(obj).__name__)
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            for name, value in frame.f_locals.items():
+                check(value, f"{frame.f_code.co_name}() local {name}")
+            frame = frame.f_back
+    return found
+
+on_ok = client_protocol.ClientProtocol.on_ok
+def on_ok_then_look(self, message):
+    on_ok(self, message)
+    print("password held by:", holders(), file=sys.stderr)
+client_protocol.ClientProtocol.on_ok = on_ok_then_look
+client.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("how", ["prelude", "endpoint"])
+def test_no_reference_to_the_password_after_authentication(how):
+    import hashlib
+
+    server = HostileServer(ALICE, Tree())
+    connect = ["--connect", f"tcp:host=127.0.0.1:port={server.port}"] if how == "endpoint" else []
+    digest = {"TEST_PASSWORD_SHA256": hashlib.sha256(PASSWORD.encode()).hexdigest(), "TEST_PASSWORD_LENGTH": str(len(PASSWORD))}
+    command = [sys.executable, "-c", FIND_PASSWORD]
+    code, out, err = run_client(server, *connect, "ls", extra_env=digest, command=command)
+    assert code == 0, err
+    assert "password held by: []\n" in err, err
+
+
+def test_put_of_a_very_deep_tree_plans_it_all_then_creates_it(tmp_path):
+    """1,500 levels: os.walk's recursion died at about 970, after creating as many remote
+    directories. Now every directory is created, all before the first file."""
+    depth = 1500
+    deepest = str(tmp_path / "deep")
+    os.mkdir(deepest)
+    for _ in range(depth):  # os.makedirs and Path.mkdir(parents=True) recurse too
+        deepest += "/d"
+        os.mkdir(deepest)
+    with open(deepest + "/leaf.txt", "wb") as leaf:
+        leaf.write(b"at the bottom")
+    tree = Tree()
+    code, out, err = run_client(HostileServer(ALICE, tree), "put", "-r", "deep", cwd=tmp_path)
+    assert code == 0, err[-2000:]
+    kinds = [message["type"] for message in tree.requests if isinstance(message, dict)]
+    created = [message["path"] for message in tree.requests if message["type"] == "mkdir" and "mtime" not in message]
+    assert kinds[:2] == ["stat", "mkdir"] and kinds.index("put") == 2 + depth
+    assert created == ["deep"] + ["deep" + "/d" * level for level in range(1, depth + 1)]
+    assert [m["path"] for m in tree.requests if m["type"] == "put"] == ["deep" + "/d" * depth + "/leaf.txt"]
+    assert len(tree.requests) == 1 + 2 * (depth + 1) + 1
