@@ -12,12 +12,12 @@ import sys
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from zope.interface import implementer
 
 from . import records, wire
 from .errors import ConnectionFailed, EketwistError, IntegrityError, ProtocolError
+from .logs import SafeLogger
 
 
 @implementer(IConsumer)
@@ -96,7 +96,7 @@ class SecureConnection(Protocol):
     """Subclasses provide TRANSITIONS, the handlers it names, `callLater` (their clock) and
     TimeoutMixin's `setTimeout`."""
 
-    log = Logger()
+    log = SafeLogger()
     TRANSITIONS = {}
     PEER = "peer"  # what messages call the other side
     state = "closed"

@@ -27,7 +27,7 @@ class Protected:
     """The daemon's own files, each with what to call it in a message."""
 
     def __init__(self, users, pidfile=None, logfile=None, tls_keys=()):
-        directory = os.path.dirname(os.path.abspath(users))
+        self.users_directory = directory = os.path.dirname(os.path.abspath(users))
         self.entries = [
             ("the users file", users, _forms(users), "--users"),
             ("the users file's directory (where its new copies are written)", directory,
@@ -39,6 +39,11 @@ class Protected:
             self.entries.append(("the log file", logfile, _forms(logfile), "twistd --logfile"))
         for key in tls_keys:
             self.entries.append(("the TLS key", key, _forms(key), "the port's privateKey="))
+
+    def files(self):
+        """The protected files themselves, for the server to refuse at each request too,
+        whatever path leads to them (defence in depth: hard links, a root changed later)."""
+        return [path for _, path, _, _ in self.entries if path != self.users_directory]
 
     def problem(self, roots):
         """A one-line message naming the first protected path inside one of `roots`, or None."""
@@ -84,31 +89,3 @@ def twistd_files(twistd_options):
         # twistd logs to stdout in the foreground and to twistd.log when it daemonizes.
         logfile = None if twistd_options.get("nodaemon") else "twistd.log"
     return pidfile, logfile
-
-
-def refuse_exposing_reloads(store, check):
-    """Make the users store refuse a new users file for which `check(users)` returns a problem,
-    keeping the last good copy (and logging why).
-
-    The place for it is UsersStore itself: a `check` attribute (None by default) that its reload
-    calls on the new file before accepting it. Until the store has one, its reload is wrapped.
-    """
-    if "check" in vars(store) or hasattr(type(store), "check"):
-        store.check = check
-        return
-    reload = store.reload
-
-    def checked_reload(reason):
-        previous = store.users
-        if not reload(reason):
-            return False
-        problem = check(store.users)
-        if problem is None:
-            return True
-        store.users = previous
-        store.log.error(
-            "users file refused ({reason}), keeping the last good copy: {problem}", reason=reason, problem=problem
-        )
-        return False
-
-    store.reload = checked_reload

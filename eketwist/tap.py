@@ -5,7 +5,6 @@ import resource
 import socket
 
 from twisted.application import internet
-from twisted.logger import Logger
 from twisted.python import usage
 
 from . import exposure, guard, logs, proxy, server, service, userdb
@@ -53,6 +52,10 @@ class Options(usage.Options):
         ["max-source-delay", None, _P.max_source_delay, "the largest delay for one address", float],
         ["max-user-delay", None, _P.max_user_delay,
          "the largest delay for one username: how long guessing on a name can slow its owner", float],
+        ["handshake-rate", None, _P.handshake_rate,
+         "handshakes per second one address may start (its budget of the daemon's CPU); beyond "
+         "it, answers wait", float],
+        ["handshake-burst", None, _P.handshake_burst, "handshakes one address may start at once", int],
     ]
 
     def postOptions(self):
@@ -116,6 +119,8 @@ class Options(usage.Options):
             delay_base=self["failure-delay"],
             max_source_delay=self["max-source-delay"],
             max_user_delay=self["max-user-delay"],
+            handshake_rate=self["handshake-rate"],
+            handshake_burst=self["handshake-burst"],
             startups_start=start,
             startups_rate=rate,
             startups_full=full,
@@ -159,19 +164,9 @@ def raise_descriptor_limit(policy, log=None):
             log.warn("descriptor limit {soft}: at most {count} connections", soft=soft, count=policy.max_connections)
 
 
-def _escape_server_logs():
-    """Bridge until server.py declares `log = SafeLogger()` itself (then this does nothing):
-    the server's events are escaped like everyone else's."""
-    for cls in (server.ServerProtocol, server.ServerFactory):
-        current = cls.__dict__.get("log")
-        if type(current) is Logger:
-            cls.log = logs.SafeLogger(namespace=current.namespace)
-
-
 def makeService(options):
     if options.get("twistd-logfile"):
         logs.restrict_log_file(options["twistd-logfile"])  # before twistd opens it
-    _escape_server_logs()
     tune_allocator()
     policy = options["policy"]
     raise_descriptor_limit(policy, server.ServerFactory.log)
@@ -184,9 +179,10 @@ def makeService(options):
         max_upload_size=options["max-upload-size"],
         partial_max_age=options["partial-max-age"],
         policy=policy,
+        protected_paths=options["protected"].files(),
     )
     protected, server_root = options["protected"], factory.root
-    exposure.refuse_exposing_reloads(factory.users, lambda users: protected.users_problem(server_root, users))
+    factory.users.check = lambda users: protected.users_problem(server_root, users)
     top = service.EketwistService(
         options["port"], factory, options["shutdown-grace"], trusted_proxies=options["trusted-proxies"]
     )

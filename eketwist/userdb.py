@@ -331,6 +331,9 @@ class UsersStore:
     def __init__(self, path, log):
         self.path = path
         self.log = log
+        # check(users) -> a problem or None: what a new file must also pass to replace the
+        # last good copy (the daemon's: none of its own files inside a user's new root).
+        self.check = None
         self._stamp = self._current_stamp()
         self.users = load(path)  # a broken file at start is fatal: the caller reports it
         self._warn_about()
@@ -353,6 +356,9 @@ class UsersStore:
         """Read the file again; a broken one is refused and the last good copy kept."""
         try:
             users = load(self.path)
+            problem = self.check(users) if self.check is not None else None
+            if problem:
+                raise UsersFileError(problem)
         except UsersFileError as problem:
             self.log.error(
                 "users file not reloaded ({reason}), keeping the last good copy: {problem}",
