@@ -121,6 +121,10 @@ def build_parser():
     ls.add_argument("path", nargs="?", default="", metavar="PATH")
     ls.add_argument("-l", "--long", action="store_true", help="long form: mode, size, date, name")
     ls.add_argument("-R", "--recursive", action="store_true", help="list subdirectories too")
+    ls.add_argument(
+        "-a", "--all", action="store_true",
+        help="also list your partial uploads (interrupted puts kept for a resume; they use space)",
+    )
 
     for sub in (get, put, ls):
         _add_common_options(sub, suppress=True)
@@ -557,12 +561,12 @@ def _size(path):
 
 
 def _mode_string(entry):
-    kinds = {"dir": "d", "symlink": "l", "file": "-", "other": "?"}
+    kinds = {"dir": "d", "symlink": "l", "file": "-", "other": "?", "partial": "p"}
     return kinds[entry["kind"]] + stat.filemode(entry["mode"])[1:]
 
 
 async def run_ls(session, args):
-    entries = await session.client.list(args.path, recursive=args.recursive)
+    entries = await session.client.list(args.path, recursive=args.recursive, partials=args.all)
     session.reporter.listing(args.path, entries, long=args.long)
 
 

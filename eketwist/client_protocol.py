@@ -236,11 +236,15 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def on_entry(self, message):
         self._complete(_checked_entry(message.get("entry")))
 
-    def list(self, remote, recursive=False):
+    def list(self, remote, recursive=False, partials=False):
         """Fires with the entries of a directory (or the entry of a file), sorted by name;
-        recursive listings name entries by their path relative to `remote`."""
+        recursive listings name entries by their path relative to `remote`. With `partials`,
+        our own partial uploads are listed too (kind "partial")."""
         request = _Request("list", remote)
-        return self._begin(request, "listing", {"type": "list", "path": remote, "recursive": recursive})
+        message = {"type": "list", "path": remote, "recursive": recursive}
+        if partials:
+            message["all"] = True
+        return self._begin(request, "listing", message)
 
     def on_entries(self, message):
         batch = message.get("entries")
@@ -496,7 +500,7 @@ class Entry:
 
 
 # The kinds as our own strings: the decoded message's copies would cost 53 bytes an entry.
-_KINDS = {kind: kind for kind in ("file", "dir", "symlink", "other")}
+_KINDS = {kind: kind for kind in ("file", "dir", "symlink", "other", "partial")}
 
 
 def _checked_entry(item):

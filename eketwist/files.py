@@ -10,15 +10,15 @@ import errno
 import fcntl
 import hashlib
 import hmac
+import json
 import os
 import queue
 import stat
 import threading
 
-
 from .errors import (
-    EketwistError,
     Busy,
+    EketwistError,
     Exists,
     IntegrityError,
     LocalIOError,
@@ -27,6 +27,9 @@ from .errors import (
 )
 
 CLIENT_PART_SUFFIX = ".part"
+# On the server's part files: what they will become, and for whom (JSON), so that their owner
+# can see them (`ls -a`) and no one else.
+PART_LABEL = "user.eketwist.upload"
 # The server keeps partial uploads beside their destination under this prefix; such names are
 # never listed, sent or accepted as upload targets.
 SERVER_PART_PREFIX = ".eke-part."
@@ -40,6 +43,25 @@ def server_part_name(name, user):
     it: findable again by the same user for the same name, distinct for different users."""
     digest = hashlib.sha256(user.encode("utf-8") + b"\0" + name.encode("utf-8", "surrogateescape"))
     return SERVER_PART_PREFIX + digest.hexdigest()[:32]
+
+
+def read_part_label(dir_fd, name):
+    """The label of the part file `name` in `dir_fd` (a dict), or None: not a regular file,
+    no label, or not ours to read. Opens without following a link, without blocking."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        label = json.loads(os.getxattr(fd, PART_LABEL))
+        return {**label, "stat": st} if isinstance(label, dict) else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def hash_prefix(handle, length):
@@ -234,10 +256,12 @@ class PartFile:
     never created or replaced by an incomplete file.
 
     With `dir_fd`, `destination` and `part` are names in that directory (the server's way: no
-    path string is resolved again); the PartFile keeps its own descriptor of it.
+    path string is resolved again); the PartFile keeps its own descriptor of it. `label`, if
+    given, is kept on the part file as an extended attribute (PART_LABEL) while it is one, and
+    removed before it takes the destination's name.
     """
 
-    def __init__(self, destination, part, shown_name=None, *, lock=False, private=False, dir_fd=None):
+    def __init__(self, destination, part, shown_name=None, *, lock=False, private=False, dir_fd=None, label=None):
         """`private`: an existing part file is used only when it is a regular file of ours
         that no one else can write (the client's, in a directory others may write to)."""
         self.destination = destination
@@ -267,6 +291,12 @@ class PartFile:
                 os.close(fd)
                 self._close_directory()
                 raise Busy(f"{self.shown_name}: another transfer to this file is in progress") from None
+        if label is not None:
+            try:
+                os.setxattr(fd, PART_LABEL, label)
+            except OSError:
+                pass  # a filesystem without user attributes: the part file is just not labelled
+        self._labelled = label is not None
         self._file = os.fdopen(fd, "r+b", buffering=0)
         self.size = os.fstat(fd).st_size
         self._sha1 = hashlib.sha1()
@@ -337,6 +367,11 @@ class PartFile:
             raise IntegrityError(f"{self.shown_name}: {what} does not match; nothing was written")
         fd = self._file.fileno()
         try:
+            if self._labelled:
+                try:
+                    os.removexattr(fd, PART_LABEL)
+                except OSError:
+                    pass  # never set
             os.fsync(fd)
             os.fchmod(fd, (0o666 & ~_umask()) if mode is None else mode & MODE_MASK)
             if mtime is not None:

@@ -20,7 +20,6 @@ import time
 
 from twisted.internet import protocol, threads
 from twisted.internet.interfaces import IPullProducer, IPushProducer
-from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
@@ -38,6 +37,7 @@ from .errors import (
     TryLater,
     Unsupported,
 )
+from .logs import SafeLogger
 
 CONTEXT = b"eketwist/1 SPAKE2+-P256-SHA256-HKDF-SHA256-HMAC-SHA256"
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
@@ -70,7 +70,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     """Also the producer of its own replies: when the client does not read them, the transport
     pauses us and we stop reading its requests, so nothing piles up in memory."""
 
-    log = Logger()
+    log = SafeLogger()
     PEER = "client"
     TRANSITIONS = {
         "hello": {"hello": "on_hello"},
@@ -442,8 +442,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     def on_list(self, message):
         requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES, allow_empty=True)
         recursive = message.get("recursive") is True
+        partials = message.get("all") is True
         try:
-            entries = self.storage.listing(requested, recursive)
+            entries = self.storage.listing(requested, recursive, partials_of=self.username if partials else None)
             first = next(entries, None)  # errors about the path itself come here, before any reply
         except EketwistError as error:
             self._refuse("list", requested, error)
@@ -642,7 +643,7 @@ class ServerFactory(protocol.Factory):
     RECORD_BUDGET = 64 * 1024 * 1024
     MIN_RECORD = 256 * 1024
     QUIET_BEFORE_TRIM = 1.0
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(
         self,

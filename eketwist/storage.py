@@ -13,12 +13,13 @@ No network here: the server's protocol calls a `Root` per authenticated user.
 
 import ctypes
 import errno
+import json
 import os
 import stat
 import sys
 
 from .errors import BadPath, EketwistError, Exists, NotAFile, NotFound, PermissionDenied, TooLarge
-from .files import MODE_MASK, SERVER_PART_PREFIX, PartFile, server_part_name, storage_error
+from .files import MODE_MASK, SERVER_PART_PREFIX, PartFile, read_part_label, server_part_name, storage_error
 
 # A name is one path segment; most filesystems refuse longer ones (NAME_MAX).
 MAX_NAME_BYTES = 255
@@ -138,6 +139,16 @@ def _open_directory_nofollow(name, dir_fd):
         raise
 
 
+def _partial_entry(directory, name, user, prefix):
+    """The entry of `user`'s partial upload `name` in `directory`, or None if it is not theirs."""
+    label = read_part_label(directory, name)
+    if label is None or label.get("user") != user or not isinstance(label.get("name"), str):
+        return None
+    if server_part_name(label["name"], user) != name:
+        return None  # a label copied onto another file: not what it claims
+    return {**entry(prefix + label["name"], label["stat"]), "kind": "partial"}
+
+
 class Root:
     """One root directory, as a user's requests see it. `protected`: a callable giving the
     (device, inode) pairs never served nor replaced, whatever leads to them (the users file,
@@ -239,12 +250,14 @@ class Root:
         finally:
             os.close(parent_fd)
 
-    def listing(self, requested, recursive=False):
+    def listing(self, requested, recursive=False, partials_of=None):
         """Entries under a directory, streamed in the directory's own order (never all held):
         a directory's entries, then, with `recursive`, the contents of each of its
         subdirectories in turn, named by their "/"-joined path relative to `requested`.
         Subdirectories are entered by descriptor, never through a symlink. A file lists as
-        itself. Errors about the path itself are raised by the first next()."""
+        itself. With `partials_of` (a username), that user's partial uploads are listed too,
+        as entries of kind "partial" named after the file they will become (everyone else's
+        stay hidden). Errors about the path itself are raised by the first next()."""
         names = segments(requested)
         shown = requested or "."
         root_fd = self._open_root()
@@ -276,8 +289,15 @@ class Root:
                 try:
                     with os.scandir(directory) as scan:
                         for child in scan:
-                            if child.name.startswith(SERVER_PART_PREFIX) or not _is_utf8(child.name):
-                                continue  # our partial uploads; names no client could ask for
+                            if child.name.startswith(SERVER_PART_PREFIX):
+                                partial = partials_of is not None and _partial_entry(
+                                    directory, child.name, partials_of, prefix
+                                )
+                                if partial:
+                                    yield partial
+                                continue
+                            if not _is_utf8(child.name):
+                                continue  # names no client could ask for
                             try:
                                 st = child.stat(follow_symlinks=False)
                             except OSError:
@@ -376,7 +396,8 @@ class Root:
                 self._check_not_protected(st, requested)
                 if not force:
                     raise Exists(f"{requested}: already exists on the server (use --force to replace it)")
-            return PartFile(name, server_part_name(name, user), requested, lock=True, dir_fd=parent_fd)
+            label = json.dumps({"user": user, "name": name}).encode("utf-8")
+            return PartFile(name, server_part_name(name, user), requested, lock=True, dir_fd=parent_fd, label=label)
         finally:
             os.close(parent_fd)
 

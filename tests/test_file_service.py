@@ -484,3 +484,17 @@ def test_write_behind_lets_go_of_each_chunk_once_written(tmp_path):
         assert seen == [True], "the writer still held a chunk it had written"
         writer.close()
     assert (tmp_path / "written").stat().st_size == 100_000 + 4 * WriteBehind.QUEUE_DEPTH
+
+
+def test_ls_a_shows_your_partial_uploads(daemon, root):
+    from eketwist import storage
+
+    part = storage.Root(str(root)).receive("big.iso", "writer", force=False)
+    part.write(os.urandom(45_000))
+    part.abort(keep_part=True)
+    assert part.wait_until_closed(10)
+    port = daemon().port
+    shown = writer(port, "ls", "-a").stdout
+    assert any(line.split("\t")[:3] == ["big.iso", "partial", "45000"] for line in shown.splitlines()), shown
+    assert "big.iso" not in writer(port, "ls").stdout
+    assert "big.iso" not in run_client(port, "ls", "-a").stdout  # another user's: never shown

@@ -452,3 +452,23 @@ def test_aborting_a_part_file_does_not_wait_for_a_slow_disk(tmp_path, monkeypatc
         else:
             assert not partial.exists()
         assert not destination.exists()
+
+
+def test_partial_uploads_are_listed_to_their_owner_only(tmp_path):
+    served = storage.Root(str(tmp_path))
+    part = served.receive("up.bin", "writer", force=False)
+    part.write(b"x" * 5000)
+    part.abort(keep_part=True)
+    assert part.wait_until_closed(10)
+    (tmp_path / "other").write_text("y")
+    mine = {e["name"]: e for e in served.listing("", partials_of="writer")}
+    assert mine["up.bin"]["kind"] == "partial" and mine["up.bin"]["size"] == 5000
+    assert [e["name"] for e in served.listing("", partials_of="alice")] == ["other"]
+    assert [e["name"] for e in served.listing("")] == ["other"]
+    # Once stored, the file carries no trace of the label.
+    part = served.receive("up.bin", "writer", force=False)
+    part.resume(hashlib.sha1(b"x" * 5000))
+    part.write(b"z")
+    part.finish(5001, hashlib.sha1(b"x" * 5000 + b"z").digest())
+    assert os.listxattr(tmp_path / "up.bin") == []
+    assert sorted(e["kind"] for e in served.listing("", partials_of="writer")) == ["file", "file"]
