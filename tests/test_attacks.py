@@ -3,6 +3,7 @@ real sockets: guesses that must be counted however the connection ends, names th
 told apart by the bytes of an answer, limits that apply from the first moment."""
 
 import json
+import os
 import re
 
 import pytest
@@ -181,3 +182,25 @@ async def test_silent_connections_count_against_the_per_address_cap_from_accept(
         assert "too many connections from your address" in refusal["message"]
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_users_file_is_refused_whatever_leads_to_it(root, users_file, factory, server_port, tmp_path):
+    from eketwist import errors
+
+    from .conftest import WRITER_PASSWORD, authenticated_client
+
+    os.link(users_file, root / "hardlink")  # a local account's doing: defence in depth
+    os.symlink(users_file, root / "symlink")
+    client = await authenticated_client(server_port)
+    for name in ("hardlink", "symlink"):
+        with pytest.raises(errors.BadPath):
+            await client.get(name, str(tmp_path / name))
+    client.close()
+    writer = await authenticated_client(server_port, user="writer", password=WRITER_PASSWORD)
+    local = tmp_path / "evil"
+    local.write_text("# no header\n")
+    with pytest.raises(errors.BadPath):
+        await writer.put(str(local), "hardlink", force=True)
+    writer.close()
+    assert "secret" in users_file.read_text()
