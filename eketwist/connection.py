@@ -28,10 +28,10 @@ class RecordConsumer:
         self._connection = connection
 
     def registerProducer(self, producer, streaming):
-        self._connection.transport.registerProducer(producer, streaming)
+        self._connection.start_sending(producer, streaming)
 
     def unregisterProducer(self):
-        self._connection.transport.unregisterProducer()
+        self._connection.stop_sending()
 
     def write(self, chunk):
         self._connection.send_data(chunk)
@@ -75,6 +75,9 @@ CONTROL_READ_SIZE = wire.HEADER_BYTES + wire.MAX_CONTROL_PLAINTEXT + records.TAG
 # Seconds a receiver waits for a whole record before taking whatever has arrived. At the
 # speeds where whole records help, one arrives every few milliseconds.
 WHOLE_RECORD_PATIENCE = 0.2
+# Seconds a closing connection waits for the peer to read what is still queued for it (the
+# ERROR that says why) before it is cut: a peer that never reads must not keep it.
+CLOSE_GRACE = 10.0
 
 
 def _tcp_socket(transport):
@@ -109,12 +112,15 @@ class SecureConnection(Protocol):
         self.when_closed = Deferred()
         self._holds = set()  # reasons we are not reading the peer now (see hold_reading)
         self._patience = None  # the timer that stops waiting for whole records
+        self._sending = None  # the producer streaming a file or a listing to the peer
+        self._cut = None  # the timer that cuts a closing connection whose peer does not read
 
     def connectionLost(self, reason):
         self.closing = True
         self.state = "closed"
-        if self._patience is not None and self._patience.active():
-            self._patience.cancel()
+        for timer in (self._patience, self._cut):
+            if timer is not None and timer.active():
+                timer.cancel()
         self.when_closed.callback(None)
 
     @property
@@ -217,6 +223,16 @@ class SecureConnection(Protocol):
 
     # -- sending
 
+    def start_sending(self, producer, streaming):
+        """Let `producer` (a file or a listing) drive the transport until stop_sending."""
+        self._sending = producer
+        self.transport.registerProducer(producer, streaming)
+
+    def stop_sending(self):
+        if self._sending is not None:
+            self._sending = None
+            self.transport.unregisterProducer()
+
     def send_handshake(self, message):
         self.transport.write(wire.handshake_frame(message))
 
@@ -315,4 +331,12 @@ class SecureConnection(Protocol):
         if not self.closing:
             self.closing = True
             self.state = "closed"
+            # Nothing more after the ERROR: a file or listing being sent stops here (a
+            # registered producer would otherwise go on filling the transport, and keep it
+            # open as long as the peer reads).
+            producer, self._sending = self._sending, None
+            self.transport.unregisterProducer()
+            if producer is not None:
+                producer.stopProducing()
             self.transport.loseConnection()
+            self._cut = self.callLater(CLOSE_GRACE, self.transport.abortConnection)

@@ -152,7 +152,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def _take_transport_back(self):
         if not self.closing:
-            self.transport.unregisterProducer()
+            self.stop_sending()
             self.transport.registerProducer(self, True)
 
     def dataReceived(self, data):
@@ -451,7 +451,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             return
         self._working()
         self._release_transport()
-        self.transport.registerProducer(ListingProducer(self, requested or ".", first, entries), False)
+        self.start_sending(ListingProducer(self, requested or ".", first, entries), False)
 
     def _listing_done(self, requested, count, error=None):
         self._take_transport_back()

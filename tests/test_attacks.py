@@ -204,3 +204,55 @@ async def test_the_users_file_is_refused_whatever_leads_to_it(root, users_file, 
         await writer.put(str(local), "hardlink", force=True)
     writer.close()
     assert "secret" in users_file.read_text()
+
+
+@pytest.mark.parametrize("request_kind", ["get", "list"])
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_is_cut_after_the_idle_timeout(root, users_file, monkeypatch, request_kind):
+    """A download or listing the client never reads holds a file or a directory open: the
+    idle timeout runs while they wait, then the connection is cut (it cannot even be told
+    why: it does not read)."""
+    import socket
+
+    from twisted.internet import reactor
+
+    from eketwist import connection
+
+    from .conftest import PASSWORD, sleep
+
+    monkeypatch.setattr(connection, "CLOSE_GRACE", 0.5)
+    if request_kind == "get":
+        with open(root / "big.bin", "wb") as big:
+            big.truncate(256 * 1024 * 1024)  # sparse: nothing to write
+        request = {"type": "get", "path": "big.bin"}
+    else:
+        (root / "many").mkdir()
+        for i in range(30_000):
+            os.close(os.open(root / "many" / f"{i:06d}-{'x' * 200}", os.O_CREAT | os.O_WRONLY))
+        request = {"type": "list", "path": "many"}
+    factory = ServerFactory(str(root), str(users_file), "t", idle_timeout=0.5)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        def stall():
+            raw = RawClient.__new__(RawClient)
+            raw.sock = socket.socket()
+            raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.sock.settimeout(10)
+            raw.sock.connect(("127.0.0.1", port.getHost().port))
+            raw.send_cipher = raw.receive_cipher = None
+            raw.sizes = []
+            assert raw.handshake("alice", PASSWORD)["type"] == "ok"
+            raw.send_control(request)
+            return raw
+
+        raw = await deferToThread(stall)
+        await sleep(0.3)
+        assert len(factory.connections) == 1  # sending, as far as the client lets it
+        for _ in range(100):
+            if not factory.connections:
+                break
+            await sleep(0.1)
+        assert not factory.connections, "a client that stopped reading still holds its connection"
+        raw.close()
+    finally:
+        await port.stopListening()
