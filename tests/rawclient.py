@@ -17,8 +17,15 @@ class Closed(Exception):
 
 
 class RawClient:
-    def __init__(self, port, timeout=10, source="127.0.0.1"):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout, source_address=(source, 0))
+    def __init__(self, port, timeout=10, source="127.0.0.1", receive_buffer=None):
+        """`receive_buffer`: a small one makes a reader that stalls stall at once (set before
+        connecting, it is the window the server sees; after, the kernel has grown it)."""
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(timeout)
+        self.sock.bind((source, 0))
+        self.sock.connect(("127.0.0.1", port))
         self.send_cipher = self.receive_cipher = None
         self.sizes = []  # payload sizes of every frame received
 

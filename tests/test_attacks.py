@@ -212,8 +212,6 @@ async def test_a_client_that_stops_reading_is_cut_after_the_idle_timeout(root, u
     """A download or listing the client never reads holds a file or a directory open: the
     idle timeout runs while they wait, then the connection is cut (it cannot even be told
     why: it does not read)."""
-    import socket
-
     from twisted.internet import reactor
 
     from eketwist import connection
@@ -234,13 +232,7 @@ async def test_a_client_that_stops_reading_is_cut_after_the_idle_timeout(root, u
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     try:
         def stall():
-            raw = RawClient.__new__(RawClient)
-            raw.sock = socket.socket()
-            raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            raw.sock.settimeout(10)
-            raw.sock.connect(("127.0.0.1", port.getHost().port))
-            raw.send_cipher = raw.receive_cipher = None
-            raw.sizes = []
+            raw = RawClient(port.getHost().port, receive_buffer=4096)
             assert raw.handshake("alice", PASSWORD)["type"] == "ok"
             raw.send_control(request)
             return raw
