@@ -19,7 +19,7 @@ from eketwist import guard, spake2plus, userdb
 from eketwist.server import ServerFactory
 
 from .conftest import FAST_SCRYPT
-from .rawclient import RawClient
+from .rawclient import Closed, RawClient
 from .conversation import Conversation
 
 
@@ -248,3 +248,99 @@ async def test_a_client_that_stops_reading_is_cut_after_the_idle_timeout(root, u
         raw.close()
     finally:
         await port.stopListening()
+
+
+def _raw_put(raw, path, data):
+    """An upload through the raw client: the server's final answer (stored or error)."""
+    import hashlib
+
+    raw.send_control({"type": "put", "path": path, "size": len(data), "force": True})
+    _, answer = raw.recv_record()
+    if answer["type"] != "ready":
+        return answer
+    raw.send_control({"type": "upload", "offset": 0})
+    raw.send_record(2, data)
+    raw.send_control({"type": "end", "size": len(data), "sha1": hashlib.sha1(data).hexdigest()})
+    return raw.recv_record()[1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_directory_swapped_for_a_symlink_during_requests_leads_nowhere(tmp_path, users_file):
+    """A local account swaps a directory inside the root for a symlink to outside, as fast as
+    it can, while a user downloads, lists and uploads through it (the attack that got 18 files
+    out of 262 GETs in 30 s when paths were checked as strings, then opened)."""
+    import threading
+    import time
+
+    from twisted.internet import reactor
+
+    from .conftest import WRITER_PASSWORD
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_text("OUTSIDE")
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_text("inside")  # 6 bytes; outside's are 7
+    factory = ServerFactory(str(root), str(users_file), "t", policy=guard.Policy(max_per_source=1000))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            try:
+                os.rename(root / "d", root / "d.real")
+                os.symlink(outside, root / "d")
+                time.sleep(0.0005)
+                os.unlink(root / "d")
+                os.rename(root / "d.real", root / "d")
+            except OSError:
+                pass
+
+    def connect():
+        raw = RawClient(port.getHost().port)
+        assert raw.handshake("writer", WRITER_PASSWORD)["type"] == "ok"
+        return raw
+
+    def attack():
+        raw = connect()
+        escapes = attempts = drops = 0
+        deadline = time.monotonic() + float(os.environ.get("SWAP_RACE_SECONDS", "3"))
+        while time.monotonic() < deadline:
+            attempts += 1
+            try:
+                escapes += race_once(raw)
+            except Closed:
+                drops += 1
+                raw.close()
+                raw = connect()
+        raw.close()
+        return escapes, attempts, drops
+
+    def race_once(raw):
+        _, data, _ = raw.get("d/f")
+        escapes = data == b"OUTSIDE"
+        raw.send_control({"type": "list", "path": "d"})
+        while True:
+            _, answer = raw.recv_record()
+            if answer["type"] == "error":
+                break
+            escapes += any(entry["name"] == "f" and entry["size"] == 7 for entry in answer["entries"])
+            if not answer["more"]:
+                break
+        _raw_put(raw, "d/new", b"written")
+        return escapes
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        escapes, attempts, drops = await deferToThread(attack)
+    finally:
+        stop.set()
+        swapper.join()
+        await port.stopListening()
+    print(f"\n[figures] swap race: {attempts} rounds of get, list and put through a swapped directory: "
+          f"{escapes} escapes, {drops} dropped connections")
+    assert attempts > 50
+    assert (escapes, drops) == (0, 0), f"{escapes} escapes, {drops} dropped connections in {attempts} rounds"
+    assert sorted(os.listdir(outside)) == ["f"], "an upload went outside the root"
