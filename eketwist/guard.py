@@ -19,6 +19,7 @@ clock: no I/O, so it can be tested and measured in simulated time.
 """
 
 import collections
+import ipaddress
 import random
 from dataclasses import dataclass
 
@@ -56,6 +57,25 @@ class Policy:
         if not self.handshake_rate > 0:
             problems.append("handshake-rate must be positive")
         return problems
+
+
+# The longest a handshake waits for its address's budget; beyond, it is turned away.
+MAX_HANDSHAKE_WAIT = 5.0
+
+
+def source_key(host):
+    """What per-address limits count by: an IPv4 address (also when mapped into IPv6), or an
+    IPv6 address's /64, which one host or site gets whole (counting each of its 2^64
+    addresses apart would give it that many budgets, lockouts and connection caps)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an IP address (a UNIX socket): as it is
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 class Refused(Exception):
@@ -215,12 +235,18 @@ class Guard:
     def handshake_delay(self, source):
         """Seconds to wait before doing a handshake's work for `source`, within its budget
         (handshake_rate per second, handshake_burst at once): a token bucket kept as the time
-        its next token is free (GCRA). Each call spends one token."""
+        its next token is free (GCRA). Each call spends one token. Past MAX_HANDSHAKE_WAIT of
+        waiting, Refused, and no token spent: a source cannot run up a debt that keeps the
+        others at its address (behind one NAT) waiting long after it stopped."""
         policy = self.policy
         now = self.clock.seconds()
         interval = 1.0 / policy.handshake_rate
         due = max(self._handshake_due.get(source, now), now)
         delay = max(0.0, due - now - (policy.handshake_burst - 1) * interval)
+        if delay > MAX_HANDSHAKE_WAIT:
+            self.refused["handshake-budget"] += 1
+            raise Refused("too many handshakes from your address; try again shortly",
+                          log_key=("handshake-budget", source))
         self._handshake_due[source] = due + interval
         self._handshake_due.move_to_end(source)
         while len(self._handshake_due) > policy.max_tracked:
@@ -236,10 +262,22 @@ class Guard:
         )
 
     def failed(self, source, user):
-        """Record a failed authentication; returns (when, lockout): the failure's time, for
-        `succeeded` to take it back, and the lockout in seconds if it starts now, else None."""
+        """A guess answered and never confirmed (answered, then unconfirmed); (when, lockout)."""
+        outcome = self.answered(source, user)
+        self.unconfirmed(source, user)
+        return outcome
+
+    def unconfirmed(self, source, user):
+        """A guess the server answered ended without a valid confirmation: it counts against
+        the name now. Not before: a name whose count rose while a guess is in flight would
+        show every prober that its owner is logging in right now (names that exist)."""
+        self._by_user.add(user, source, self.clock.seconds())
+
+    def answered(self, source, user):
+        """The server answers a guess from `source` (its share is sent): a failure of that
+        address until a valid confirmation takes it back. Returns (when, lockout): the
+        failure's time, for `succeeded`, and the lockout in seconds if it starts now."""
         now = self.clock.seconds()
-        self._by_user.add(user, source, now)
         if self._by_source.add(source, user, now) >= self.policy.max_source_failures:
             # The failures stay counted (a right guess that started the lockout takes back
             # only itself); once the lockout ends, each failure still in the window locks again.

@@ -102,7 +102,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self._admitted = False
         self._in_handshake = True
         self.callLater = self.factory.clock.callLater
-        source = getattr(address, "host", None) or str(address)
+        source = guard.source_key(getattr(address, "host", None) or str(address))
         try:
             self.factory.guard.admit_connection()
             try:
@@ -196,6 +196,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def _log_auth_failure(self):
         self._guess = None
+        self.factory.guard.unconfirmed(self.source, self.username)
         self.log.warn("authentication failed for {user} from {peer}", user=self.username, peer=self.peer)
 
     # -- handshake
@@ -213,7 +214,12 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         # Recent failures from this source or for this name (known or not) slow the answer,
         # and so does a source past its budget of handshakes (the share costs CPU).
         guard_ = self.factory.guard
-        delay = max(guard_.delay_before_answer(self.source, name), guard_.handshake_delay(self.source))
+        try:
+            budget = guard_.handshake_delay(self.source)
+        except guard.Refused as refusal:
+            self._turn_away(refusal)
+            return
+        delay = max(guard_.delay_before_answer(self.source, name), budget)
         if delay > 0:
             self.state = "delaying"
             self._delayed = self.callLater(delay, self._send_params)
@@ -222,6 +228,8 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def _send_params(self):
         self._delayed = None
+        if self.closing:  # timed out or shut down while it waited: the ERROR was the answer
+            return
         self.state = "share"
         self.send_handshake(
             {
@@ -255,7 +263,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             raise ProtocolError(f"invalid share: {problem}") from None
         # From this share on, the client can check its guess: it counts as a failure now, and
         # only a valid confirmation takes it back. Every other ending leaves it counted.
-        self._guess, lockout = guard_.failed(self.source, self.username)
+        self._guess, lockout = guard_.answered(self.source, self.username)
         if lockout:
             self.log.warn(
                 "locking out {source} for {seconds:.0f} s after {count} failed logins",

@@ -200,3 +200,39 @@ def test_guesses_per_minute_with_the_defaults(capsys):
     assert one_source_hour <= 10 * (60 // 15 + 1)
     # Many addresses: every answer waits the user's bound (5 s), so at most 12 per minute.
     assert many_sources_hour / 60 <= 60 / policy.max_user_delay + 1
+
+
+def test_a_guess_in_flight_does_not_show_on_the_name():
+    """Between the owner's share and confirmation, a prober's HELLO for the name must be
+    answered as before: a delay that came and went would show a login (and that the name
+    exists). Only a guess that ends unconfirmed counts against the name."""
+    g, clock = make()
+    when, _ = g.answered("192.0.2.7", "alice")  # the owner's handshake, in flight
+    assert g.delay_before_answer("10.0.0.66", "alice") == 0
+    g.succeeded("192.0.2.7", "alice", when=when)
+    assert g.delay_before_answer("10.0.0.66", "alice") == 0
+    g.answered("10.0.0.66", "alice")
+    g.unconfirmed("10.0.0.66", "alice")  # the prober's own guess, ended without confirming
+    assert g.delay_before_answer("192.0.2.8", "alice") == 0.5
+
+
+def test_a_source_cannot_run_up_a_handshake_debt():
+    g, clock = make(handshake_rate=10, handshake_burst=1)
+    waits = []
+    for _ in range(200):
+        try:
+            waits.append(g.handshake_delay("10.0.0.1"))
+        except guard.Refused as refusal:
+            assert "too many handshakes" in refusal.reason
+    assert max(waits) <= guard.MAX_HANDSHAKE_WAIT and len(waits) < 60
+    clock.advance(guard.MAX_HANDSHAKE_WAIT + 0.2)
+    assert g.handshake_delay("10.0.0.1") == 0  # the refused ones left no debt behind
+
+
+@pytest.mark.parametrize(
+    "host, key",
+    [("192.0.2.1", "192.0.2.1"), ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+     ("2001:db8:1:2::ffff", "2001:db8:1:2::/64"), ("::ffff:192.0.2.9", "192.0.2.9"), ("unix-peer", "unix-peer")],
+)
+def test_an_ipv6_host_counts_as_one_address_per_64(host, key):
+    assert guard.source_key(host) == key
