@@ -262,8 +262,10 @@ class PartFile:
     """
 
     def __init__(self, destination, part, shown_name=None, *, lock=False, private=False, dir_fd=None, label=None):
-        """`private`: an existing part file is used only when it is a regular file of ours
-        that no one else can write (the client's, in a directory others may write to)."""
+        """`private`: an existing part file is used only when it is a regular file of ours,
+        with no other name (a hard link would make us read and write another file), that no
+        one else can write: in a directory others may write to, someone may have put anything
+        under the part file's name."""
         self.destination = destination
         self.part = part
         self.shown_name = shown_name or os.path.basename(destination)
@@ -271,19 +273,23 @@ class PartFile:
         try:
             if dir_fd is not None:
                 self._dir_fd = os.dup(dir_fd)
-            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+            # O_NONBLOCK: a FIFO under that name must not hang us (it is refused below).
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            fd = os.open(part, flags, 0o600, dir_fd=self._dir_fd)
         except OSError as problem:
             self._close_directory()
             raise storage_error(problem, self.shown_name) from None
         if private:
             # Checked on the descriptor: another user's part file would read our download.
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022 or st.st_nlink != 1:
                 os.close(fd)
                 self._close_directory()
                 raise LocalIOError(
-                    f"{part}: refusing to use it: not a regular file of yours that only you can write (remove it)"
+                    f"{part}: refusing to use it: not a regular file of yours alone (another owner, another "
+                    "name for the same file, or writable by others); remove it"
                 )
+        os.set_blocking(fd, True)
         if lock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

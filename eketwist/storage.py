@@ -18,13 +18,15 @@ import os
 import stat
 import sys
 
-from .errors import BadPath, EketwistError, Exists, NotAFile, NotFound, PermissionDenied, TooLarge
+from .errors import BadPath, EketwistError, Exists, LocalIOError, NotAFile, NotFound, PermissionDenied, TooLarge
 from .files import MODE_MASK, SERVER_PART_PREFIX, PartFile, read_part_label, server_part_name, storage_error
 
 # A name is one path segment; most filesystems refuse longer ones (NAME_MAX).
 MAX_NAME_BYTES = 255
-# A recursive listing remembers the subdirectories it has yet to enter: a bounded amount.
-MAX_PENDING_NAME_BYTES = 4 * 1024 * 1024
+# A recursive listing remembers the subdirectories it has yet to enter: a bounded amount of
+# memory, counted as Python holds them (the str object, its place in a tuple and a list).
+MAX_PENDING_BYTES = 4 * 1024 * 1024
+_PENDING_OVERHEAD = 72
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -39,23 +41,35 @@ _RESOLVE_BENEATH = 0x08
 _libc = None
 
 
+def _syscall_openat2(dir_fd, relative, flags):
+    """(descriptor or -1, errno) of one openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)."""
+    how = _OpenHow(flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(relative), ctypes.byref(how), ctypes.sizeof(how))
+    return fd, (ctypes.get_errno() if fd < 0 else 0)
+
+
 def _openat2(dir_fd, relative, flags):
     """openat2(dir_fd, relative, flags, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS); None when the
-    system lacks it (then the caller walks by hand)."""
+    system lacks it (then the caller walks by hand). At first use it is tried on "." once: a
+    kernel before 5.6 says ENOSYS, and some seccomp filters EPERM, which would otherwise read
+    as "permission denied" on every request."""
     global _libc, _SYS_OPENAT2
     if _SYS_OPENAT2 is None:
         return None
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.syscall.restype = ctypes.c_long
-    how = _OpenHow(flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(relative), ctypes.byref(how), ctypes.sizeof(how))
-    if fd >= 0:
-        return fd
-    code = ctypes.get_errno()
-    if code == errno.ENOSYS:
-        _SYS_OPENAT2 = None  # an older kernel (or a seccomp filter): walk by hand from now on
-        return None
+        fd, code = _syscall_openat2(dir_fd, ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if fd < 0:
+            _SYS_OPENAT2 = None  # walk by hand from now on
+            return None
+        os.close(fd)
+    for _ in range(8):
+        fd, code = _syscall_openat2(dir_fd, relative, flags)
+        if fd >= 0:
+            return fd
+        if code != errno.EAGAIN:  # EAGAIN: a rename raced the lookup; the kernel asks to retry
+            break
     raise OSError(code, os.strerror(code), relative)
 
 
@@ -149,6 +163,20 @@ def _partial_entry(directory, name, user, prefix):
     return {**entry(prefix + label["name"], label["stat"]), "kind": "partial"}
 
 
+def _walk_down(fd, names):
+    """A new descriptor for the directory `names` under the directory `fd`, every step opened
+    with O_NOFOLLOW (never through a symlink); OSError if not."""
+    current = os.dup(fd)
+    try:
+        for name in names:
+            current, parent = _open_directory_nofollow(name, current), current
+            os.close(parent)
+    except OSError:
+        os.close(current)
+        raise
+    return current
+
+
 class Root:
     """One root directory, as a user's requests see it. `protected`: a callable giving the
     (device, inode) pairs never served nor replaced, whatever leads to them (the users file,
@@ -178,16 +206,11 @@ class Root:
         if fd is not None:
             return fd
         # By hand: every directory on the way, and the last name, opened with O_NOFOLLOW.
-        current = root_fd
+        parent = _walk_down(root_fd, names[:-1])
         try:
-            for name in names[:-1]:
-                parent, current = current, _open_directory_nofollow(name, current)
-                if parent != root_fd:
-                    os.close(parent)
-            return os.open(names[-1], flags | os.O_NOFOLLOW, dir_fd=current)
+            return os.open(names[-1], flags | os.O_NOFOLLOW, dir_fd=parent)
         finally:
-            if current != root_fd:
-                os.close(current)
+            os.close(parent)
 
     def _parent(self, requested):
         """(descriptor of the parent directory, last name) for an operation on the name itself
@@ -244,11 +267,13 @@ class Root:
                 os.close(root_fd)
         parent_fd, name = self._parent(requested)
         try:
-            return entry(name, os.stat(name, dir_fd=parent_fd, follow_symlinks=False))
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
         except OSError as problem:
             raise open_error(problem, requested) from None
         finally:
             os.close(parent_fd)
+        self._check_not_protected(st, requested)
+        return entry(name, st)
 
     def listing(self, requested, recursive=False, partials_of=None):
         """Entries under a directory, streamed in the directory's own order (never all held):
@@ -272,6 +297,7 @@ class Root:
         if fd is None:  # not a directory: the entry of the path itself
             yield self.stat(requested)
             return
+        protected = self._protected()
         # Subdirectories still to enter, by their path relative to the listed directory; their
         # names are all that is held, within a budget. Each is opened when its turn comes.
         pending = [("", fd)]
@@ -280,7 +306,7 @@ class Root:
             while pending:
                 prefix, directory = pending.pop()
                 if directory is None:
-                    pending_bytes -= len(prefix) + 64
+                    pending_bytes -= sys.getsizeof(prefix) + _PENDING_OVERHEAD
                     try:
                         directory = self._open_subdirectory(names, prefix)
                     except OSError:
@@ -302,16 +328,19 @@ class Root:
                                 st = child.stat(follow_symlinks=False)
                             except OSError:
                                 continue  # vanished since the scan
+                            if (st.st_dev, st.st_ino) in protected:
+                                continue  # the daemon's own files (a hard link to them)
                             item = entry(prefix + child.name, st)
                             yield item
                             if recursive and item["kind"] == "dir":
-                                pending_bytes += len(item["name"]) + 1 + 64
-                                if pending_bytes > MAX_PENDING_NAME_BYTES:
+                                pending_name = item["name"] + "/"
+                                pending_bytes += sys.getsizeof(pending_name) + _PENDING_OVERHEAD
+                                if pending_bytes > MAX_PENDING_BYTES:
                                     raise TooLarge(
                                         f"{shown}: too many subdirectories to list in one go; "
                                         "list its subdirectories one by one"
                                     )
-                                subdirectories.append(item["name"] + "/")
+                                subdirectories.append(pending_name)
                 except OSError as problem:
                     raise open_error(problem, shown) from None
                 finally:
@@ -327,17 +356,13 @@ class Root:
         every step with O_NOFOLLOW: the tree is never entered through a symlink."""
         root_fd = self._open_root()
         try:
-            current = self._open_beneath(root_fd, names, _DIRECTORY_FLAGS)
+            listed = self._open_beneath(root_fd, names, _DIRECTORY_FLAGS)
         finally:
             os.close(root_fd)
         try:
-            for name in relative.rstrip("/").split("/"):
-                current, parent = os.open(name, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=current), current
-                os.close(parent)
-        except OSError:
-            os.close(current)
-            raise
-        return current
+            return _walk_down(listed, relative.rstrip("/").split("/"))
+        finally:
+            os.close(listed)
 
     def make_directory(self, requested, mode=None, mtime=None):
         """Create a directory (its parent must exist), with `mode` and `mtime` if given. An
@@ -397,7 +422,13 @@ class Root:
                 if not force:
                     raise Exists(f"{requested}: already exists on the server (use --force to replace it)")
             label = json.dumps({"user": user, "name": name}).encode("utf-8")
-            return PartFile(name, server_part_name(name, user), requested, lock=True, dir_fd=parent_fd, label=label)
+            try:
+                return PartFile(
+                    name, server_part_name(name, user), requested, lock=True, private=True, dir_fd=parent_fd, label=label
+                )
+            except LocalIOError:
+                # Put there by someone else (a FIFO, a hard link to another file): not ours.
+                raise BadPath(f"{requested}: path refused: its partial upload is not the server's own file") from None
         finally:
             os.close(parent_fd)
 
@@ -405,31 +436,35 @@ class Root:
 def remove_stale_parts(root, max_age, now):
     """Delete partial uploads under `root` untouched for `max_age` seconds and not in use; how
     many were removed. Blocking (run it in a thread): walks by descriptors, iteratively (no
-    recursion limit), never through a symlink, and opens nothing that is not a regular file
-    (a FIFO with the reserved name must not hang it)."""
+    recursion limit), never through a symlink, holding two directory descriptors at a time
+    (the subdirectories still to visit are kept as names), and opens nothing that is not a
+    regular file (a FIFO with the reserved name must not hang it)."""
     removed = 0
     try:
         top = os.open(root, _DIRECTORY_FLAGS)
     except OSError:
         return 0
-    stack = [top]
-    while stack:
-        directory = stack.pop()
-        try:
-            with os.scandir(directory) as scan:
-                children = [(child.name, child.is_dir(follow_symlinks=False)) for child in scan]
-            for name, is_dir in children:
-                if is_dir:
-                    try:
-                        stack.append(os.open(name, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=directory))
-                    except OSError:
-                        pass
-                elif name.startswith(SERVER_PART_PREFIX):
-                    removed += _remove_if_stale(directory, name, max_age, now)
-        except OSError:
-            pass
-        finally:
-            os.close(directory)
+    pending = [()]
+    try:
+        while pending:
+            names = pending.pop()
+            try:
+                directory = _walk_down(top, names)
+            except OSError:
+                continue  # gone, or swapped for a symlink since it was seen
+            try:
+                with os.scandir(directory) as scan:
+                    for child in scan:
+                        if child.is_dir(follow_symlinks=False):
+                            pending.append((*names, child.name))
+                        elif child.name.startswith(SERVER_PART_PREFIX):
+                            removed += _remove_if_stale(directory, child.name, max_age, now)
+            except OSError:
+                pass
+            finally:
+                os.close(directory)
+    finally:
+        os.close(top)
     return removed
 
 
