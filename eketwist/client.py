@@ -10,9 +10,7 @@ started scrypt (eketwist.prelude): the two then overlap instead of adding up.
 import argparse
 import gc
 import getpass
-import json
 import os
-import re
 import stat
 import sys
 import time
@@ -20,7 +18,7 @@ import time
 from . import errors
 from .errors import EketwistError, UsageError
 from .prelude import Prelude
-from .textsafe import escape
+from .textsafe import escape, json_text
 from .tuning import tune_allocator
 
 DEFAULT_PORT = 4000
@@ -163,16 +161,6 @@ def remote_basename(remote):
 def remote_join(directory, name):
     directory = directory.rstrip("/")
     return f"{directory}/{name}" if directory else name
-
-
-# What json.dumps(ensure_ascii=False) leaves raw: DEL, C1 controls (U+009B is a terminal's
-# CSI), the Unicode line separators, and lone surrogates (which stdout could not even encode).
-_RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
-def json_text(document):
-    """`document` as one line of JSON in which every control character is an escape."""
-    return _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", json.dumps(document, ensure_ascii=False))
 
 
 class Reporter:
@@ -451,8 +439,10 @@ async def run_get(session, args):
         if name is not None:
             remote, target = remote_join(remote, name), os.path.join(target, *name.split("/"))
         await session.transfer("get", remote, target, resume=not args.no_resume)
+    from .files import local_mode  # here: the command's start-up imports stay light
+
     for path, entry in sorted(directories, key=lambda item: item[0].count(os.sep), reverse=True):
-        os.chmod(path, entry["mode"])
+        os.chmod(path, local_mode(entry["mode"]))
         os.utime(path, (entry["mtime"], entry["mtime"]))
 
 

@@ -294,7 +294,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             return self._begin(request, "get-header", {"type": "get", "path": remote})
         self._begin(request, "preparing", None)
         self.setTimeout(None)
-        hashed = threads.deferToThread(part.prefix_sha1)
+        hashed = threads.deferToThread(part.prefix_hasher())
 
         def ask(sha1):
             if self._request is not request or self.closing:

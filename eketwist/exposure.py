@@ -82,6 +82,9 @@ def twistd_files(twistd_options):
     if twistd_options is None:
         return None, None
     pidfile = twistd_options.get("pidfile") or None
+    if pidfile:
+        # twistd writes the pidfile after changing to --rundir (the log file, before).
+        pidfile = os.path.join(twistd_options.get("rundir") or ".", pidfile)
     logfile = twistd_options.get("logfile")
     if twistd_options.get("syslog") or twistd_options.get("logger") or logfile == "-":
         logfile = None

@@ -318,10 +318,21 @@ class PartFile:
             except OSError as problem:
                 raise storage_error(problem, self.shown_name) from None
 
-    def prefix_sha1(self):
-        """SHA-1 state over what the part file holds (for a resume); blocking, for a thread.
-        Reads through a descriptor of its own, so that `abort` may close ours meanwhile."""
-        return hash_file_prefix(self.part, self.size, dir_fd=self._dir_fd)
+    def prefix_hasher(self):
+        """A function, for a thread, giving the SHA-1 state over what the part file holds now
+        (for a resume), or None. It reads through descriptors of its own, taken here: `abort`
+        may close ours meanwhile, and a closed descriptor's number may be reused."""
+        size, part = self.size, self.part
+        dir_fd = None if self._dir_fd is None else os.dup(self._dir_fd)
+
+        def hash_prefix_now():
+            try:
+                return hash_file_prefix(part, size, dir_fd=dir_fd)
+            finally:
+                if dir_fd is not None:
+                    os.close(dir_fd)
+
+        return hash_prefix_now
 
     def resume(self, sha1):
         self._drain()
@@ -379,7 +390,7 @@ class PartFile:
                 except OSError:
                     pass  # never set
             os.fsync(fd)
-            os.fchmod(fd, (0o666 & ~_umask()) if mode is None else mode & MODE_MASK)
+            os.fchmod(fd, local_mode(0o666 if mode is None else mode))
             if mtime is not None:
                 os.utime(fd, (mtime, mtime))
             self._file.close()
@@ -428,7 +439,23 @@ class PartFile:
         return writer is None or writer.done.wait(timeout)
 
 
+def local_mode(mode):
+    """The permission bits to give a file or directory the peer sent with `mode`: never more
+    than MODE_MASK, and never more than this process's umask lets a new file have (a server
+    must not make what we receive writable by the machine's other accounts)."""
+    return mode & MODE_MASK & ~_umask()
+
+
 def _umask():
-    mask = os.umask(0)
+    """The process's umask, read without changing it where the system says it (os.umask sets
+    it, and another thread creating a file meanwhile would get the wrong one)."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
     os.umask(mask)
     return mask

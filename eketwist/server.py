@@ -510,7 +510,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self._offer(upload, None)
             return
         self._working()
-        hashed = threads.deferToThread(part.prefix_sha1)
+        hashed = threads.deferToThread(part.prefix_hasher())
         hashed.addCallback(lambda sha1: self._offer(upload, sha1))
         hashed.addErrback(lambda failure: None if upload is not self._upload else self._internal_failure(failure))
 

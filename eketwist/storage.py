@@ -19,7 +19,9 @@ import stat
 import sys
 
 from .errors import BadPath, EketwistError, Exists, LocalIOError, NotAFile, NotFound, PermissionDenied, TooLarge
-from .files import MODE_MASK, SERVER_PART_PREFIX, PartFile, read_part_label, server_part_name, storage_error
+from .files import (
+    MODE_MASK, SERVER_PART_PREFIX, PartFile, local_mode, read_part_label, server_part_name, storage_error,
+)
 
 # A name is one path segment; most filesystems refuse longer ones (NAME_MAX).
 MAX_NAME_BYTES = 255
@@ -384,7 +386,7 @@ class Root:
             fd = os.open(name, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=parent_fd)
             try:
                 if mode is not None:
-                    os.fchmod(fd, mode & MODE_MASK)
+                    os.fchmod(fd, local_mode(mode))
                 if mtime is not None:
                     os.utime(fd, (mtime, mtime))
             finally:

@@ -103,12 +103,13 @@ def _users_under_a_users_own_root(site):
     [
         (["--pidfile", "files/twistd.pid"], lambda site: (["--root", "files"], "files/twistd.pid")),
         (["--logfile", "files/twistd.log"], lambda site: (["--root", "files"], "files/twistd.log")),
+        (["--rundir", "files", "--pidfile", "twistd.pid"], lambda site: (["--root", "files"], "files/twistd.pid")),
         ([], _key_in_root),
         ([], _users_in_root),
         ([], _users_linked_from_root),
         ([], _users_under_a_users_own_root),
     ],
-    ids=["pidfile", "logfile", "tls-key", "users-file", "users-file-symlink", "user-root"],
+    ids=["pidfile", "logfile", "pidfile-in-rundir", "tls-key", "users-file", "users-file-symlink", "user-root"],
 )
 def test_start_refused_when_a_daemon_file_is_inside_a_root(site, twistd_options, layout):
     eke_options, named = layout(site)

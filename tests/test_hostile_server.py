@@ -111,13 +111,21 @@ def test_names_in_a_tree_download_are_shown_escaped(tmp_path):
     assert sorted(os.listdir(tmp_path / "top")) == sorted(files[:3] + [forger])
 
 
-def test_tree_download_keeps_only_permission_bits(tmp_path):
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_tree_download_keeps_only_permission_bits_within_the_umask(tmp_path, umask):
+    """A server cannot make what we receive setuid, setgid or sticky, nor writable (or, with
+    umask 077, readable) by the machine's other accounts: our umask applies, as to any file
+    we create."""
     tree = Tree([entry("d", "dir", mode=0o7777), entry("d/e", "dir", mode=0o6750), entry("d/e/f", mode=0o7777)])
-    code, out, err = run_client(HostileServer(ALICE, tree), "get", "-r", "top", cwd=tmp_path)
+    previous = os.umask(umask)  # the client inherits it
+    try:
+        code, out, err = run_client(HostileServer(ALICE, tree), "get", "-r", "top", cwd=tmp_path)
+    finally:
+        os.umask(previous)
     assert code == 0, err
-    assert (tmp_path / "top/d").stat().st_mode & 0o7777 == 0o777
-    assert (tmp_path / "top/d/e").stat().st_mode & 0o7777 == 0o750
-    assert (tmp_path / "top/d/e/f").stat().st_mode & 0o7000 == 0
+    assert (tmp_path / "top/d").stat().st_mode & 0o7777 == 0o777 & ~umask
+    assert (tmp_path / "top/d/e").stat().st_mode & 0o7777 == 0o750 & ~umask
+    assert (tmp_path / "top/d/e/f").stat().st_mode & 0o7777 & ~(0o777 & ~umask) == 0
 
 
 def test_a_huge_listing_is_refused_within_its_memory_budget(tmp_path):

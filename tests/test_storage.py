@@ -284,7 +284,7 @@ def test_part_file_resumes_and_restarts(tmp_path):
     assert part.wait_until_closed(10)
     part = _part(destination)
     assert part.size == 6
-    part.resume(part.prefix_sha1())
+    part.resume(part.prefix_hasher()())
     part.write(b"world")
     assert part.finish(11, hashlib.sha1(b"hello world").digest()) == hashlib.sha1(b"hello world").hexdigest()
     assert destination.read_bytes() == b"hello world"
@@ -460,3 +460,14 @@ def test_the_sweep_holds_few_descriptors_however_wide_the_tree(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "3000", result.stderr
+
+
+def test_a_received_file_never_gets_more_than_the_umask_allows(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        part = files.PartFile(str(tmp_path / "f"), str(tmp_path / "f.part"))
+        part.write(b"x")
+        part.finish(1, hashlib.sha1(b"x").digest(), mode=0o7777)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o750
