@@ -7,9 +7,9 @@ clock: no I/O, so it can be tested and measured in simulated time.
   Each failure makes the server wait longer before answering the next HELLO from that source or
   for that user (exponential, capped; the user's cap bounds how long an attacker can delay a
   legitimate user elsewhere). Too many failures from one source lock it out for a while.
-  A success takes back only what that source did to that name (its owner's typos): other
-  sources' failures on the name stay, so a prober cannot see its owner log in, and one's own
-  account cannot be used to wipe the guesses made against others.
+  A success takes back only what that address did to that name (its owner's typos); the
+  name's count is never cleared by a success, so a prober cannot see its owner log in, and
+  one's own account cannot be used to wipe the guesses made against others.
   Unknown usernames are counted exactly like known ones, so the delay reveals nothing.
 - Handshake work: each source has a budget of handshakes per second (a token bucket); beyond
   it, answers wait, so one address cannot take the daemon's handshake capacity.
@@ -291,12 +291,13 @@ class Guard:
         return now, None
 
     def succeeded(self, source, user, when=None):
-        """A valid confirmation from `source` for `user`: take back the guess answered at
-        `when` (counted when the share was sent) and the earlier failures of this pair (the
-        owner's typos); a lockout that very guess started is lifted. Failures of other sources
-        on this name, and of this source on other names, stay."""
+        """A valid confirmation from `source` for `user`: take back, on that address, the guess
+        answered at `when` and its earlier failures on this name (the owner's typos); a lockout
+        that very guess started is lifted. The name's own count is left alone, whoever
+        succeeds: a delay that dropped when its owner logged in would tell a prober that the
+        name exists (only real names can succeed). Failures of this address on other names
+        stay too, so that one's own account cannot wipe the guesses made at others."""
         self._by_source.take_back(source, user)
-        self._by_user.take_back(user, source)
         if when is not None and self._lockout_started_by.get(source) == when:
             del self._lockout_started_by[source]
             self._locked_until.pop(source, None)

@@ -50,8 +50,10 @@ def test_a_success_takes_back_the_owners_typos_only():
     when, _ = g.failed(owner, "alice")  # the guess whose confirmation turns out right
     assert g.delay_before_answer(owner, "alice") == 5  # 5 failures on the name: at the cap
     g.succeeded(owner, "alice", when=when)
-    assert g.delay_before_answer(owner, "alice") == 2  # the prober's 3 remain on the name
-    assert g.delay_before_answer(prober, "bob") == 2  # and on the prober's address
+    assert g.delay_before_answer(owner, "bob") == 0  # the owner's address: its typos taken back
+    assert g.delay_before_answer(prober, "bob") == 2  # the prober's 3 remain on its address
+    # The name's count is never cleared by a success: what a prober sees does not change.
+    assert g.delay_before_answer("192.0.2.99", "alice") == 5
 
 
 def test_ones_own_account_does_not_wipe_guesses_at_others():
