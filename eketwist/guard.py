@@ -2,8 +2,9 @@
 clock: no I/O, so it can be tested and measured in simulated time.
 
 - Guessing: every guess the server answers is counted, per source address and per username,
-  within a window: it counts as a failure the moment the server sends its share (from then on
-  the client can check its guess), and only a valid confirmation takes that one guess back.
+  within a window: from the moment the server sends its share the client can check its guess,
+  so the guess holds one of its address's few slots until it ends, and any ending but a valid
+  confirmation records a failure.
   Each failure makes the server wait longer before answering the next HELLO from that source or
   for that user (exponential, capped; the user's cap bounds how long an attacker can delay a
   legitimate user elsewhere). Too many failures from one source lock it out for a while.
@@ -123,11 +124,11 @@ class _Failures:
             self._times.popitem(last=False)
         return self.count(key, now)
 
-    def take_back(self, key, other, when=None):
-        """Forget the failures of the pair (key, other): the one at `when`, or all of them."""
+    def take_back(self, key, other):
+        """Forget the failures of the pair (key, other)."""
         times = self._times.get(key)
         if times:
-            kept = [(t, o) for t, o in times if not (o == other and (when is None or t == when))]
+            kept = [(t, o) for t, o in times if o != other]
             times.clear()
             times.extend(kept)
             if not times:
@@ -147,7 +148,8 @@ class Guard:
         self._by_source = _Failures(self.policy)
         self._by_user = _Failures(self.policy)
         self._locked_until = collections.OrderedDict()
-        self._lockout_started_by = {}  # source -> the answer (time) that started its lockout
+        self._in_flight = {}  # source -> guesses answered and not yet settled
+        self._slot_waiters = {}  # source -> callbacks waiting for one of its slots
         self._handshake_due = collections.OrderedDict()  # source -> token bucket's next free time
         self._per_source = collections.Counter()
         self.connections = 0
@@ -190,7 +192,6 @@ class Guard:
         self.check_source(source)
         if source in self._locked_until:  # expired
             del self._locked_until[source]
-            self._lockout_started_by.pop(source, None)
         if self._per_source[source] >= self.policy.max_per_source:
             self.refused["per-source"] += 1
             raise Refused("too many connections from your address", log_key=("per-source", source))
@@ -261,46 +262,86 @@ class Guard:
             self._delay(self._by_user.count(user, now), self.policy.max_user_delay),
         )
 
+    # A guess is answered (the server's share sent) only in one of its address's slots: an
+    # address may have at most max_source_failures minus its failures in the window answered
+    # and not yet settled. A valid confirmation frees the slot; any other ending frees it and
+    # records a failure (of the address, and of the name). So every guess answered counts,
+    # parallel connections cannot outrun the lockout, and yet logins in flight are not
+    # failures: they neither lock out a busy address nor slow its next logins, nor show on
+    # the name to anyone (a name whose delay rose during every login would tell probers that
+    # it exists and when its owner logs in).
+
+    def take_guess_slot(self, source):
+        """True, and a slot taken, if `source` may have one more guess answered now."""
+        in_flight = self._in_flight.get(source, 0)
+        if in_flight + self._by_source.count(source, self.clock.seconds()) >= self.policy.max_source_failures:
+            return False
+        self._in_flight[source] = in_flight + 1
+        return True
+
+    def wait_for_guess_slot(self, source, callback):
+        """Call `callback()` (on a later reactor turn) when one of `source`'s slots frees."""
+        self._slot_waiters.setdefault(source, collections.deque()).append(callback)
+
+    def stop_waiting(self, source, callback):
+        waiters = self._slot_waiters.get(source)
+        if waiters is not None and callback in waiters:
+            waiters.remove(callback)
+            if not waiters:
+                del self._slot_waiters[source]
+
+    def _free_slot(self, source):
+        in_flight = self._in_flight.get(source, 0) - 1
+        if in_flight > 0:
+            self._in_flight[source] = in_flight
+        else:
+            self._in_flight.pop(source, None)
+        waiters = self._slot_waiters.get(source)
+        if waiters:
+            callback = waiters.popleft()
+            if not waiters:
+                del self._slot_waiters[source]
+            self.clock.callLater(0, callback)
+
+    def guess_abandoned(self, source):
+        """A slot taken for a guess that was never answered (the share was invalid)."""
+        self._free_slot(source)
+
+    def guess_failed(self, source, user):
+        """A guess answered in a slot ended without a valid confirmation; returns the lockout
+        in seconds if it starts now, else None."""
+        lockout = self.failed(source, user)
+        self._free_slot(source)
+        return lockout
+
+    def guess_confirmed(self, source, user):
+        """A guess answered in a slot was confirmed: the slot frees, no failure is recorded,
+        and the address's earlier failures on this name (its owner's typos) are taken back."""
+        self.succeeded(source, user)
+        self._free_slot(source)
+
     def failed(self, source, user):
-        """A guess answered and never confirmed (answered, then unconfirmed); (when, lockout)."""
-        outcome = self.answered(source, user)
-        self.unconfirmed(source, user)
-        return outcome
-
-    def unconfirmed(self, source, user):
-        """A guess the server answered ended without a valid confirmation: it counts against
-        the name now. Not before: a name whose count rose while a guess is in flight would
-        show every prober that its owner is logging in right now (names that exist)."""
-        self._by_user.add(user, source, self.clock.seconds())
-
-    def answered(self, source, user):
-        """The server answers a guess from `source` (its share is sent): a failure of that
-        address until a valid confirmation takes it back. Returns (when, lockout): the
-        failure's time, for `succeeded`, and the lockout in seconds if it starts now."""
+        """Record a failed authentication; returns the lockout in seconds if it starts now."""
         now = self.clock.seconds()
+        self._by_user.add(user, source, now)
         if self._by_source.add(source, user, now) >= self.policy.max_source_failures:
-            # The failures stay counted (a right guess that started the lockout takes back
-            # only itself); once the lockout ends, each failure still in the window locks again.
+            # The failures stay counted: once the lockout ends, each failure still in the
+            # window locks again.
             self._locked_until[source] = now + self.policy.source_lockout
             self._locked_until.move_to_end(source)
-            self._lockout_started_by[source] = now
             while len(self._locked_until) > self.policy.max_tracked:
-                gone, _ = self._locked_until.popitem(last=False)
-                self._lockout_started_by.pop(gone, None)
-            return now, self.policy.source_lockout
-        return now, None
+                self._locked_until.popitem(last=False)
+            return self.policy.source_lockout
+        return None
 
-    def succeeded(self, source, user, when=None):
-        """A valid confirmation from `source` for `user`: take back, on that address, the guess
-        answered at `when` and its earlier failures on this name (the owner's typos); a lockout
-        that very guess started is lifted. The name's own count is left alone, whoever
-        succeeds: a delay that dropped when its owner logged in would tell a prober that the
-        name exists (only real names can succeed). Failures of this address on other names
-        stay too, so that one's own account cannot wipe the guesses made at others."""
+    def succeeded(self, source, user):
+        """A valid confirmation from `source` for `user`: take back, on that address, its
+        failures on this name (the owner's typos). The name's own count is left alone,
+        whoever succeeds: a delay that dropped when its owner logged in would tell a prober
+        that the name exists (only real names can succeed). Failures of this address on
+        other names stay too, so that one's own account cannot wipe the guesses made at
+        others."""
         self._by_source.take_back(source, user)
-        if when is not None and self._lockout_started_by.get(source) == when:
-            del self._lockout_started_by[source]
-            self._locked_until.pop(source, None)
 
     def tracked(self):
         return len(self._by_source) + len(self._by_user) + len(self._locked_until) + len(self._handshake_due)

@@ -3,7 +3,10 @@
 States and the messages each accepts (docs/protocol.md, section 9):
   hello           -> hello          : look the user up (or fake one), send params
   delaying        -> (nothing)      : recent failures for this source or user: wait, then params
-  share           -> share          : send our share and confirmV
+  share           -> share          : send our share and confirmV (in one of the address's
+                                      guess slots)
+  share-waiting   -> (nothing)      : as many guesses from this address in flight as it may
+                                      still fail: wait for one to settle
   confirm         -> confirm        : check confirmP; ok (records start) or auth-failed, close
   ready           -> get, list, stat, put, mkdir; other requests get "unsupported"
   working         -> (nothing)      : hashing a prefix or streaming a file to the client
@@ -75,6 +78,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     TRANSITIONS = {
         "hello": {"hello": "on_hello"},
         "delaying": {},
+        "share-waiting": {},
         "share": {"share": "on_share"},
         "confirm": {"confirm": "on_confirm"},
         "ready": {"get": "on_get", "list": "on_list", "stat": "on_stat", "put": "on_put", "mkdir": "on_mkdir"},
@@ -98,7 +102,8 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.can_write = False
         self._upload = None
         self._delayed = None
-        self._guess = None  # when our share answered this connection's guess, until confirmed
+        self._guess = False  # our share answered this connection's guess, not yet settled
+        self._waiting_share = None  # a share waiting for one of its address's guess slots
         self._admitted = False
         self._in_handshake = True
         self.callLater = self.factory.clock.callLater
@@ -169,10 +174,13 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.setTimeout(None)
         if self._delayed is not None and self._delayed.active():
             self._delayed.cancel()
-        if self._guess is not None:
+        if self._guess:
             # Our share answered a guess that was never confirmed: a failure, however the
-            # connection ended (counted when the share was sent).
+            # connection ended.
             self._log_auth_failure()
+        if self._waiting_share is not None:
+            self._waiting_share = None
+            self.factory.guard.stop_waiting(self.source, self._guess_slot_free)
         self._abort_upload(keep_part=True, why="connection lost")
         super().connectionLost(reason)
         if self._admitted:
@@ -190,14 +198,20 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def peer_error(self, message):
         code = str(message.get("code"))[:40]
-        if self._guess is None:  # after our share, connectionLost logs the failed authentication
+        if not self._guess:  # after our share, connectionLost logs the failed authentication
             self.log.info("client {peer} reported an error: {code}", peer=self.peer, code=code)
         self.close()
 
     def _log_auth_failure(self):
-        self._guess = None
-        self.factory.guard.unconfirmed(self.source, self.username)
+        self._guess = False
         self.log.warn("authentication failed for {user} from {peer}", user=self.username, peer=self.peer)
+        guard_ = self.factory.guard
+        lockout = guard_.guess_failed(self.source, self.username)
+        if lockout:
+            self.log.warn(
+                "locking out {source} for {seconds:.0f} s after {count} failed logins",
+                source=self.source, seconds=lockout, count=guard_.policy.max_source_failures,
+            )
 
     # -- handshake
 
@@ -241,13 +255,22 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         )
 
     def on_share(self, message):
-        share_p = wire.hex_field(message, "share", spake2plus.POINT_BYTES)
+        self._answer_share(wire.hex_field(message, "share", spake2plus.POINT_BYTES))
+
+    def _answer_share(self, share_p):
         guard_ = self.factory.guard
         try:
             # Locked out since its HELLO (by its other connections): no answer to this guess.
             guard_.check_source(self.source)
         except guard.Refused as refusal:
             self._turn_away(refusal)
+            return
+        if not guard_.take_guess_slot(self.source):
+            # As many guesses from this address in flight as it may still fail: this one
+            # waits for one to settle (the handshake timeout runs meanwhile).
+            self.state = "share-waiting"
+            self._waiting_share = share_p
+            guard_.wait_for_guess_slot(self.source, self._guess_slot_free)
             return
         try:
             # No cache of verifier points: a hit would tell which names logged in recently.
@@ -260,17 +283,18 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
                 share_p,
             )
         except spake2plus.InvalidPoint as problem:
+            guard_.guess_abandoned(self.source)
             raise ProtocolError(f"invalid share: {problem}") from None
-        # From this share on, the client can check its guess: it counts as a failure now, and
-        # only a valid confirmation takes it back. Every other ending leaves it counted.
-        self._guess, lockout = guard_.answered(self.source, self.username)
-        if lockout:
-            self.log.warn(
-                "locking out {source} for {seconds:.0f} s after {count} failed logins",
-                source=self.source, seconds=lockout, count=guard_.policy.max_source_failures,
-            )
+        # From this share on, the client can check its guess: it holds its slot until a valid
+        # confirmation frees it; every other ending records a failure.
+        self._guess = True
         self.state = "confirm"
         self.send_handshake({"type": "share", "share": share_v.hex(), "confirm": self._keys.confirm_v.hex()})
+
+    def _guess_slot_free(self):
+        share_p, self._waiting_share = self._waiting_share, None
+        if share_p is not None and not self.closing:
+            self._answer_share(share_p)
 
     def on_confirm(self, message):
         confirm_p = wire.hex_field(message, "confirm", 32)
@@ -281,12 +305,12 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self._log_auth_failure()
             self.fail(AuthenticationFailed())
             return
-        guess, self._guess = self._guess, None
+        self._guess = False
         self.send_handshake({"type": "ok"})
         self.start_records(keys.shared, is_client=False)
         self._in_handshake = False
         self.factory.guard.authenticated(self.source)
-        self.factory.guard.succeeded(self.source, user.name, when=guess)
+        self.factory.guard.guess_confirmed(self.source, user.name)
         self.root = user.root or self.factory.root
         self.storage = storage.Root(self.root, protected=self.factory.protected)
         self.can_write = user.rights == userdb.READ_WRITE

@@ -16,7 +16,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from eketwist import guard, spake2plus, userdb
-from eketwist.server import ServerFactory
+from eketwist.server import CONTEXT, ServerFactory
 
 from .conftest import FAST_SCRYPT
 from .rawclient import Closed, RawClient
@@ -76,9 +76,9 @@ def test_only_a_valid_confirmation_takes_the_guess_back(world, auth_failures):
     conversation = Conversation(world)
     conversation.factory.guard.policy.delay_base = 0.5
     conversation.reach("confirm")
-    # In flight, the guess shows on its address, never on the name (a prober would see logins).
+    # In flight, the guess holds a slot of its address; it delays nobody, and never shows on
+    # the name (a prober would see logins).
     assert conversation.factory.guard.delay_before_answer("192.0.2.1", "fuzzer") == 0
-    assert conversation.factory.guard.delay_before_answer("127.0.0.1", "somebody") == 0.5
     conversation = Conversation(world)
     conversation.factory.guard.policy.delay_base = 0.5
     conversation.reach("ready")
@@ -86,12 +86,15 @@ def test_only_a_valid_confirmation_takes_the_guess_back(world, auth_failures):
     assert auth_failures == []
 
 
-def test_parallel_connections_get_no_answer_once_their_address_is_locked_out(world):
+def test_parallel_connections_cannot_outrun_the_lockout(world):
+    """Six connections from one address say HELLO before any guess is answered: only as many
+    guesses are answered at once as the address may still fail (3); the others wait, and once
+    those 3 have failed the address is locked out and the waiting ones get no answer."""
     first = Conversation(world)
     factory = first.factory
     factory.guard.policy.max_source_failures = 3
     conversations = [first]
-    for _ in range(5):  # all say HELLO before any guess is answered
+    for _ in range(5):
         conversation = Conversation(world)
         conversation.factory = factory
         conversation.proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
@@ -100,16 +103,54 @@ def test_parallel_connections_get_no_answer_once_their_address_is_locked_out(wor
         conversations.append(conversation)
     for conversation in conversations:
         conversation.reach("share")
-    answered = 0
     for conversation in conversations:
         x, share_p = spake2plus.prover_share(conversation.w0)
         conversation.feed(conversation.handshake_frame({"type": "share", "share": share_p.hex()}))
-        reply = json.loads(conversation.frames_out()[-1][1])
-        if reply["type"] == "share":
-            answered += 1
-        else:
-            assert reply["code"] == "try-later" and "failed logins" in reply["message"]
-    assert answered == 3
+    answered = [c for c in conversations if c.proto.state == "confirm"]
+    waiting = [c for c in conversations if c.proto.state == "share-waiting"]
+    assert (len(answered), len(waiting)) == (3, 3)
+    for conversation in answered:  # learnt what they wanted from confirmV, and hang up
+        conversation.frames_out()
+        conversation.proto.connectionLost(Failure(ConnectionLost()))
+    factory.clock.advance(0)
+    for conversation in waiting:
+        replies = [json.loads(payload) for _, payload in conversation.frames_out()]
+        assert [r["type"] for r in replies] == ["error"]
+        assert replies[0]["code"] == "try-later" and "failed logins" in replies[0]["message"]
+
+
+def test_parallel_logins_from_one_address_all_succeed(world):
+    """Twenty logins at once from one address (a script, a NAT): in flight they are no
+    failures, so none is locked out or refused; they take turns in the address's slots."""
+    factory = Conversation(world).factory
+    conversations = []
+    for _ in range(20):
+        conversation = Conversation(world)
+        conversation.factory = factory
+        conversation.proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+        conversation.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40001))
+        conversation.proto.makeConnection(conversation.transport)
+        conversations.append(conversation)
+    pending = list(conversations)
+    rounds = 0
+    while pending and rounds < 50:
+        rounds += 1
+        for conversation in list(pending):
+            if conversation.proto.state == "hello":
+                conversation.reach("share")
+            if conversation.proto.state == "share":
+                x, share_p = spake2plus.prover_share(conversation.w0)
+                conversation.x, conversation.share_p = x, share_p
+                conversation.feed(conversation.handshake_frame({"type": "share", "share": share_p.hex()}))
+            if conversation.proto.state == "confirm":
+                reply = json.loads(conversation.frames_out()[-1][1])
+                keys = spake2plus.prover_finish(CONTEXT, b"fuzzer", b"fuzz", conversation.w0, conversation.w1,
+                                                conversation.x, conversation.share_p, bytes.fromhex(reply["share"]))
+                conversation.feed(conversation.handshake_frame({"type": "confirm", "confirm": keys.confirm_p.hex()}))
+                assert conversation.proto.state == "ready"
+                pending.remove(conversation)
+        factory.clock.advance(0)
+    assert not pending
 
 
 def _params_bytes(factory, name, host="10.0.0.5"):

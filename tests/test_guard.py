@@ -47,9 +47,10 @@ def test_a_success_takes_back_the_owners_typos_only():
     for _ in range(3):
         g.failed(prober, "alice")
     g.failed(owner, "alice")
-    when, _ = g.failed(owner, "alice")  # the guess whose confirmation turns out right
+    g.failed(owner, "alice")  # the owner's typos
     assert g.delay_before_answer(owner, "alice") == 5  # 5 failures on the name: at the cap
-    g.succeeded(owner, "alice", when=when)
+    assert g.take_guess_slot(owner)
+    g.guess_confirmed(owner, "alice")
     assert g.delay_before_answer(owner, "bob") == 0  # the owner's address: its typos taken back
     assert g.delay_before_answer(prober, "bob") == 2  # the prober's 3 remain on its address
     # The name's count is never cleared by a success: what a prober sees does not change.
@@ -61,21 +62,29 @@ def test_ones_own_account_does_not_wipe_guesses_at_others():
     source = "10.0.0.66"
     g.failed(source, "victim")
     g.failed(source, "victim")
-    when, _ = g.failed(source, "mallory")
-    g.succeeded(source, "mallory", when=when)  # mallory's own, valid account
+    assert g.take_guess_slot(source)
+    g.guess_confirmed(source, "mallory")  # mallory's own, valid account
     assert g.delay_before_answer(source, "nobody") == 1  # the 2 guesses at victim still count
-    assert g.failed(source, "victim")[1] == 900  # the third guess at others: locked out
+    assert g.failed(source, "victim") == 900  # the third guess at others: locked out
 
 
-def test_a_lockout_started_by_a_right_guess_is_lifted():
-    g, clock = make(max_source_failures=2, source_lockout=100)
-    g.failed("10.0.0.1", "alice")
-    when, lockout = g.failed("10.0.0.1", "alice")  # answered: starts the lockout
-    assert lockout == 100
+def test_an_address_has_as_many_guesses_in_flight_as_it_may_still_fail():
+    """Parallel connections cannot outrun the lockout, yet logins in flight are no failures:
+    a busy address is neither locked out nor slowed by them."""
+    g, clock = make(max_source_failures=3, source_lockout=100)
+    freed = []
+    assert [g.take_guess_slot("10.0.0.1") for _ in range(4)] == [True, True, True, False]
+    g.wait_for_guess_slot("10.0.0.1", lambda: freed.append(True))
+    assert g.delay_before_answer("10.0.0.1", "alice") == 0  # in flight: not failures
+    g.guess_confirmed("10.0.0.1", "alice")  # one was the owner: its slot frees
+    clock.advance(0)
+    assert freed == [True] and g.take_guess_slot("10.0.0.1")
+    assert g.guess_failed("10.0.0.1", "alice") is None
+    assert g.guess_failed("10.0.0.1", "alice") is None
+    assert not g.take_guess_slot("10.0.0.1")  # 2 failures and 1 in flight: no more
+    assert g.guess_failed("10.0.0.1", "alice") == 100  # the third failure: locked out
     with pytest.raises(guard.Refused):
         g.check_source("10.0.0.1")
-    g.succeeded("10.0.0.1", "alice", when=when)  # ...but it was the owner, and right
-    g.check_source("10.0.0.1")
 
 
 def test_any_max_failures_gives_a_finite_delay():
@@ -98,9 +107,9 @@ def test_handshake_budget_per_source():
 def test_lockout_after_too_many_failures_then_release():
     g, clock = make(max_source_failures=3, source_lockout=100)
     g.admit("10.0.0.1")
-    assert g.failed("10.0.0.1", "a")[1] is None
-    assert g.failed("10.0.0.1", "b")[1] is None
-    assert g.failed("10.0.0.1", "c")[1] == 100
+    assert g.failed("10.0.0.1", "a") is None
+    assert g.failed("10.0.0.1", "b") is None
+    assert g.failed("10.0.0.1", "c") == 100
     with pytest.raises(guard.Refused, match="too many failed logins"):
         g.admit("10.0.0.1")
     g.admit("10.0.0.2")  # others are not affected
@@ -209,12 +218,12 @@ def test_a_guess_in_flight_does_not_show_on_the_name():
     answered as before: a delay that came and went would show a login (and that the name
     exists). Only a guess that ends unconfirmed counts against the name."""
     g, clock = make()
-    when, _ = g.answered("192.0.2.7", "alice")  # the owner's handshake, in flight
+    assert g.take_guess_slot("192.0.2.7")  # the owner's handshake, in flight
     assert g.delay_before_answer("10.0.0.66", "alice") == 0
-    g.succeeded("192.0.2.7", "alice", when=when)
+    g.guess_confirmed("192.0.2.7", "alice")
     assert g.delay_before_answer("10.0.0.66", "alice") == 0
-    g.answered("10.0.0.66", "alice")
-    g.unconfirmed("10.0.0.66", "alice")  # the prober's own guess, ended without confirming
+    assert g.take_guess_slot("10.0.0.66")
+    g.guess_failed("10.0.0.66", "alice")  # the prober's own guess, ended without confirming
     assert g.delay_before_answer("192.0.2.8", "alice") == 0.5
 
 
