@@ -224,7 +224,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         if problem:
             raise ProtocolError(problem)
         self.username = name
-        self._user, self._user_known = self.factory.users.current().lookup(name)
+        # This connection keeps the users it looked the name up in (a reload meanwhile must
+        # not pair this verifier with another's points).
+        self._users = self.factory.users.current()
+        self._user, self._user_known = self._users.lookup(name)
         # Recent failures from this source or for this name (known or not) slow the answer,
         # and so does a source past its budget of handshakes (the share costs CPU).
         guard_ = self.factory.guard
@@ -273,7 +276,8 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             guard_.wait_for_guess_slot(self.source, self._guess_slot_free)
             return
         try:
-            # No cache of verifier points: a hit would tell which names logged in recently.
+            # Every verifier's points were computed when the users file was read, the fake's
+            # too: the same work for every name (a cache filled by logins would tell them apart).
             share_v, self._keys = spake2plus.verifier_respond(
                 CONTEXT,
                 self.username.encode("utf-8"),
@@ -281,6 +285,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
                 self._user.w0,
                 self._user.L,
                 share_p,
+                points=self._users.verifier_points(self._user),
             )
         except spake2plus.InvalidPoint as problem:
             guard_.guess_abandoned(self.source)
@@ -299,7 +304,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     def on_confirm(self, message):
         confirm_p = wire.hex_field(message, "confirm", 32)
         keys, self._keys, user = self._keys, None, self._user
-        self._user = None
+        self._user = self._users = None
         # Unknown users fail here, exactly like a wrong password.
         if not (spake2plus.confirmation_matches(keys.confirm_p, confirm_p) and self._user_known):
             self._log_auth_failure()

@@ -99,9 +99,14 @@ class Users:
         self._costs = sorted(
             (tuple(user.scrypt[key] for key in ("n", "r", "p")) for user in self.by_name.values()),
         ) or [tuple(DEFAULT_SCRYPT[key] for key in ("n", "r", "p"))]
+        # One fake verifier (w0, L) for every unknown name; its salt and cost still differ
+        # per name. Without w1 or the discrete logarithm of L no client can tell two of its
+        # handshakes apart, and its points are computed once, like a real user's.
+        self._fake_w0 = self._derive(b"w0", b"") % (spake2plus.ORDER - 1) + 1
         self._fake_L = spake2plus.encode_point(
             spake2plus.GENERATOR * (self._derive(b"L", b"") % (spake2plus.ORDER - 1) + 1)
         )
+        self._points = None  # (w0, L) -> VerifierPoints, see prepare()
 
     def __repr__(self):
         return f"<Users {len(self.by_name)} users>"
@@ -125,11 +130,27 @@ class Users:
             name=name,
             scrypt={"n": n, "r": r, "p": p},
             salt=self._derive(b"salt", name_bytes).to_bytes(64, "big")[:SALT_BYTES],
-            w0=self._derive(b"w0", name_bytes) % spake2plus.ORDER,
+            w0=self._fake_w0,
             L=self._fake_L,
         )
         user = self.by_name.get(name)
         return (fake, False) if user is None else (user, True)
+
+    def prepare(self):
+        """Compute the fixed points of every verifier (each user's and the fake's), three of
+        the five scalar multiplications a handshake would do: all at once, so that answering
+        any name, known or not, recently seen or not, takes the same work (a cache filled as
+        names log in would tell them apart). About 1 ms per user, at each (re)load."""
+        points = {}
+        for w0, L in {(user.w0, user.L) for user in self.by_name.values()} | {(self._fake_w0, self._fake_L)}:
+            points[(w0, L)] = spake2plus.verifier_points(w0, L)
+        self._points = points
+
+    def verifier_points(self, user):
+        """The precomputed points of `user` (from lookup); prepare() first if not done."""
+        if self._points is None:
+            self.prepare()
+        return self._points[(user.w0, user.L)]
 
 
 def _parse_user(obj):
@@ -336,6 +357,7 @@ class UsersStore:
         self.check = None
         self._stamp = self._current_stamp()
         self.users = load(path)  # a broken file at start is fatal: the caller reports it
+        self.users.prepare()  # before the first handshake, not during it
         self._warn_about()
 
     def _current_stamp(self):
@@ -359,6 +381,7 @@ class UsersStore:
             problem = self.check(users) if self.check is not None else None
             if problem:
                 raise UsersFileError(problem)
+            users.prepare()
         except UsersFileError as problem:
             self.log.error(
                 "users file not reloaded ({reason}), keeping the last good copy: {problem}",

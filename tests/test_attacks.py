@@ -396,3 +396,21 @@ async def test_a_directory_swapped_for_a_symlink_during_requests_leads_nowhere(t
     assert attempts > 50
     assert (escapes, drops) == (0, 0), f"{escapes} escapes, {drops} dropped connections in {attempts} rounds"
     assert sorted(os.listdir(outside)) == ["f"], "an upload went outside the root"
+
+
+def test_every_names_verifier_points_are_ready_before_any_handshake(tmp_path, monkeypatch):
+    """Known names, unknown names, names that logged in and names that never did: answering
+    any of them computes no verifier points (a cache filled as names log in told them apart)."""
+    users = userdb.Users.new()
+    for name in ("alice", "bob"):
+        users.by_name[name] = userdb.make_user(name, "pw", FAST_SCRYPT)
+    users.prepare()
+    computed = []
+    real = spake2plus.verifier_points
+    monkeypatch.setattr(spake2plus, "verifier_points", lambda *args: computed.append(args) or real(*args))
+    for name in ("alice", "bob", "mallory", "nobody"):
+        user, _ = users.lookup(name)
+        assert users.verifier_points(user) is not None
+    assert computed == []
+    fakes = [users.lookup(name)[0] for name in ("mallory", "nobody")]
+    assert fakes[0].salt != fakes[1].salt  # still a stable salt of its own per name
