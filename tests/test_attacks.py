@@ -414,3 +414,29 @@ def test_every_names_verifier_points_are_ready_before_any_handshake(tmp_path, mo
     assert computed == []
     fakes = [users.lookup(name)[0] for name in ("mallory", "nobody")]
     assert fakes[0].salt != fakes[1].salt  # still a stable salt of its own per name
+
+
+def test_no_params_after_the_error_that_closed_a_delayed_hello(world):
+    """A HELLO waiting out its delay when the connection is closed (a shutdown, a timeout):
+    the ERROR was the answer, and no PARAMS may follow it."""
+    conversation = Conversation(world)
+    factory = conversation.factory
+    factory.guard.policy.delay_base = 0.5
+    factory.guard.failed("127.0.0.1", "somebody")
+    conversation.feed(conversation.handshake_frame({"type": "hello", "version": 1, "user": "fuzzer"}))
+    assert conversation.proto.state == "delaying"
+    factory.drain(5.0)
+    factory.clock.advance(1.0)
+    sent = [json.loads(payload)["type"] for _, payload in conversation.frames_out()]
+    assert sent == ["error"]
+
+
+@pytest.mark.parametrize("text, shown", [("a\u202eb", "a\\u202eb"), ("x\u2066y\u2069", "x\\u2066y\\u2069"),
+                                         ("\u200fz", "\\u200fz"), ("ok é", "ok é")])
+def test_bidirectional_controls_are_shown_escaped(text, shown):
+    from eketwist import textsafe
+
+    assert textsafe.escape(text) == shown
+    encoded = textsafe.json_text(text)
+    assert json.loads(encoded) == text
+    assert not any(control in encoded for control in "\u202e\u2066\u2069\u200f")
