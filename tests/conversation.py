@@ -31,9 +31,13 @@ def make_world(base, fast_scrypt):
 class Conversation:
     """A well-behaved client, in memory, that brings the server to a state."""
 
-    def __init__(self, world):
+    def __init__(self, world, factory=None):
+        """A new connection: to `factory` (another connection's, for several at once from one
+        address), or to a server of its own."""
         root, users, self.w0, self.w1 = world
-        self.factory = ServerFactory(str(root), str(users), "fuzz", policy=guard.Policy(delay_base=0), clock=Clock())
+        self.factory = factory or ServerFactory(
+            str(root), str(users), "fuzz", policy=guard.Policy(delay_base=0), clock=Clock()
+        )
         self.proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         self.proto.makeConnection(self.transport)

@@ -93,14 +93,7 @@ def test_parallel_connections_cannot_outrun_the_lockout(world):
     first = Conversation(world)
     factory = first.factory
     factory.guard.policy.max_source_failures = 3
-    conversations = [first]
-    for _ in range(5):
-        conversation = Conversation(world)
-        conversation.factory = factory
-        conversation.proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
-        conversation.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40001))
-        conversation.proto.makeConnection(conversation.transport)
-        conversations.append(conversation)
+    conversations = [first] + [Conversation(world, factory) for _ in range(5)]
     for conversation in conversations:
         conversation.reach("share")
     for conversation in conversations:
@@ -123,14 +116,7 @@ def test_parallel_logins_from_one_address_all_succeed(world):
     """Twenty logins at once from one address (a script, a NAT): in flight they are no
     failures, so none is locked out or refused; they take turns in the address's slots."""
     factory = Conversation(world).factory
-    conversations = []
-    for _ in range(20):
-        conversation = Conversation(world)
-        conversation.factory = factory
-        conversation.proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
-        conversation.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40001))
-        conversation.proto.makeConnection(conversation.transport)
-        conversations.append(conversation)
+    conversations = [Conversation(world, factory) for _ in range(20)]
     pending = list(conversations)
     rounds = 0
     while pending and rounds < 50:

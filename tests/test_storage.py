@@ -445,8 +445,6 @@ def test_something_planted_under_a_part_files_name_is_refused(tmp_path, planted)
 def test_the_sweep_holds_few_descriptors_however_wide_the_tree(tmp_path):
     """A read-write user can make 3,000 directories: the sweep must not hold one descriptor
     each (the daemon's other connections would run out), nor skip what it could not open."""
-    import time
-
     for i in range(3000):
         (tmp_path / f"d{i}").mkdir()
         stale = tmp_path / f"d{i}" / ".eke-part.old"
