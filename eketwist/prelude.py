@@ -35,6 +35,8 @@ class Prelude:
             self.sock = socket.create_connection((host, port), timeout)
         except OSError as problem:
             raise errors.ConnectionFailed(f"cannot connect to the server: {problem.strerror or problem}") from None
+        # Small frames leave at once (see connection.send_small_frames_at_once).
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._timeout = timeout
         self._username = username
         self._password = password
