@@ -13,7 +13,7 @@ import sys
 import time
 
 from eketwist import spake2plus
-from eketwist.server import CONTEXT
+from eketwist.wire import CONTEXT
 
 HEADER = struct.Struct(">IB")
 

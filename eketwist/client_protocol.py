@@ -15,8 +15,8 @@ States and the messages each accepts (docs/protocol.md, section 9):
   put-offer   -> ready        : the server says where the upload may resume
   put-sending -> (nothing)    : our file is streaming to the server
   put-stored  -> stored       : the server verified and stored it
-In the request states marked by REQUEST_STATES an ERROR fails only that request; elsewhere
-it ends the connection.
+In the request states marked by REQUEST_STATES an ERROR with a refusal code fails only that
+request; any other ERROR ends the connection (docs/protocol.md section 3.7).
 """
 
 import hashlib
@@ -42,7 +42,6 @@ from .errors import (
     ServerNotAuthenticated,
     Unsupported,
 )
-from .server import CONTEXT, MAX_FILE_SIZE, MTIME_RANGE
 
 # A listing is held in memory: a server cannot make it grow without end. Counted in bytes,
 # since names of up to 4 KiB each make the cost per entry vary 20-fold: each entry costs its
@@ -173,7 +172,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         confirm_v = wire.hex_field(message, "confirm", 32)
         try:
             keys = spake2plus.prover_finish(
-                CONTEXT,
+                wire.CONTEXT,
                 self.username.encode("utf-8"),
                 self.server_id.encode("utf-8"),
                 self._w0,
@@ -311,10 +310,10 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
 
     def on_file(self, message):
         request = self._request
-        request.size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)
-        request.mtime = wire.number_field(message, "mtime", *MTIME_RANGE)
-        request.mode = wire.int_field(message, "mode", 0, 0o7777) if "mode" in message else None
-        offset = wire.int_field(message, "offset", 0, MAX_FILE_SIZE) if "offset" in message else 0
+        request.size = wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
+        request.mtime = wire.mtime_field(message)
+        request.mode = wire.int_field(message, "mode", 0, wire.MAX_MODE) if "mode" in message else None
+        offset = wire.int_field(message, "offset", 0, wire.MAX_FILE_SIZE) if "offset" in message else 0
         digest = wire.text_field(message, "digest", 32)
         if digest != "sha1":
             raise Unsupported(f"the server offers digest {digest!r}, which this client does not know")
@@ -339,7 +338,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
 
     def on_get_end(self, message):
         request = self._request
-        size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)
+        size = wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
         sha1 = wire.hex_field(message, "sha1", 20)
         if size != request.size:
             request.part.abort()
@@ -418,7 +417,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
 
     def on_stored(self, message):
         request = self._request
-        size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)
+        size = wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
         sha1 = wire.hex_field(message, "sha1", 20)
         if size != request.size or not hmac.compare_digest(sha1.hex(), request.sha1):
             raise IntegrityError(f"{request.remote}: the server stored something else than what was sent")
@@ -432,8 +431,9 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     # -- failures
 
     def peer_error(self, message):
-        error = errors.from_wire(str(message.get("code")), message.get("message"))
-        if self.state in REQUEST_STATES:
+        code = str(message.get("code"))
+        error = errors.from_wire(code, message.get("message"))
+        if self.state in REQUEST_STATES and code in errors.REFUSAL_CODES:
             # The request failed; the connection stays usable for the next one.
             request, self._request = self._request, None
             self._ready()
@@ -447,9 +447,12 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self.fail(errors.EketwistError(f"internal error: {failure.getErrorMessage()}"))
 
     def fail(self, error):
-        if not self.closing:
-            self._fail_pending(error)
+        if self.closing:
+            return
+        # The ERROR goes out and any upload stops first: whoever waits on the request may
+        # close the connection as soon as it hears, and nothing may follow the ERROR.
         super().fail(error)
+        self._fail_pending(error)
 
     def _fail_pending(self, error):
         if self._end_reason is None:
@@ -516,9 +519,9 @@ def _checked_entry(item):
     return Entry(
         name,
         _KINDS.get(kind, "other") if isinstance(kind, str) else "other",
-        wire.int_field(item, "size", 0, MAX_FILE_SIZE),
-        wire.number_field(item, "mtime", *MTIME_RANGE),
+        wire.int_field(item, "size", 0, wire.MAX_FILE_SIZE),
+        wire.mtime_field(item),
         # Permission bits only, as for files: a directory made by `get -r` must not become
         # setgid or sticky (nor anything setuid) because the server said so.
-        wire.int_field(item, "mode", 0, 0o7777) & files.MODE_MASK,
+        wire.int_field(item, "mode", 0, wire.MAX_MODE) & files.MODE_MASK,
     )

@@ -16,7 +16,7 @@ from twisted.protocols.basic import FileSender
 from zope.interface import implementer
 
 from . import records, wire
-from .errors import ConnectionFailed, EketwistError, IntegrityError, ProtocolError
+from .errors import ConnectionFailed, EketwistError, IntegrityError, ProtocolError, wire_code
 from .logs import SafeLogger
 
 
@@ -262,7 +262,7 @@ class SecureConnection(Protocol):
         self.transport.writeSequence((head, self._send_cipher.seal(head, plaintext)))
 
     def send_error(self, error):
-        message = {"type": "error", "code": error.code, "message": error.message}
+        message = {"type": "error", "code": wire_code(error), "message": error.message}
         if self.authenticated:
             self.send_control(message)
         else:

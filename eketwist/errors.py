@@ -178,6 +178,25 @@ def _all_subclasses(cls):
 BY_CODE = {cls.code: cls for cls in [EketwistError, *_all_subclasses(EketwistError)]}
 
 
+# What an ERROR may say (docs/protocol.md section 8). A failure of another kind, such as a
+# disk's I/O error on the server, is "internal" to the peer.
+WIRE_CODES = frozenset({
+    "auth-failed", "server-auth-failed", "not-found", "not-a-file", "permission-denied", "bad-path",
+    "exists", "no-space", "too-large", "busy", "try-later", "integrity", "protocol", "unsupported",
+    "timeout", "internal",
+})
+# The codes that may refuse one request and leave the connection ready (section 3.7): every
+# other ERROR after authentication is fatal, and so is every ERROR in a data phase.
+REFUSAL_CODES = frozenset({
+    "not-found", "not-a-file", "permission-denied", "bad-path", "exists", "too-large", "busy",
+    "unsupported", "integrity", "no-space",
+})
+
+
+def wire_code(error):
+    return error.code if error.code in WIRE_CODES else "internal"
+
+
 def from_wire(code, message):
     """The exception a peer's error message stands for; unknown codes are generic failures."""
     cls = BY_CODE.get(code, EketwistError)

@@ -27,8 +27,9 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from . import files, guard, spake2plus, storage, tuning, userdb, wire
-from .connection import SecureConnection, send_file
+from .connection import SecureConnection, StopReading, send_file
 from .errors import (
+    REFUSAL_CODES,
     AuthenticationFailed,
     EketwistError,
     IntegrityError,
@@ -39,15 +40,13 @@ from .errors import (
     TooLarge,
     TryLater,
     Unsupported,
+    wire_code,
 )
 from .logs import SafeLogger
 
-CONTEXT = b"eketwist/1 SPAKE2+-P256-SHA256-HKDF-SHA256-HMAC-SHA256"
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_PARTIAL_MAX_AGE = 7 * 24 * 3600.0
-MAX_FILE_SIZE = 2**63 - 1
-MTIME_RANGE = (-(2**40), 2**40)
 # A listing is sent in CONTROL messages of at most this many bytes of entries.
 LISTING_BATCH_BYTES = 48 * 1024
 
@@ -101,6 +100,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.storage = None
         self.can_write = False
         self._upload = None
+        self._early_message = None  # a message that came between END and our answer
         self._delayed = None
         self._guess = False  # our share answered this connection's guess, not yet settled
         self._waiting_share = None  # a share waiting for one of its address's guess slots
@@ -216,13 +216,14 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     # -- handshake
 
     def on_hello(self, message):
-        version = wire.int_field(message, "version", 0, 2**31)
+        version = wire.int_field(message, "version", -(2**63), 2**63)
         if version != wire.PROTOCOL_VERSION:
             raise Unsupported(f"protocol version {version} is not supported (this server speaks {wire.PROTOCOL_VERSION})")
-        name = wire.text_field(message, "user", userdb.MAX_USERNAME_BYTES)
+        name = wire.string_field(message, "user")
         problem = userdb.check_username(name)
         if problem:
-            raise ProtocolError(problem)
+            # No such name can be registered, so saying so tells nothing about who exists.
+            raise AuthenticationFailed(f"not a valid username: {problem}")
         self.username = name
         # This connection keeps the users it looked the name up in (a reload meanwhile must
         # not pair this verifier with another's points).
@@ -279,7 +280,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             # Every verifier's points were computed when the users file was read, the fake's
             # too: the same work for every name (a cache filled by logins would tell them apart).
             share_v, self._keys = spake2plus.verifier_respond(
-                CONTEXT,
+                wire.CONTEXT,
                 self.username.encode("utf-8"),
                 self.factory.server_id.encode("utf-8"),
                 self._user.w0,
@@ -359,16 +360,25 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.setTimeout(self.factory.idle_timeout)
 
     def _refuse(self, what, requested, error):
-        """A request failed in a way that leaves the connection usable."""
+        """A request failed: a refusal leaves the connection usable; anything else (a disk's
+        I/O error is "internal" to the client) ends it, as the protocol says."""
         self.log.info(
             "{user} from {peer}: {what} {path} refused: {error}",
             user=self.username, peer=self.peer, what=what, path=requested, error=error.message,
         )
-        if not self.closing:
+        if wire_code(error) not in REFUSAL_CODES:
+            self.fail(error)
+        elif not self.closing:
             self.send_error(error)
             self._ready()
 
     def unexpected(self, state, message_type, argument):
+        if state == "storing" and message_type != "error":
+            # Sent before STORED: the answer to the upload still comes first, so that its
+            # outcome is never in doubt; the protocol error follows it (see _upload_answered).
+            self._early_message = ProtocolError(f"unexpected {message_type[:40]!r} message before the upload's answer")
+            self.hold_reading("early message")
+            raise StopReading()
         if state == "ready" and message_type not in ("error", "data"):
             # Later versions add requests; an old server answers clearly and carries on.
             self.send_error(Unsupported(f"request {message_type[:40]!r} is not supported by this server"))
@@ -376,8 +386,8 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         super().unexpected(state, message_type, argument)
 
     def on_get(self, message):
-        requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES)
-        offset = wire.int_field(message, "offset", 0, MAX_FILE_SIZE) if "offset" in message else 0
+        requested = wire.string_field(message, "path")
+        offset = wire.int_field(message, "offset", 0, wire.MAX_FILE_SIZE) if "offset" in message else 0
         prefix = wire.hex_field(message, "sha1", 20) if offset else None
         try:
             handle, st = self.storage.open_for_sending(requested)
@@ -406,7 +416,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.send_control(
             {
                 "type": "file",
-                "name": os.path.basename(requested.rstrip("/")),
+                "name": storage.last_name(requested),
                 "size": st.st_size,
                 "mtime": st.st_mtime,
                 "mode": st.st_mode & files.MODE_MASK,
@@ -468,7 +478,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.fail(EketwistError("internal error"))
 
     def on_stat(self, message):
-        requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES, allow_empty=True)
+        requested = wire.string_field(message, "path")
         try:
             entry = self.storage.stat(requested)
         except EketwistError as error:
@@ -477,9 +487,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.send_control({"type": "entry", "entry": entry})
 
     def on_list(self, message):
-        requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES, allow_empty=True)
-        recursive = message.get("recursive") is True
-        partials = message.get("all") is True
+        requested = wire.string_field(message, "path")
+        recursive = wire.bool_field(message, "recursive")
+        partials = wire.bool_field(message, "all")
         try:
             entries = self.storage.listing(requested, recursive, partials_of=self.username if partials else None)
             first = next(entries, None)  # errors about the path itself come here, before any reply
@@ -506,9 +516,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             raise PermissionDenied(f"{requested}: permission denied on the server (read-only account)")
 
     def on_mkdir(self, message):
-        requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES)
-        mode = wire.int_field(message, "mode", 0, 0o7777) if "mode" in message else None
-        mtime = wire.number_field(message, "mtime", *MTIME_RANGE) if "mtime" in message else None
+        requested = wire.string_field(message, "path")
+        mode = wire.int_field(message, "mode", 0, wire.MAX_MODE) if "mode" in message else None
+        mtime = wire.mtime_field(message) if "mtime" in message else None
         try:
             self._check_writable(requested)
             self.storage.make_directory(requested, mode, mtime)
@@ -518,11 +528,11 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.send_control({"type": "done"})
 
     def on_put(self, message):
-        requested = wire.text_field(message, "path", wire.MAX_PATH_BYTES)
-        size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)
-        mtime = wire.number_field(message, "mtime", *MTIME_RANGE) if "mtime" in message else None
-        mode = wire.int_field(message, "mode", 0, 0o7777) if "mode" in message else None
-        force = message.get("force") is True
+        requested = wire.string_field(message, "path")
+        size = wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
+        mtime = wire.mtime_field(message) if "mtime" in message else None
+        mode = wire.int_field(message, "mode", 0, wire.MAX_MODE) if "mode" in message else None
+        force = wire.bool_field(message, "force")
         try:
             self._check_writable(requested)
             cap = self.factory.max_upload_size
@@ -558,7 +568,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def on_upload(self, message):
         upload = self._upload
-        offset = wire.int_field(message, "offset", 0, MAX_FILE_SIZE)
+        offset = wire.int_field(message, "offset", 0, wire.MAX_FILE_SIZE)
         if offset not in (0, upload.offered):
             raise ProtocolError("upload offset must be 0 or the offered offset")
         if offset:
@@ -576,7 +586,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.receive_into(self._upload, self._upload.path, chunk)
 
     def on_upload_end(self, message):
-        size = wire.int_field(message, "size", 0, MAX_FILE_SIZE)
+        size = wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
         sha1 = wire.hex_field(message, "sha1", 20)
         upload, self._upload = self._upload, None
         if size != upload.size:
@@ -610,14 +620,20 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         if not self.closing:
             self.send_control({"type": "stored", "size": size, "sha1": digest})
             self._ready()
-        self.factory.transfer_over()  # out of "storing" now: no longer counted as uploading
+        self._upload_answered()
 
     def _not_stored(self, failure, upload):
         if failure.check(EketwistError):
             self._refuse("put", upload.path, failure.value)
         else:
             self._internal_failure(failure)
-        self.factory.transfer_over()
+        self._upload_answered()
+
+    def _upload_answered(self):
+        self.factory.transfer_over()  # out of "storing" now: no longer counted as uploading
+        early, self._early_message = self._early_message, None
+        if early is not None:
+            self.fail(early)
 
     def _abort_upload(self, keep_part, why):
         upload, self._upload = self._upload, None

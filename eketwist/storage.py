@@ -22,9 +22,8 @@ from .errors import BadPath, EketwistError, Exists, LocalIOError, NotAFile, NotF
 from .files import (
     MODE_MASK, SERVER_PART_PREFIX, PartFile, local_mode, read_part_label, server_part_name, storage_error,
 )
+from .wire import MAX_NAME_BYTES, MAX_PATH_BYTES
 
-# A name is one path segment; most filesystems refuse longer ones (NAME_MAX).
-MAX_NAME_BYTES = 255
 # A recursive listing remembers the subdirectories it has yet to enter: a bounded amount of
 # memory, counted as Python holds them (the str object, its place in a tuple and a list).
 MAX_PENDING_BYTES = 4 * 1024 * 1024
@@ -77,8 +76,15 @@ def _openat2(dir_fd, relative, flags):
 
 def segments(requested):
     """The names of `requested` (a peer's "/"-separated path), or BadPath. "" and "." are the
-    root; empty and "." segments are ignored."""
-    if not isinstance(requested, str) or "\x00" in requested:
+    root; empty and "." segments are ignored. Every problem is a BadPath: the peer asked in a
+    well-formed message for a name it may not have."""
+    try:
+        encoded = requested.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadPath("path refused: not UTF-8") from None
+    if len(encoded) > MAX_PATH_BYTES:
+        raise BadPath(f"path refused: longer than {MAX_PATH_BYTES} bytes")
+    if "\x00" in requested:
         raise BadPath("path refused: contains NUL")
     if requested.startswith("/"):
         raise BadPath(f"{requested}: path refused: absolute paths are not allowed")
@@ -88,13 +94,15 @@ def segments(requested):
     if any(name.startswith(SERVER_PART_PREFIX) for name in names):
         raise BadPath(f"{requested}: path refused: reserved name")
     for name in names:
-        try:
-            encoded = name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise BadPath(f"{requested}: path refused: not UTF-8") from None
-        if len(encoded) > MAX_NAME_BYTES:
+        if len(name.encode("utf-8")) > MAX_NAME_BYTES:
             raise BadPath(f"{requested}: path refused: a name is longer than {MAX_NAME_BYTES} bytes")
     return names
+
+
+def last_name(requested):
+    """The name a path ends with, as answers name it ("." for the root)."""
+    names = segments(requested)
+    return names[-1] if names else "."
 
 
 def open_error(problem, shown_name):
@@ -369,7 +377,10 @@ class Root:
     def make_directory(self, requested, mode=None, mtime=None):
         """Create a directory (its parent must exist), with `mode` and `mtime` if given. An
         existing directory is left as it is (Exists), unless this Root made it: a tree upload
-        creates its directories first and gives them their times once their contents are in."""
+        creates its directories first and gives them their times once their contents are in.
+        The root exists, like any other directory."""
+        if not segments(requested):
+            raise Exists(f"{requested or '.'}: the directory exists already (it is the root)")
         parent_fd, name = self._parent(requested)
         try:
             try:
@@ -406,6 +417,8 @@ class Root:
         """A PartFile for an upload of `requested` by `user`, beside its destination, which it
         will replace only with `force`. Refuses directories, protected files, missing parents
         and, without `force`, existing names, before a byte is sent."""
+        if not segments(requested):
+            raise NotAFile(f"{requested or '.'}: is a directory on the server (the root)")
         try:
             parent_fd, name = self._parent(requested)
         except NotFound:

@@ -19,6 +19,12 @@ DATA = 0x02
 KINDS = (HANDSHAKE, CONTROL, DATA)
 
 PROTOCOL_VERSION = 1
+# The SPAKE2+ Context of the transcript (docs/protocol.md section 4.3).
+CONTEXT = b"eketwist/1 SPAKE2+-P256-SHA256-HKDF-SHA256-HMAC-SHA256"
+# Ranges of the fields' formats: outside them a message is malformed (a protocol error).
+MAX_FILE_SIZE = 2**63 - 1
+MTIME_LIMIT = 2**40  # |mtime| < 2^40 seconds: some 34,800 years either side of 1970
+MAX_MODE = 0o7777
 # Before authentication nothing needs more than a few hundred bytes.
 MAX_HANDSHAKE_PAYLOAD = 4096
 # Per-record costs (a reactor turn, a read, a wake-up of the writer thread; dear on a VM)
@@ -33,6 +39,8 @@ MAX_RECORD_PAYLOAD = MAX_RECORD_PLAINTEXT + 16
 MAX_CONTROL_PLAINTEXT = 64 * 1024
 # Bytes handed to one send() call: two records (Twisted's default is 128 KiB).
 SEND_SIZE = 2 * DATA_CHUNK
+# A name is one path segment (most filesystems refuse longer ones: NAME_MAX); a path's limit
+# is Linux's PATH_MAX. Longer ones are refused with bad-path, not as malformed messages.
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 
@@ -165,16 +173,37 @@ def _field(message, name, kind):
     return value
 
 
-def text_field(message, name, max_bytes, *, allow_empty=False):
-    value = _field(message, name, str)
+def _utf8(message, name, value):
     try:
-        encoded = value.encode("utf-8")
+        return value.encode("utf-8")
     except UnicodeEncodeError:  # JSON can carry lone surrogates, which are not UTF-8
         raise ProtocolError(f"{message['type']}: field {name!r} is not valid UTF-8") from None
-    if len(encoded) > max_bytes or (not value and not allow_empty):
+
+
+def text_field(message, name, max_bytes, *, allow_empty=False):
+    value = _field(message, name, str)
+    if len(_utf8(message, name, value)) > max_bytes or (not value and not allow_empty):
         raise ProtocolError(f"{message['type']}: field {name!r} is empty or too long")
-    if "\x00" in value:
-        raise ProtocolError(f"{message['type']}: field {name!r} contains NUL")
+    return value
+
+
+def string_field(message, name):
+    """A string whose content the caller judges: a path (its length, NUL, "..", a reserved name
+    are refused by storage with bad-path, leaving the connection ready) or a username. The
+    format asks only for a string of Unicode scalar values; the CONTROL limit bounds it."""
+    value = _field(message, name, str)
+    _utf8(message, name, value)
+    return value
+
+
+def bool_field(message, name, default=False):
+    """An optional boolean: absent is `default`; present, it must be true or false (a client
+    that sends "recursive": 1 must not get a silent non-recursive answer)."""
+    if name not in message:
+        return default
+    value = message[name]
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{message['type']}: field {name!r} must be true or false")
     return value
 
 
@@ -185,9 +214,9 @@ def int_field(message, name, low, high):
     return value
 
 
-def number_field(message, name, low, high):
+def mtime_field(message, name="mtime"):
     value = _field(message, name, (int, float))
-    if not low <= value <= high:
+    if not abs(value) < MTIME_LIMIT:
         raise ProtocolError(f"{message['type']}: field {name!r} out of range")
     return value
 

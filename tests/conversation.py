@@ -10,7 +10,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from eketwist import guard, records, spake2plus, userdb
-from eketwist.server import CONTEXT, ServerFactory
+from eketwist.server import ServerFactory
+from eketwist.wire import CONTEXT
 
 HEADER = struct.Struct(">IB")
 

@@ -16,7 +16,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from eketwist import guard, spake2plus, userdb
-from eketwist.server import CONTEXT, ServerFactory
+from eketwist.server import ServerFactory
+from eketwist.wire import CONTEXT
 
 from .conftest import FAST_SCRYPT
 from .rawclient import Closed, RawClient

@@ -123,8 +123,14 @@ G = spake2plus.encode_point(spake2plus.GENERATOR)
         ([(HANDSHAKE, b'["type"]')], "protocol"),
         ([(HANDSHAKE, b"[" * 3000 + b"]" * 3000)], "protocol"),
         ([(HANDSHAKE, b'{"type":"hello","version":2,"user":"alice"}')], "unsupported"),
-        ([(HANDSHAKE, b'{"type":"hello","version":1,"user":""}')], "protocol"),
-        ([(HANDSHAKE, b'{"type":"hello","version":1,"user":"' + b"a" * 65 + b'"}')], "protocol"),
+        # Names no one can register: said plainly (that tells nothing about who exists).
+        ([(HANDSHAKE, b'{"type":"hello","version":1,"user":""}')], "auth-failed"),
+        ([(HANDSHAKE, b'{"type":"hello","version":1,"user":"' + b"a" * 65 + b'"}')], "auth-failed"),
+        ([(HANDSHAKE, '{"type":"hello","version":1,"user":"al\u00a0ice"}'.encode())], "auth-failed"),
+        ([(HANDSHAKE, b'{"type":"hello","version":1,"user":"al\\u200bice"}')], "auth-failed"),
+        ([(HANDSHAKE, b'{"type":"hello","version":1,"user":"al\\u0000ice"}')], "auth-failed"),
+        ([(HANDSHAKE, b'{"type":"hello","version":1,"user":5}')], "protocol"),
+        ([(HANDSHAKE, b'{"type":"hello","version":"1","user":"alice"}')], "protocol"),
         ([(HANDSHAKE, b'{"type":"hello","version":1,"user":"\\ud800"}')], "protocol"),
         ([(CONTROL, b"x" * 40)], "protocol"),  # a record before the handshake
         ([(7, b"")], "protocol"),  # unknown frame kind
@@ -140,6 +146,8 @@ async def test_malformed_input_closes_with_a_clear_error(server_port, frames, co
     error = await deferToThread(_expect_close_with_error, server_port, frames)
     assert error["type"] == "error" and error["code"] == code
     assert "Traceback" not in error["message"]
+    if code == "auth-failed":
+        assert error["message"].startswith("not a valid username: "), error
     # ... and the server keeps serving everyone else.
     client = await authenticated_client(server_port)
     client.close()

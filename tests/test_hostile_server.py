@@ -15,6 +15,7 @@ import pytest
 from eketwist.client_protocol import MAX_LISTING_BYTES
 
 from .hostileserver import HostileServer, Tree, entry, make_alice
+from .rawclient import CONTROL, HEADER
 
 PASSWORD = "alice's secret on a hostile server"
 ALICE = make_alice(PASSWORD)
@@ -272,3 +273,36 @@ def test_put_of_a_very_deep_tree_plans_it_all_then_creates_it(tmp_path):
     assert created == ["deep"] + ["deep" + "/d" * level for level in range(1, depth + 1)]
     assert [m["path"] for m in tree.requests if m["type"] == "put"] == ["deep" + "/d" * depth + "/leaf.txt"]
     assert len(tree.requests) == 1 + 2 * (depth + 1) + 1
+
+
+def test_a_tampered_record_during_an_upload_ends_it_at_once(tmp_path):
+    """The client's fatal ERROR is the last thing it sends: its upload stops there, and it
+    closes (docs/protocol.md §6), however much of the file was still to go."""
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(64 * 1024 * 1024))
+    seen = {}
+
+    def serve(conn):
+        while (request := conn.recv())["type"] == "stat":  # is the destination a directory?
+            conn.send({"type": "error", "code": "not-found", "message": "no such file"})
+        assert request["type"] == "put"
+        conn.send({"type": "ready", "offset": 0})
+        assert conn.recv() == {"type": "upload", "offset": 0}
+        assert isinstance(conn.recv(), bytes)  # the first DATA record: the upload is streaming
+        head = HEADER.pack(len(b'{"type":"stored"}') + 16, CONTROL)
+        sealed = bytearray(conn.send_cipher.seal(head, b'{"type":"stored"}'))
+        sealed[0] ^= 1
+        conn.sock.sendall(head + bytes(sealed))
+        after = []
+        while (message := conn.recv()) is not None:
+            after.append(message)
+        seen["after"] = after
+
+    code, out, err = run_client(HostileServer(ALICE, serve), "put", str(source), "big.bin")
+    assert code == 6, err
+    after = seen["after"]
+    errors = [i for i, message in enumerate(after) if isinstance(message, dict) and message.get("type") == "error"]
+    assert errors and after[errors[0]]["code"] == "integrity", after[-3:]
+    assert errors[0] == len(after) - 1, f"{len(after) - 1 - errors[0]} records after the client's ERROR"
+    data_bytes = sum(len(message) for message in after if isinstance(message, bytes))
+    assert data_bytes < 32 * 1024 * 1024  # it stopped, rather than sending the rest first

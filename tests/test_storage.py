@@ -139,12 +139,16 @@ def test_links_inside_the_root_are_followed_with_openat2_and_refused_by_hand(tmp
     handle.close()
 
 
-def test_the_root_is_dot_and_cannot_be_replaced_or_made(tmp_path):
+def test_the_root_is_dot_a_directory_like_another(tmp_path):
     served = storage.Root(str(tmp_path))
-    assert served.stat("")["name"] == "." and served.stat("./")["kind"] == "dir"
-    for operation in (lambda: served.make_directory(""), lambda: served.receive(".", "u", True)):
-        with pytest.raises(errors.BadPath, match="that is the root"):
-            operation()
+    for root in ("", ".", "./", "/."[1:] + "/."):
+        assert served.stat(root)["name"] == "." and served.stat(root)["kind"] == "dir"
+        with pytest.raises(errors.Exists):
+            served.make_directory(root)
+        with pytest.raises(errors.NotAFile):
+            served.receive(root, "u", True)
+        with pytest.raises(errors.NotAFile):
+            served.open_for_sending(root)
 
 
 def test_protected_files_are_refused_whatever_leads_to_them(tmp_path):

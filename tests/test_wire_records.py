@@ -82,9 +82,15 @@ def test_field_checks():
     assert wire.text_field(message, "s", 3) == "abc"
     assert wire.int_field(message, "i", 0, 5) == 5
     assert wire.hex_field(message, "h", 2) == b"\x00\xff"
+    # NUL is a character like another to the format: a path holding one is refused by storage.
+    assert wire.string_field(message, "n") == "a\x00b"
+    assert wire.bool_field(message, "b") is True and wire.bool_field(message, "absent") is False
     for call in (
         lambda: wire.text_field(message, "s", 2),
-        lambda: wire.text_field(message, "n", 10),
+        lambda: wire.string_field({"type": "t", "s": "\ud800"}, "s"),  # a lone surrogate
+        lambda: wire.string_field(message, "i"),
+        lambda: wire.bool_field(message, "i"),  # 1 is not true
+        lambda: wire.bool_field({"type": "t", "b": None}, "b"),  # null is not a value
         lambda: wire.int_field(message, "i", 6, 9),
         lambda: wire.int_field(message, "b", 0, 9),  # a bool is not an int here
         lambda: wire.hex_field(message, "h", 3),
