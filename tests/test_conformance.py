@@ -980,3 +980,10 @@ def test_decision_partial_upload_name(server):
     wait_for(expected.exists)
     assert [p.name for p in (server.root / "up" / "deep").iterdir()] == [expected.name]
     assert len(expected.name) == len(".eke-part.") + 32
+
+
+def test_decision_list_of_a_symlink_lists_its_directory_or_gives_the_link(alice, server):
+    through_link, _ = alice.list("dirlink")
+    assert sorted(e["name"] for e in through_link) == sorted(os.listdir(server.root / "tree"))
+    (entry,), _ = alice.list("link.txt")
+    assert entry["name"] == "link.txt" and entry["kind"] == "symlink"
