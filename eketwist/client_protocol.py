@@ -125,8 +125,29 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self._derived_early = derived
         self._end_reason = None
 
+    state = "closed"
+
     def __repr__(self):
         return f"<ClientProtocol user={self.username!r} state={self.state!r}>"
+
+    # -- messages in, through the state table
+
+    def handshake_received(self, message):
+        self._dispatch_to(self.state, message["type"], message)
+
+    control_received = handshake_received
+
+    def data_received(self, chunk):
+        self._dispatch_to(self.state, "data", chunk)
+
+    def _dispatch_to(self, state, message_type, argument):
+        handler = self.TRANSITIONS.get(state, {}).get(message_type)
+        if handler is not None:
+            getattr(self, handler)(argument)
+        elif message_type == "error":
+            self.peer_error(argument)
+        else:
+            raise ProtocolError(f"unexpected {message_type!r} message in state {state!r}")
 
     def connectionMade(self):
         super().connectionMade()
@@ -465,8 +486,13 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         if not self.authenticated_deferred.called:
             self.authenticated_deferred.errback(error)
 
+    def close(self, reason=None):
+        self.state = "closed"
+        super().close(reason)
+
     def connectionLost(self, reason):
         self.setTimeout(None)
+        self.state = "closed"
         super().connectionLost(reason)
         self._password = None
         self._fail_pending(ConnectionFailed(_lost_because(reason)))

@@ -1,9 +1,7 @@
-"""What the server's and the client's protocol machines share: frames in, messages dispatched
-through an explicit state table, records sealed and opened once the handshake has keys.
-
-Each subclass declares TRANSITIONS: for every state, the message types it accepts and the method
-that handles each. A message that its state does not list is a protocol error; so is anything
-after the connection has started closing.
+"""What the server's and the client's Protocols share: frames in, decoded messages handed to the
+subclass (which gives them to its machines), records sealed and opened once the handshake has
+keys, back-pressure on the peer, and closing after a fatal ERROR. Anything after the connection
+has started closing is dropped.
 """
 
 import socket
@@ -110,13 +108,11 @@ class StopReading(Exception):
 
 
 class SecureConnection(Protocol):
-    """Subclasses provide TRANSITIONS, the handlers it names, `callLater` (their clock) and
-    TimeoutMixin's `setTimeout`."""
+    """Subclasses provide handshake_received, control_received and data_received, `callLater`
+    (their clock) and TimeoutMixin's `setTimeout`."""
 
     log = SafeLogger()
-    TRANSITIONS = {}
     PEER = "peer"  # what messages call the other side
-    state = "closed"
 
     def connectionMade(self):
         self.decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_PAYLOAD)
@@ -132,7 +128,6 @@ class SecureConnection(Protocol):
 
     def connectionLost(self, reason):
         self.closing = True
-        self.state = "closed"
         for timer in (self._patience, self._cut):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -295,7 +290,7 @@ class SecureConnection(Protocol):
         if kind == wire.HANDSHAKE:
             if self.authenticated:
                 raise ProtocolError("plaintext message after the handshake")
-            self._dispatch(wire.decode_message(payload))
+            self.handshake_received(wire.decode_message(payload))
             return
         if not self.authenticated:
             raise ProtocolError("record before the handshake completed")
@@ -304,31 +299,23 @@ class SecureConnection(Protocol):
         except records.RecordAuthenticationError:
             raise IntegrityError("a record failed authentication: the connection was tampered with") from None
         if kind == wire.DATA:
-            self._dispatch_to(self.state, "data", plaintext)
+            self.data_received(plaintext)
         else:
             if len(plaintext) > wire.MAX_CONTROL_PLAINTEXT:
                 raise ProtocolError("control message too large")
-            self._dispatch(wire.decode_message(plaintext))
+            self.control_received(wire.decode_message(plaintext))
 
-    def _dispatch(self, message):
-        self._dispatch_to(self.state, message["type"], message)
+    # What a subclass's machine is given: decoded messages, and file bytes as a view valid only
+    # during the call. Raising an EketwistError ends the connection with that ERROR.
 
-    def _dispatch_to(self, state, message_type, argument):
-        handler = self.TRANSITIONS.get(state, {}).get(message_type)
-        if handler is None:
-            self.unexpected(state, message_type, argument)
-        else:
-            getattr(self, handler)(argument)
+    def handshake_received(self, message):
+        raise NotImplementedError
 
-    def unexpected(self, state, message_type, argument):
-        if message_type == "error":
-            self.peer_error(argument)
-        else:
-            raise ProtocolError(f"unexpected {message_type!r} message in state {state!r}")
+    def control_received(self, message):
+        raise NotImplementedError
 
-    def peer_error(self, message):
-        """The peer reported an error; subclasses decide what it means."""
-        raise ProtocolError("the peer reported an error")
+    def data_received(self, chunk):
+        raise NotImplementedError
 
     # -- closing
 
@@ -345,7 +332,6 @@ class SecureConnection(Protocol):
     def close(self, reason=None):
         if not self.closing:
             self.closing = True
-            self.state = "closed"
             # Nothing more after the ERROR: a file or listing being sent stops here (a
             # registered producer would otherwise go on filling the transport, and keep it
             # open as long as the peer reads).

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from . import files, guard, spake2plus, storage, tuning, userdb, wire
+from . import files, guard, serving, storage, tuning, userdb, verifier, wire
 from .connection import SecureConnection, StopReading, send_file
 from .errors import (
     REFUSAL_CODES,
@@ -34,15 +34,13 @@ from .errors import (
     EketwistError,
     IntegrityError,
     NoSpace,
-    PermissionDenied,
     ProtocolError,
     Timeout,
-    TooLarge,
     TryLater,
-    Unsupported,
     wire_code,
 )
 from .logs import SafeLogger
+from .verifier import Verifier
 
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 600.0
@@ -51,41 +49,17 @@ DEFAULT_PARTIAL_MAX_AGE = 7 * 24 * 3600.0
 LISTING_BATCH_BYTES = 48 * 1024
 
 
-class Upload:
-    """One upload in progress."""
-
-    def __init__(self, part, path, size, mtime, mode, force):
-        self.part = part
-        self.path = path
-        self.size = size
-        self.mtime = mtime
-        self.mode = mode
-        self.force = force
-        self.offered = 0
-        self.prefix_sha1 = None
-        self.resumed_from = 0
-        self.started = time.monotonic()
-
-
 @implementer(IPushProducer)
 class ServerProtocol(SecureConnection, TimeoutMixin):
-    """Also the producer of its own replies: when the client does not read them, the transport
+    """The glue between the client's frames and the server's two machines (verifier.Verifier,
+    then serving.Serving): it feeds them decoded messages, sends what they return, and does
+    what they cannot: the guard's waits, timeouts, the storage object, threads and producers.
+
+    Also the producer of its own replies: when the client does not read them, the transport
     pauses us and we stop reading its requests, so nothing piles up in memory."""
 
     log = SafeLogger()
     PEER = "client"
-    TRANSITIONS = {
-        "hello": {"hello": "on_hello"},
-        "delaying": {},
-        "share-waiting": {},
-        "share": {"share": "on_share"},
-        "confirm": {"confirm": "on_confirm"},
-        "ready": {"get": "on_get", "list": "on_list", "stat": "on_stat", "put": "on_put", "mkdir": "on_mkdir"},
-        "working": {},
-        "upload-offered": {"upload": "on_upload"},
-        "receiving": {"data": "on_upload_data", "end": "on_upload_end"},
-        "storing": {},
-    }
 
     def connectionMade(self):
         super().connectionMade()
@@ -98,12 +72,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.username = None
         self.root = None
         self.storage = None
-        self.can_write = False
-        self._upload = None
-        self._early_message = None  # a message that came between END and our answer
+        self.verifier = Verifier(self.factory.server_id, self.factory.users.current)
+        self.serving = None  # the request machine, from key confirmation on
         self._delayed = None
-        self._guess = False  # our share answered this connection's guess, not yet settled
-        self._waiting_share = None  # a share waiting for one of its address's guess slots
         self._admitted = False
         self._in_handshake = True
         self.callLater = self.factory.clock.callLater
@@ -122,14 +93,22 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self._admitted = True
         self.factory.connections.add(self)
         self.log.info("connection from {peer}", peer=self.peer)
-        self.state = "hello"
         self.transport.registerProducer(self, True)
         # A slow client cannot keep a handshake slot: this deadline is never reset by data.
         self.setTimeout(self.factory.handshake_timeout)
 
+    @property
+    def state(self):
+        """The state's name, as docs/protocol.md section 9 gives it."""
+        if self.closing:
+            return "closed"
+        if self.serving is not None:
+            return self.serving.name
+        return verifier.state_name(self.verifier.state)
+
     def _turn_away(self, refusal):
         self.closing = True
-        self.state = "closed"
+        self.verifier.fail()
         if self.factory.log_limiter.allow(refusal.log_key):
             self.log.warn("refused a connection from {peer}: {reason}", peer=self.peer, reason=refusal.reason)
         if refusal.quiet:
@@ -161,7 +140,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self.transport.registerProducer(self, True)
 
     def dataReceived(self, data):
-        if self.authenticated and self.state in ("ready", "receiving"):
+        if self.serving is not None and isinstance(self.serving.state, (serving.Ready, serving.Receiving)):
             self.resetTimeout()
         super().dataReceived(data)
 
@@ -174,13 +153,13 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.setTimeout(None)
         if self._delayed is not None and self._delayed.active():
             self._delayed.cancel()
-        if self._guess:
+        if self.verifier.guessing:
             # Our share answered a guess that was never confirmed: a failure, however the
             # connection ended.
             self._log_auth_failure()
-        if self._waiting_share is not None:
-            self._waiting_share = None
+        if isinstance(self.verifier.state, verifier.ShareWaiting):
             self.factory.guard.stop_waiting(self.source, self._guess_slot_free)
+        self.verifier.fail()
         self._abort_upload(keep_part=True, why="connection lost")
         super().connectionLost(reason)
         if self._admitted:
@@ -198,12 +177,12 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def peer_error(self, message):
         code = str(message.get("code"))[:40]
-        if not self._guess:  # after our share, connectionLost logs the failed authentication
+        if not self.verifier.guessing:  # after our share, connectionLost logs the failure
             self.log.info("client {peer} reported an error: {code}", peer=self.peer, code=code)
         self.close()
 
     def _log_auth_failure(self):
-        self._guess = False
+        self.verifier.fail()
         self.log.warn("authentication failed for {user} from {peer}", user=self.username, peer=self.peer)
         guard_ = self.factory.guard
         lockout = guard_.guess_failed(self.source, self.username)
@@ -213,22 +192,28 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
                 source=self.source, seconds=lockout, count=guard_.policy.max_source_failures,
             )
 
-    # -- handshake
+    # -- handshake: the verifier says what to send, the guard says when
 
-    def on_hello(self, message):
-        version = wire.int_field(message, "version", -(2**63), 2**63)
-        if version != wire.PROTOCOL_VERSION:
-            raise Unsupported(f"protocol version {version} is not supported (this server speaks {wire.PROTOCOL_VERSION})")
-        name = wire.string_field(message, "user")
-        problem = userdb.check_username(name)
-        if problem:
-            # No such name can be registered, so saying so tells nothing about who exists.
-            raise AuthenticationFailed(f"not a valid username: {problem}")
+    def handshake_received(self, message):
+        if message["type"] == "error":
+            self.peer_error(message)
+            return
+        guessing = self.verifier.guessing
+        try:
+            event = self.verifier.receive(message)
+        except AuthenticationFailed:
+            if guessing:  # a wrong confirmation (or an unknown name): the guess failed
+                self._log_auth_failure()
+            raise
+        if isinstance(event, verifier.Hello):
+            self._hello(event.name)
+        elif isinstance(event, verifier.Share):
+            self._share()
+        else:
+            self._confirmed(event)
+
+    def _hello(self, name):
         self.username = name
-        # This connection keeps the users it looked the name up in (a reload meanwhile must
-        # not pair this verifier with another's points).
-        self._users = self.factory.users.current()
-        self._user, self._user_known = self._users.lookup(name)
         # Recent failures from this source or for this name (known or not) slow the answer,
         # and so does a source past its budget of handshakes (the share costs CPU).
         guard_ = self.factory.guard
@@ -239,7 +224,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             return
         delay = max(guard_.delay_before_answer(self.source, name), budget)
         if delay > 0:
-            self.state = "delaying"
+            self.verifier.wait()
             self._delayed = self.callLater(delay, self._send_params)
         else:
             self._send_params()
@@ -248,20 +233,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self._delayed = None
         if self.closing:  # timed out or shut down while it waited: the ERROR was the answer
             return
-        self.state = "share"
-        self.send_handshake(
-            {
-                "type": "params",
-                "server": self.factory.server_id,
-                "salt": self._user.salt.hex(),
-                "scrypt": {key: self._user.scrypt[key] for key in ("n", "r", "p")},
-            }
-        )
+        self.send_handshake(self.verifier.params())
 
-    def on_share(self, message):
-        self._answer_share(wire.hex_field(message, "share", spake2plus.POINT_BYTES))
-
-    def _answer_share(self, share_p):
+    def _share(self):
         guard_ = self.factory.guard
         try:
             # Locked out since its HELLO (by its other connections): no answer to this guess.
@@ -272,78 +246,92 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         if not guard_.take_guess_slot(self.source):
             # As many guesses from this address in flight as it may still fail: this one
             # waits for one to settle (the handshake timeout runs meanwhile).
-            self.state = "share-waiting"
-            self._waiting_share = share_p
+            self.verifier.wait()
             guard_.wait_for_guess_slot(self.source, self._guess_slot_free)
             return
-        try:
-            # Every verifier's points were computed when the users file was read, the fake's
-            # too: the same work for every name (a cache filled by logins would tell them apart).
-            share_v, self._keys = spake2plus.verifier_respond(
-                wire.CONTEXT,
-                self.username.encode("utf-8"),
-                self.factory.server_id.encode("utf-8"),
-                self._user.w0,
-                self._user.L,
-                share_p,
-                points=self._users.verifier_points(self._user),
-            )
-        except spake2plus.InvalidPoint as problem:
-            guard_.guess_abandoned(self.source)
-            raise ProtocolError(f"invalid share: {problem}") from None
-        # From this share on, the client can check its guess: it holds its slot until a valid
-        # confirmation frees it; every other ending records a failure.
-        self._guess = True
-        self.state = "confirm"
-        self.send_handshake({"type": "share", "share": share_v.hex(), "confirm": self._keys.confirm_v.hex()})
+        self._answer_share()
 
     def _guess_slot_free(self):
-        share_p, self._waiting_share = self._waiting_share, None
-        if share_p is not None and not self.closing:
-            self._answer_share(share_p)
+        if not self.closing and isinstance(self.verifier.state, verifier.ShareWaiting):
+            self._share()  # checked again: the address may have been locked out meanwhile
 
-    def on_confirm(self, message):
-        confirm_p = wire.hex_field(message, "confirm", 32)
-        keys, self._keys, user = self._keys, None, self._user
-        self._user = self._users = None
-        # Unknown users fail here, exactly like a wrong password.
-        if not (spake2plus.confirmation_matches(keys.confirm_p, confirm_p) and self._user_known):
-            self._log_auth_failure()
-            self.fail(AuthenticationFailed())
+    def _answer_share(self):
+        # From our share on, the client can check its guess: it holds its slot until a valid
+        # confirmation frees it; every other ending records a failure.
+        try:
+            reply = self.verifier.answer()
+        except ProtocolError as error:
+            self.factory.guard.guess_abandoned(self.source)
+            self.fail(error)
             return
-        self._guess = False
-        self.send_handshake({"type": "ok"})
-        self.start_records(keys.shared, is_client=False)
+        self.send_handshake(reply)
+
+    def _confirmed(self, confirmed):
+        user = confirmed.user
+        self.send_handshake(confirmed.reply)
+        self.start_records(confirmed.shared_key, is_client=False)
         self._in_handshake = False
         self.factory.guard.authenticated(self.source)
         self.factory.guard.guess_confirmed(self.source, user.name)
         self.root = user.root or self.factory.root
-        self.storage = storage.Root(self.root, protected=self.factory.protected)
-        self.can_write = user.rights == userdb.READ_WRITE
-        self._ready()
+        # The user's view of the server: their root and their rights, nothing else.
+        self.storage = storage.Root(
+            self.root, protected=self.factory.protected,
+            writable=user.rights == userdb.READ_WRITE, max_upload_size=self.factory.max_upload_size,
+        )
+        self.serving = serving.Serving()
         self.log.info(
             "{user} authenticated from {peer} ({rights}, root {root})",
             user=user.name, peer=self.peer, rights=user.rights, root=self.root,
         )
+        self._answered()
 
-    # -- requests
+    # -- requests: the serving machine checks them, the storage object carries them out
 
-    def _ready(self):
-        if self.factory.draining:
-            self.shut_down()
+    def control_received(self, message):
+        if message["type"] == "error":
+            self.peer_error(message)
             return
-        self.state = "ready"
-        self.setTimeout(self.factory.idle_timeout)
+        event = self.serving.receive(message)
+        self._REQUEST_HANDLERS[type(event)](self, event)
+
+    def data_received(self, chunk):
+        if self.serving.data(len(chunk)) is not None:
+            self._hold_early_message()
+        upload = self.serving.upload
+        self.receive_into(upload, upload.path, chunk)
+
+    def incoming_file(self):
+        state = self.serving.state if self.serving is not None else None
+        return state.upload if isinstance(state, serving.Receiving) else None
+
+    def _hold_early_message(self, event=None):
+        """Something came before STORED: nothing more is read; the answer, then the error."""
+        self.hold_reading("early message")
+        raise StopReading()
+
+    def _answered(self):
+        """The request has its answer: ready for the next one (with the idle timeout), or, for
+        a message that came before an upload's answer, the protocol error it earned."""
+        early = self.serving.done()
+        if self.closing:
+            return
+        if early is not None:
+            self.fail(early)
+        elif self.factory.draining:
+            self.shut_down()
+        else:
+            self.setTimeout(self.factory.idle_timeout)
 
     @property
     def uploading(self):
         """From PUT to STORED, a refusal or the end of the connection."""
-        return self._upload is not None or self.state == "storing"
+        return self.serving is not None and self.serving.upload is not None
 
     @property
     def busy(self):
         """In the middle of a transfer or a listing, which a graceful shutdown lets finish."""
-        return self.state in ("working", "upload-offered", "receiving", "storing")
+        return self.serving is not None and not isinstance(self.serving.state, (serving.Ready, serving.Closed))
 
     def shut_down(self):
         """Close for a shutdown, telling the client why (it may come back and resume)."""
@@ -356,7 +344,6 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         """Sending a file or a listing, or hashing for a resume: the idle timeout runs, and
         each record or batch that leaves resets it. A client that stops reading holds the
         file (or the directory) and a record only until then."""
-        self.state = "working"
         self.setTimeout(self.factory.idle_timeout)
 
     def _refuse(self, what, requested, error):
@@ -370,25 +357,13 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self.fail(error)
         elif not self.closing:
             self.send_error(error)
-            self._ready()
+            self._answered()
 
-    def unexpected(self, state, message_type, argument):
-        if state == "storing" and message_type != "error":
-            # Sent before STORED: the answer to the upload still comes first, so that its
-            # outcome is never in doubt; the protocol error follows it (see _upload_answered).
-            self._early_message = ProtocolError(f"unexpected {message_type[:40]!r} message before the upload's answer")
-            self.hold_reading("early message")
-            raise StopReading()
-        if state == "ready" and message_type not in ("error", "data"):
-            # Later versions add requests; an old server answers clearly and carries on.
-            self.send_error(Unsupported(f"request {message_type[:40]!r} is not supported by this server"))
-            return
-        super().unexpected(state, message_type, argument)
+    def _unknown(self, request):
+        self.send_error(request.error)
 
-    def on_get(self, message):
-        requested = wire.string_field(message, "path")
-        offset = wire.int_field(message, "offset", 0, wire.MAX_FILE_SIZE) if "offset" in message else 0
-        prefix = wire.hex_field(message, "sha1", 20) if offset else None
+    def _get(self, request):
+        requested, offset = request.path, request.offset
         try:
             handle, st = self.storage.open_for_sending(requested)
         except EketwistError as error:
@@ -402,7 +377,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         hashed = threads.deferToThread(files.hash_prefix, handle, offset)
 
         def compared(sha1):
-            if sha1 is not None and hmac.compare_digest(sha1.digest(), prefix):
+            if sha1 is not None and hmac.compare_digest(sha1.digest(), request.sha1):
                 self._send(handle, st, requested, offset, sha1)
             else:
                 self._send(handle, st, requested, 0, hashlib.sha1())
@@ -439,7 +414,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             if self.closing:
                 return
             self.send_control({"type": "end", "size": offset + sent, "sha1": digest})
-            self._ready()
+            self._answered()
             self.log.info(
                 "{user} from {peer}: sent {path} ({nbytes} bytes{resumed}, {seconds:.3f} s, sha1 {sha1})",
                 user=self.username, peer=self.peer, path=requested, nbytes=offset + sent,
@@ -477,21 +452,18 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.log.failure("internal error serving {user}", failure, user=self.username)
         self.fail(EketwistError("internal error"))
 
-    def on_stat(self, message):
-        requested = wire.string_field(message, "path")
+    def _stat(self, request):
         try:
-            entry = self.storage.stat(requested)
+            entry = self.storage.stat(request.path)
         except EketwistError as error:
-            self._refuse("stat", requested, error)
+            self._refuse("stat", request.path, error)
             return
         self.send_control({"type": "entry", "entry": entry})
 
-    def on_list(self, message):
-        requested = wire.string_field(message, "path")
-        recursive = wire.bool_field(message, "recursive")
-        partials = wire.bool_field(message, "all")
+    def _list(self, request):
+        requested = request.path
         try:
-            entries = self.storage.listing(requested, recursive, partials_of=self.username if partials else None)
+            entries = self.storage.listing(requested, request.recursive, partials_of=self.username if request.partials else None)
             first = next(entries, None)  # errors about the path itself come here, before any reply
         except EketwistError as error:
             self._refuse("list", requested, error)
@@ -505,45 +477,28 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         if error is not None:
             self._refuse("list", requested, error)
             return
-        self._ready()
+        self._answered()
         self.log.info(
             "{user} from {peer}: listed {path} ({count} entries)",
             user=self.username, peer=self.peer, path=requested, count=count,
         )
 
-    def _check_writable(self, requested):
-        if not self.can_write:
-            raise PermissionDenied(f"{requested}: permission denied on the server (read-only account)")
-
-    def on_mkdir(self, message):
-        requested = wire.string_field(message, "path")
-        mode = wire.int_field(message, "mode", 0, wire.MAX_MODE) if "mode" in message else None
-        mtime = wire.mtime_field(message) if "mtime" in message else None
+    def _make_directory(self, request):
         try:
-            self._check_writable(requested)
-            self.storage.make_directory(requested, mode, mtime)
+            self.storage.make_directory(request.path, request.mode, request.mtime)
         except EketwistError as error:
-            self._refuse("mkdir", requested, error)
+            self._refuse("mkdir", request.path, error)
             return
         self.send_control({"type": "done"})
 
-    def on_put(self, message):
-        requested = wire.string_field(message, "path")
-        size = wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
-        mtime = wire.mtime_field(message) if "mtime" in message else None
-        mode = wire.int_field(message, "mode", 0, wire.MAX_MODE) if "mode" in message else None
-        force = wire.bool_field(message, "force")
+    def _put(self, request):
+        upload = request.upload
         try:
-            self._check_writable(requested)
-            cap = self.factory.max_upload_size
-            if cap is not None and size > cap:
-                raise TooLarge(f"{requested}: {size} bytes is over the server's upload limit of {cap} bytes")
-            part = self.storage.receive(requested, self.username, force)
+            upload.part = part = self.storage.receive(upload.path, self.username, upload.force, upload.size)
         except EketwistError as error:
-            self._refuse("put", requested, error)
+            self._refuse("put", upload.path, error)
             return
-        self._upload = upload = Upload(part, requested, size, mtime, mode, force)
-        if part.size > size:
+        if part.size > upload.size:
             part.restart()
         if not part.size:
             self._offer(upload, None)
@@ -551,55 +506,39 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self._working()
         hashed = threads.deferToThread(part.prefix_hasher())
         hashed.addCallback(lambda sha1: self._offer(upload, sha1))
-        hashed.addErrback(lambda failure: None if upload is not self._upload else self._internal_failure(failure))
+        hashed.addErrback(lambda failure: None if upload is not self.serving.upload else self._internal_failure(failure))
 
     def _offer(self, upload, sha1):
-        if self.closing or upload is not self._upload:
+        if self.closing or upload is not self.serving.upload:
             return
         if sha1 is None:
             upload.part.restart()
-        upload.offered, upload.prefix_sha1 = upload.part.size, sha1
-        offer = {"type": "ready", "offset": upload.offered}
-        if upload.offered:
-            offer["sha1"] = sha1.hexdigest()
-        self.state = "upload-offered"
+        upload.prefix_sha1 = sha1
+        offer = self.serving.offer(upload.part.size, sha1.hexdigest() if sha1 is not None else None)
         self.setTimeout(self.factory.idle_timeout)
         self.send_control(offer)
 
-    def on_upload(self, message):
-        upload = self._upload
-        offset = wire.int_field(message, "offset", 0, wire.MAX_FILE_SIZE)
-        if offset not in (0, upload.offered):
-            raise ProtocolError("upload offset must be 0 or the offered offset")
-        if offset:
+    def _upload_from(self, step):
+        upload = step.upload
+        if step.offset:
             upload.part.resume(upload.prefix_sha1)
-            upload.resumed_from = offset
+            upload.resumed_from = step.offset
         else:
             upload.part.restart()
         upload.prefix_sha1 = None
-        self.state = "receiving"
 
-    def incoming_file(self):
-        return self._upload if self.state == "receiving" else None
-
-    def on_upload_data(self, chunk):
-        self.receive_into(self._upload, self._upload.path, chunk)
-
-    def on_upload_end(self, message):
-        size = wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
-        sha1 = wire.hex_field(message, "sha1", 20)
-        upload, self._upload = self._upload, None
-        if size != upload.size:
+    def _finish(self, step):
+        upload = step.upload
+        if step.size != upload.size:
             upload.part.abort()
-            self.factory.transfer_over()
             self._refuse("put", upload.path, IntegrityError(f"{upload.path}: the file changed size while it was sent"))
+            self.factory.transfer_over()
             return
         # The last writes, fsync and rename take what the disk needs: seconds for a large file
         # on a slow one. In a thread, so that every other client is served meanwhile.
-        self.state = "storing"
         self.setTimeout(None)
-        stored = threads.deferToThread(self._store, upload, size, sha1)
-        stored.addCallbacks(self._stored, self._not_stored, callbackArgs=(upload, size), errbackArgs=(upload,))
+        stored = threads.deferToThread(self._store, upload, step.size, step.sha1)
+        stored.addCallbacks(self._stored, self._not_stored, callbackArgs=(upload, step.size), errbackArgs=(upload,))
 
     @staticmethod
     def _store(upload, size, sha1):
@@ -619,32 +558,45 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         )
         if not self.closing:
             self.send_control({"type": "stored", "size": size, "sha1": digest})
-            self._ready()
-        self._upload_answered()
+        self._answered()
+        self.factory.transfer_over()  # out of "storing" now: no longer counted as uploading
 
     def _not_stored(self, failure, upload):
         if failure.check(EketwistError):
             self._refuse("put", upload.path, failure.value)
         else:
             self._internal_failure(failure)
-        self._upload_answered()
-
-    def _upload_answered(self):
-        self.factory.transfer_over()  # out of "storing" now: no longer counted as uploading
-        early, self._early_message = self._early_message, None
-        if early is not None:
-            self.fail(early)
+        self.factory.transfer_over()
 
     def _abort_upload(self, keep_part, why):
-        upload, self._upload = self._upload, None
-        if upload is not None:
-            upload.part.abort(keep_part=keep_part)
-            self.factory.transfer_over()
-            self.log.info(
-                "{user} from {peer}: put {path} aborted after {nbytes} bytes ({why}); partial {kept}",
-                user=self.username, peer=self.peer, path=upload.path, nbytes=upload.part.size,
-                why=why, kept="kept for a resume" if keep_part else "removed",
-            )
+        """The connection ends during an upload, before END: keep its partial file for a
+        resume, or remove it. (After END the store in its thread finishes the upload.)"""
+        if self.serving is None:
+            return
+        upload = self.serving.upload
+        finishing = isinstance(self.serving.state, serving.Storing)
+        self.serving.close()
+        if upload is None or finishing or upload.part is None:
+            return
+        upload.part.abort(keep_part=keep_part)
+        self.factory.transfer_over()
+        self.log.info(
+            "{user} from {peer}: put {path} aborted after {nbytes} bytes ({why}); partial {kept}",
+            user=self.username, peer=self.peer, path=upload.path, nbytes=upload.part.size,
+            why=why, kept="kept for a resume" if keep_part else "removed",
+        )
+
+    _REQUEST_HANDLERS = {
+        serving.Get: _get,
+        serving.Stat: _stat,
+        serving.List: _list,
+        serving.MakeDir: _make_directory,
+        serving.Put: _put,
+        serving.Unknown: _unknown,
+        serving.UploadFrom: _upload_from,
+        serving.Finish: _finish,
+        serving.Early: _hold_early_message,
+    }
 
 
 @implementer(IPullProducer)

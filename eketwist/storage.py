@@ -192,9 +192,11 @@ class Root:
     (device, inode) pairs never served nor replaced, whatever leads to them (the users file,
     the daemon's log: defence in depth, as the daemon refuses to start with them in a root)."""
 
-    def __init__(self, path, protected=lambda: frozenset()):
+    def __init__(self, path, protected=lambda: frozenset(), writable=True, max_upload_size=None):
         self.path = path
         self._protected = protected
+        self.writable = writable  # False: a read-only account
+        self.max_upload_size = max_upload_size
         self._created = set()  # (device, inode) of directories made through this object
 
     def __repr__(self):
@@ -235,6 +237,10 @@ class Root:
             raise open_error(problem, requested) from None
         finally:
             os.close(root_fd)
+
+    def _check_writable(self, requested):
+        if not self.writable:
+            raise PermissionDenied(f"{requested}: permission denied on the server (read-only account)")
 
     def _check_not_protected(self, st, shown_name):
         if (st.st_dev, st.st_ino) in self._protected():
@@ -379,6 +385,7 @@ class Root:
         existing directory is left as it is (Exists), unless this Root made it: a tree upload
         creates its directories first and gives them their times once their contents are in.
         The root exists, like any other directory."""
+        self._check_writable(requested)
         if not segments(requested):
             raise Exists(f"{requested or '.'}: the directory exists already (it is the root)")
         parent_fd, name = self._parent(requested)
@@ -413,10 +420,15 @@ class Root:
         finally:
             os.close(parent_fd)
 
-    def receive(self, requested, user, force):
-        """A PartFile for an upload of `requested` by `user`, beside its destination, which it
-        will replace only with `force`. Refuses directories, protected files, missing parents
-        and, without `force`, existing names, before a byte is sent."""
+    def receive(self, requested, user, force, size):
+        """A PartFile for an upload of `requested` by `user` of `size` bytes, beside its
+        destination, which it will replace only with `force`. Refuses read-only accounts,
+        sizes over the limit, directories, protected files, missing parents and, without
+        `force`, existing names, before a byte is sent."""
+        self._check_writable(requested)
+        cap = self.max_upload_size
+        if cap is not None and size > cap:
+            raise TooLarge(f"{requested}: {size} bytes is over the server's upload limit of {cap} bytes")
         if not segments(requested):
             raise NotAFile(f"{requested or '.'}: is a directory on the server (the root)")
         try:

@@ -489,7 +489,7 @@ def test_write_behind_lets_go_of_each_chunk_once_written(tmp_path):
 def test_ls_a_shows_your_partial_uploads(daemon, root):
     from eketwist import storage
 
-    part = storage.Root(str(root)).receive("big.iso", "writer", force=False)
+    part = storage.Root(str(root)).receive("big.iso", "writer", force=False, size=1)
     part.write(os.urandom(45_000))
     part.abort(keep_part=True)
     assert part.wait_until_closed(10)

@@ -146,7 +146,7 @@ def test_the_root_is_dot_a_directory_like_another(tmp_path):
         with pytest.raises(errors.Exists):
             served.make_directory(root)
         with pytest.raises(errors.NotAFile):
-            served.receive(root, "u", True)
+            served.receive(root, "u", True, 0)
         with pytest.raises(errors.NotAFile):
             served.open_for_sending(root)
 
@@ -162,7 +162,7 @@ def test_protected_files_are_refused_whatever_leads_to_them(tmp_path):
         with pytest.raises(errors.BadPath):
             served.open_for_sending(name)
         with pytest.raises(errors.BadPath):
-            served.receive(name, "writer", force=True)
+            served.receive(name, "writer", force=True, size=1)
         with pytest.raises(errors.BadPath):
             served.stat(name)
     assert list(served.listing("")) == []  # not even its size and time
@@ -407,7 +407,7 @@ def test_aborting_a_part_file_does_not_wait_for_a_slow_disk(tmp_path, monkeypatc
 
 def test_partial_uploads_are_listed_to_their_owner_only(tmp_path):
     served = storage.Root(str(tmp_path))
-    part = served.receive("up.bin", "writer", force=False)
+    part = served.receive("up.bin", "writer", force=False, size=5000)
     part.write(b"x" * 5000)
     part.abort(keep_part=True)
     assert part.wait_until_closed(10)
@@ -417,7 +417,7 @@ def test_partial_uploads_are_listed_to_their_owner_only(tmp_path):
     assert [e["name"] for e in served.listing("", partials_of="alice")] == ["other"]
     assert [e["name"] for e in served.listing("")] == ["other"]
     # Once stored, the file carries no trace of the label.
-    part = served.receive("up.bin", "writer", force=False)
+    part = served.receive("up.bin", "writer", force=False, size=5000)
     part.resume(hashlib.sha1(b"x" * 5000))
     part.write(b"z")
     part.finish(5001, hashlib.sha1(b"x" * 5000 + b"z").digest())
@@ -442,7 +442,7 @@ def test_something_planted_under_a_part_files_name_is_refused(tmp_path, planted)
     else:
         os.link(victim, part)
     with pytest.raises(errors.BadPath, match="not the server's own file|path refused"):
-        storage.Root(str(root)).receive("up.bin", "writer", force=False)
+        storage.Root(str(root)).receive("up.bin", "writer", force=False, size=1)
     assert victim.read_text() == "not yours" and stat.S_IMODE(victim.stat().st_mode) == 0o600
 
 

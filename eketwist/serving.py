@@ -1,0 +1,265 @@
+"""The server's side of requests (docs/protocol.md section 7) as a state machine without I/O:
+it takes the client's decoded CONTROL messages (and the sizes of its DATA records), checks them
+against the state, and says which request or step came in; the glue (eketwist.server) carries
+it out with the storage object and reports back, and the machine gives the answer to send.
+
+Each state is a class carrying its data (an upload lives in the states of an upload only):
+
+    Ready          --receive(GET/LIST)-->   Working          (Get, List)
+                   --receive(STAT/MKDIR)--> Ready            (Stat, MakeDir: answered at once)
+                   --receive(PUT)-->        Working          (Put: the glue opens the partial file)
+                   --receive(other)-->      Ready            (Unknown: refused with unsupported)
+    Working        --offer(upload)-->       UploadOffered    (returns READY)
+                   --done()-->              Ready            (END sent, listing over, or refused)
+    UploadOffered  --receive(UPLOAD)-->     Receiving        (UploadFrom)
+    Receiving      --data(n)-->             Receiving        (IntegrityError past the size)
+                   --receive(END)-->        Storing          (Finish)
+    Storing        --receive(anything)-->   Storing          (Early: answered after STORED)
+                   --done()-->              Ready            (returns the early message's error)
+
+Messages a state does not list are protocol errors. Requests arrive one at a time in version 1;
+each request is an object of its own, so that a later version can keep several in flight.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from . import wire
+from .errors import IntegrityError, ProtocolError, Unsupported
+
+
+@dataclass
+class Upload:
+    """One upload in progress: the PUT's fields and the partial file the glue opened."""
+
+    path: str
+    size: int
+    mtime: Optional[float]
+    mode: Optional[int]
+    force: bool
+    part: Any = None  # files.PartFile: written by the glue, never by the machine
+    offered: int = 0
+    prefix_sha1: Any = None
+    resumed_from: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+# -- requests, as receive() reports them
+
+
+@dataclass(frozen=True)
+class Get:
+    path: str
+    offset: int
+    sha1: Optional[bytes]
+
+
+@dataclass(frozen=True)
+class Stat:
+    path: str
+
+
+@dataclass(frozen=True)
+class List:
+    path: str
+    recursive: bool
+    partials: bool
+
+
+@dataclass(frozen=True)
+class MakeDir:
+    path: str
+    mode: Optional[int]
+    mtime: Optional[float]
+
+
+@dataclass(frozen=True)
+class Put:
+    upload: Upload
+
+
+@dataclass(frozen=True)
+class Unknown:
+    error: Unsupported
+
+
+@dataclass(frozen=True)
+class UploadFrom:
+    upload: Upload
+    offset: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    upload: Upload
+    size: int
+    sha1: bytes
+
+
+@dataclass(frozen=True)
+class Early:
+    """A message between END and the upload's answer: held until the answer has gone."""
+
+
+# -- states
+
+
+@dataclass(frozen=True)
+class Ready:
+    pass
+
+
+@dataclass(frozen=True)
+class Working:
+    what: str  # "get", "list" or "put" (hashing the partial file's prefix)
+    upload: Optional[Upload] = None
+
+
+@dataclass(frozen=True)
+class UploadOffered:
+    upload: Upload
+
+
+@dataclass
+class Receiving:
+    upload: Upload
+    owed: int  # file bytes the client has still to send
+
+
+@dataclass
+class Storing:
+    upload: Upload
+    early: Optional[ProtocolError] = None
+
+
+@dataclass(frozen=True)
+class Closed:
+    pass
+
+
+State = Union[Ready, Working, UploadOffered, Receiving, Storing, Closed]
+
+STATE_NAMES = {
+    Ready: "ready", Working: "working", UploadOffered: "upload-offered", Receiving: "receiving",
+    Storing: "storing", Closed: "closed",
+}
+
+
+def _optional(message, name, read, *args):
+    return read(message, name, *args) if name in message else None
+
+
+def _request(message):
+    """A request message as its request object."""
+    kind = message["type"]
+    if kind == "get":
+        offset = _optional(message, "offset", wire.int_field, 0, wire.MAX_FILE_SIZE) or 0
+        sha1 = wire.hex_field(message, "sha1", 20) if offset else None
+        return Get(wire.string_field(message, "path"), offset, sha1)
+    if kind == "stat":
+        return Stat(wire.string_field(message, "path"))
+    if kind == "list":
+        return List(wire.string_field(message, "path"), wire.bool_field(message, "recursive"), wire.bool_field(message, "all"))
+    if kind == "mkdir":
+        return MakeDir(
+            wire.string_field(message, "path"),
+            _optional(message, "mode", wire.int_field, 0, wire.MAX_MODE),
+            _optional(message, "mtime", wire.mtime_field),
+        )
+    if kind == "put":
+        return Put(Upload(
+            path=wire.string_field(message, "path"),
+            size=wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE),
+            mtime=_optional(message, "mtime", wire.mtime_field),
+            mode=_optional(message, "mode", wire.int_field, 0, wire.MAX_MODE),
+            force=wire.bool_field(message, "force"),
+        ))
+    if kind in ("error", "data"):
+        raise ProtocolError(f"unexpected {kind!r} message in state 'ready'")
+    # Later versions add requests; an old server answers clearly and carries on.
+    return Unknown(Unsupported(f"request {kind[:40]!r} is not supported by this server"))
+
+
+class Serving:
+    def __init__(self):
+        self.state: State = Ready()
+
+    @property
+    def name(self):
+        return STATE_NAMES[type(self.state)]
+
+    @property
+    def upload(self):
+        """The upload in progress, from PUT to its answer (or None)."""
+        return getattr(self.state, "upload", None)
+
+    def receive(self, message):
+        """A CONTROL message from the client: the request or step it is. A client's ERROR is
+        left to the glue (it ends the connection)."""
+        state, kind = self.state, message["type"]
+        if isinstance(state, Ready):
+            request = _request(message)
+            if isinstance(request, (Get, List)):
+                self.state = Working(type(request).__name__.lower())
+            elif isinstance(request, Put):
+                self.state = Working("put", request.upload)
+            return request
+        if isinstance(state, UploadOffered) and kind == "upload":
+            offset = wire.int_field(message, "offset", 0, wire.MAX_FILE_SIZE)
+            upload = state.upload
+            if offset not in (0, upload.offered):
+                raise ProtocolError("upload offset must be 0 or the offered offset")
+            self.state = Receiving(upload, upload.size - offset)
+            return UploadFrom(upload, offset)
+        if isinstance(state, Receiving) and kind == "end":
+            size = wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
+            sha1 = wire.hex_field(message, "sha1", 20)
+            self.state = Storing(state.upload)
+            return Finish(state.upload, size, sha1)
+        if isinstance(state, Storing):
+            # The answer to the upload still comes first, so that its outcome is never in
+            # doubt; the protocol error follows it (see done()).
+            if state.early is None:
+                state.early = ProtocolError(f"unexpected {kind[:40]!r} message before the upload's answer")
+            return Early()
+        raise ProtocolError(f"unexpected {kind[:40]!r} message in state {self.name!r}")
+
+    def data(self, length):
+        """A DATA record of `length` file bytes from the client."""
+        state = self.state
+        if isinstance(state, Storing):
+            self.receive({"type": "data"})
+            return Early()
+        if not isinstance(state, Receiving):
+            raise ProtocolError(f"unexpected 'data' message in state {self.name!r}")
+        if length > state.owed:
+            raise IntegrityError(f"{state.upload.path}: the client sent more than the announced size")
+        state.owed -= length
+        return None
+
+    def bytes_owed(self):
+        """File bytes the client announced and has not sent yet (0 outside an upload's DATA)."""
+        return self.state.owed if isinstance(self.state, Receiving) else 0
+
+    def offer(self, offset, sha1_hex):
+        """READY for the upload in progress: the partial file holds `offset` bytes."""
+        state = self.state
+        assert isinstance(state, Working) and state.upload is not None, state
+        upload = state.upload
+        upload.offered = offset
+        self.state = UploadOffered(upload)
+        message = {"type": "ready", "offset": offset}
+        if offset:
+            message["sha1"] = sha1_hex
+        return message
+
+    def done(self):
+        """The request has been answered (or refused): Ready. Returns the error of a message
+        that came too early, which the glue sends after the answer; else None."""
+        early = self.state.early if isinstance(self.state, Storing) else None
+        self.state = Ready()
+        return early
+
+    def close(self):
+        self.state = Closed()
