@@ -18,6 +18,12 @@ SCRYPT_BOUNDS = {"n": (2**10, 2**20), "r": (1, 16), "p": (1, 4)}
 MAX_SCRYPT_MEMORY = 1 << 30
 
 
+def scrypt_memory(n, r, p):
+    """Bytes scrypt needs (OpenSSL: V, 128·r·(N+2), and B, 128·r·p): at the largest cost
+    accepted, 1 GiB and a little, within what hashlib lets maxmem be (below 2^31)."""
+    return 128 * r * (n + 2 + p)
+
+
 def len_prefixed(data):
     return struct.pack("<Q", len(data)) + data
 
@@ -30,7 +36,7 @@ def register(password, salt, id_prover, *, n, r, p):
     """
     pbkdf_input = len_prefixed(password) + len_prefixed(id_prover) + len_prefixed(b"")
     # scrypt needs 128*n*r bytes; hashlib's default cap (32 MiB) refuses n=2**15, r=8.
-    maxmem = 128 * n * r * (p + 1) + 1024 * 1024
+    maxmem = scrypt_memory(n, r, p) + 1024 * 1024  # OpenSSL's own needs, and some headroom
     out = hashlib.scrypt(pbkdf_input, salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=2 * W_BYTES)
     w0 = int.from_bytes(out[:W_BYTES], "big") % ORDER
     w1 = int.from_bytes(out[W_BYTES:], "big") % ORDER

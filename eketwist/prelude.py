@@ -74,6 +74,8 @@ class Prelude:
             self._outcome = errors.Timeout(f"the server made no progress for {self._timeout:g} s")
         except OSError as problem:
             self._outcome = errors.ConnectionFailed(f"the connection to the server was lost: {problem.strerror or problem}")
+        except (ValueError, MemoryError) as problem:  # scrypt could not run at this cost here
+            self._outcome = errors.EketwistError(f"password hashing failed: {problem}")
 
     def wait(self):
         """(server name, w0, w1); raises the failure as an EketwistError. Blocking."""

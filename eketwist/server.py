@@ -47,6 +47,8 @@ DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_PARTIAL_MAX_AGE = 7 * 24 * 3600.0
 # A listing is sent in CONTROL messages of at most this many bytes of entries.
 LISTING_BATCH_BYTES = 48 * 1024
+# Seconds a connection cut at shutdown has to deliver its ERROR before it is aborted.
+CUT_DELAY = 1.0
 
 
 @implementer(IPushProducer)
@@ -339,6 +341,12 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self.log.info("closing connection from {peer}: the server is shutting down", peer=self.peer)
             self.send_error(TryLater("the server is shutting down; try again shortly"))
             self.close()
+
+    def cut(self, error):
+        """End the connection now (a shutdown's grace is over): the ERROR says why, and the
+        connection is aborted a moment later whether or not the client read it."""
+        self.fail(error)
+        self.callLater(CUT_DELAY, self.transport.abortConnection)
 
     def _working(self):
         """Sending a file or a listing, or hashing for a resume: the idle timeout runs, and
@@ -713,31 +721,33 @@ class ServerFactory(protocol.Factory):
 
     def drain(self, grace):
         """Stop serving: close idle connections now, let running transfers finish for up to
-        `grace` seconds, then cut the rest. Fires when every connection is closed."""
-        from twisted.internet import task
+        `grace` seconds, then cut the rest, telling each client why. Fires when every
+        connection is closed."""
+        from twisted.internet import defer
 
         self.draining = True
         for connection in list(self.connections):
             if not connection.busy:
                 connection.shut_down()
-        busy = len(self.connections)
-        if busy:
-            self.log.info("waiting up to {grace:g} s for {count} transfers to finish", grace=grace, count=busy)
-        deadline = self.clock.seconds() + grace
+        if not self.connections:
+            return defer.succeed(None)
+        self.log.info("waiting up to {grace:g} s for {count} transfers to finish", grace=grace, count=len(self.connections))
+        # Observers of each connection's end, leaving its own Deferred's result alone.
+        ends = []
+        for connection in self.connections:
+            end = defer.Deferred()
+            connection.when_closed.addBoth(lambda result, end=end: (end.callback(None), result)[1])
+            ends.append(end)
 
-        def check():
-            if not self.connections:
-                loop.stop()
-            elif self.clock.seconds() >= deadline:
-                for connection in list(self.connections):
-                    self.log.info("cutting the transfer of {peer}: grace period over", peer=connection.peer)
-                    connection.transport.abortConnection()
-                if not self.connections:
-                    loop.stop()
+        def cut():
+            for connection in list(self.connections):
+                self.log.info("cutting the transfer of {peer}: grace period over", peer=connection.peer)
+                connection.cut(TryLater("the server is shutting down and the transfer was cut; run the same command again to resume"))
 
-        loop = task.LoopingCall(check)
-        loop.clock = self.clock
-        return loop.start(0.05, now=True).addCallback(lambda _: None)
+        deadline = self.clock.callLater(grace, cut)
+        everyone = defer.gatherResults(ends)
+        everyone.addCallback(lambda _: deadline.cancel() if deadline.active() else None)
+        return everyone
 
     def roots(self):
         """Every root a user may write to: the server's and the users' own."""

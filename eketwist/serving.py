@@ -155,8 +155,10 @@ def _request(message):
     kind = message["type"]
     if kind == "get":
         offset = _optional(message, "offset", wire.int_field, 0, wire.MAX_FILE_SIZE) or 0
-        sha1 = wire.hex_field(message, "sha1", 20) if offset else None
-        return Get(wire.string_field(message, "path"), offset, sha1)
+        sha1 = _optional(message, "sha1", wire.hex_field, 20)  # like every member: typed if present
+        if offset and sha1 is None:
+            raise ProtocolError("get: an offset needs the sha1 of those bytes")
+        return Get(wire.string_field(message, "path"), offset, sha1 if offset else None)
     if kind == "stat":
         return Stat(wire.string_field(message, "path"))
     if kind == "list":

@@ -151,18 +151,56 @@ def encode_message(message):
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode("utf-8")
 
 
+# Nesting deeper than this is refused: no message of ours goes past 4 levels, and a parser's
+# own limit (Python's is near 1,000) should not be what decides.
+MAX_NESTING = 32
+
+
+class _Malformed(ValueError):
+    pass
+
+
 def _refuse_constant(name):
-    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity
+    raise _Malformed(f"{name} is not JSON")  # Python's json accepts NaN and Infinity
+
+
+def _object_without_duplicates(pairs):
+    # Parsers differ on which of two equal names wins: a message with both means nothing.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _Malformed("a member name appears twice")
+    return obj
+
+
+def _nesting(value):
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        if depth > MAX_NESTING:
+            return depth
+        level = [
+            child for item in level if isinstance(item, (dict, list))
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, (dict, list))
+        ]
+    return depth
 
 
 def decode_message(payload):
     """A JSON object with a string "type"; unknown fields are ignored by the readers."""
     try:
-        message = json.loads(bytes(payload).decode("utf-8"), parse_constant=_refuse_constant)
+        message = json.loads(
+            bytes(payload).decode("utf-8"),
+            parse_constant=_refuse_constant, object_pairs_hook=_object_without_duplicates,
+        )
+    except _Malformed as problem:
+        raise ProtocolError(f"malformed message: {problem}") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError("malformed message: not UTF-8 JSON") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError("malformed message: not an object with a type")
+    if _nesting(message) > MAX_NESTING:
+        raise ProtocolError(f"malformed message: nested deeper than {MAX_NESTING} levels")
     return message
 
 

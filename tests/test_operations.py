@@ -208,7 +208,9 @@ def test_sigterm_lets_running_transfers_finish_within_the_grace_period(root, use
             assert result["data"] == (root / "slow.bin").read_bytes()
             assert stopped_after > 1  # it waited for the transfer
         else:
-            assert "end" not in result and stopped_after < grace + 5
+            # Cut, and told so: a fatal try-later instead of END (the client may resume later).
+            assert result["end"]["type"] == "error" and result["end"]["code"] == "try-later", result["end"]
+            assert stopped_after < grace + 5
             assert "cutting the transfer" in output.text()
     finally:
         if process.poll() is None:

@@ -5,6 +5,7 @@ import pathlib
 
 import pytest
 
+from eketwist import pbkdf
 from eketwist import spake2plus as s2
 
 HERE = pathlib.Path(__file__).parent
@@ -128,3 +129,12 @@ def test_precomputed_verifier_points_give_the_same_answer(vec):
     assert repr(points) == "VerifierPoints()"
     share_v, keys = s2.verifier_respond(context, b"client", b"server", w0, h(vec["L"]), h(vec["shareP"]), y, points=points)
     assert share_v == h(vec["shareV"]) and keys.shared == h(vec["K_shared"])
+
+
+def test_the_largest_cost_a_client_accepts_can_be_computed():
+    """The bound of docs/protocol.md section 3.2 (128·N·r <= 2^30) is reachable: at its edge
+    scrypt needs 1 GiB, which hashlib's maxmem must allow (it refused it once)."""
+    for n, r in ((2**20, 8), (2**19, 16)):
+        assert pbkdf.check_scrypt({"n": n, "r": r, "p": 1}) is None
+    w0, w1 = pbkdf.register(b"pw", b"salt" * 4, b"alice", n=2**20, r=8, p=1)
+    assert 0 <= w0 < pbkdf.ORDER and 0 <= w1 < pbkdf.ORDER

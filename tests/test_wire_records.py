@@ -156,3 +156,23 @@ def test_wanted_keeps_reads_on_frame_boundaries():
     got = []
     decoder.feed(frame[40:], lambda kind, head, payload: got.append(bytes(payload)))
     assert got == [b"x" * 100] and decoder.wanted(whole=105) == 105
+
+
+@pytest.mark.parametrize(
+    "payload, why",
+    [
+        (b'{"type":"stat","path":"a","path":"b"}', "appears twice"),  # which would win differs by parser
+        (b'{"type":"stat","x":' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper"),
+        (b'{"type":"stat","x":' + b'{"a":' * 40 + b"1" + b"}" * 40 + b"}", "nested deeper"),
+        (b"\xef\xbb\xbf" + b'{"type":"stat"}', "not UTF-8 JSON"),  # a BOM is not JSON
+        (b'{"type":"stat","x":NaN}', "NaN is not JSON"),
+    ],
+)
+def test_malformed_messages_are_protocol_errors(payload, why):
+    with pytest.raises(ProtocolError, match=why):
+        wire.decode_message(payload)
+
+
+def test_nesting_up_to_the_limit_is_accepted():
+    deep = b'{"type":"t","x":' + b"[" * (wire.MAX_NESTING - 1) + b"]" * (wire.MAX_NESTING - 1) + b"}"
+    assert wire.decode_message(deep)["type"] == "t"
