@@ -987,3 +987,68 @@ def test_decision_list_of_a_symlink_lists_its_directory_or_gives_the_link(alice,
     assert sorted(e["name"] for e in through_link) == sorted(os.listdir(server.root / "tree"))
     (entry,), _ = alice.list("link.txt")
     assert entry["name"] == "link.txt" and entry["kind"] == "symlink"
+
+
+# == Second pass: what a reviewer probing from the page found (§3, §7, §7.5, §7.6) ==========
+
+@pytest.mark.parametrize("message", [
+    {"type": "upload", "offset": 0}, {"type": "end", "size": 0, "sha1": "00" * 20},
+    {"type": "ready", "offset": 0}, {"type": "stored", "size": 0, "sha1": "00" * 20},
+])
+def test_out_of_place_steps_in_ready_are_unsupported(alice, message):
+    assert_refusal(alice, alice.request(message), "unsupported")
+
+
+def test_data_in_ready_is_protocol(alice):
+    alice.send_record(DATA, b"")
+    assert_fatal(alice, "protocol")
+
+
+def test_a_member_twice_is_protocol(alice):
+    alice.send_record(CONTROL, b'{"type":"stat","path":"nope","path":"hello.txt"}')
+    assert_fatal(alice, "protocol")
+
+
+def test_nesting_past_32_levels_is_protocol(alice):
+    alice.send_record(CONTROL, b'{"type":"stat","path":"hello.txt","x":' + b"[" * 33 + b"]" * 33 + b"}")
+    assert_fatal(alice, "protocol")
+
+
+def test_put_with_force_replaces_a_symlink_not_its_target(alice, server):
+    os.symlink("../hello.txt", server.root / "up" / "pointer")
+    before = (server.root / "hello.txt").read_bytes()
+    assert alice.put_offer("up/pointer", 3)["code"] == "exists"  # without force
+    assert alice.put("up/pointer", b"new", force=True)[1]["type"] == "stored"
+    assert not (server.root / "up" / "pointer").is_symlink()
+    assert (server.root / "up" / "pointer").read_bytes() == b"new"
+    assert (server.root / "hello.txt").read_bytes() == before
+
+
+def test_a_partial_longer_than_the_new_size_starts_over(server):
+    data = os.urandom(MiB)
+    interrupted_upload(server, "up/shrunk.bin", data, 600_000)
+    part = server.root / "up" / partial_name("alice", "shrunk.bin")
+    wait_for(lambda: part.exists() and part.stat().st_size > 0)
+    deadline = time.monotonic() + 10
+    while True:
+        c = spec.connect_login(server.port, "alice", ALICE_PW)
+        ready = c.put_offer("up/shrunk.bin", 1000)
+        if ready.get("code") != "busy" or time.monotonic() > deadline:
+            break
+        c.close()
+        time.sleep(0.05)
+    with c:
+        assert ready == {"type": "ready", "offset": 0}
+        assert part.stat().st_size == 0  # emptied at once
+
+
+def test_exists_after_end_keeps_the_partial_and_force_resumes_at_its_size(alice, server):
+    data = b"the bytes of a file that appeared meanwhile\n"
+    assert alice.put_offer("up/raced.txt", len(data))["offset"] == 0
+    alice.send_control({"type": "upload", "offset": 0})
+    alice.send_data(data)
+    (server.root / "up" / "raced.txt").write_bytes(b"someone else's")
+    alice.send_control({"type": "end", "size": len(data), "sha1": sha1(data)})
+    assert_refusal(alice, alice.recv_message(), "exists")
+    ready = alice.put_offer("up/raced.txt", len(data), force=True)
+    assert ready == {"type": "ready", "offset": len(data), "sha1": sha1(data)}
