@@ -1,10 +1,7 @@
-"""The client's protocol machine: SPAKE2+ Prover, then requests, with Deferreds at its edge.
+"""The client's Protocol: the handshake through prover.Prover, then requests, with Deferreds
+at its edge that fire on a later turn of the reactor.
 
-States and the messages each accepts (docs/protocol.md, section 9):
-  params      -> params       : check the scrypt cost, derive w0 and w1 in a thread
-  deriving    -> (nothing)    : scrypt is running
-  share       -> share        : check confirmV BEFORE revealing confirmP, then send confirmP
-  ok          -> ok           : records start; `authenticated_deferred` fires
+Request states and the messages each accepts (docs/protocol.md, section 9):
   ready       -> (nothing)    : waiting for the caller's next request
   preparing   -> (nothing)    : hashing the part of a file we already have, to resume
   get-header  -> file         : the server accepted a get
@@ -30,8 +27,9 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
-from . import errors, files, prelude, spake2plus, wire
+from . import errors, files, pbkdf, prover, wire
 from .connection import SecureConnection, send_file
+from .prover import Prover
 from .errors import (
     ConnectionFailed,
     EketwistError,
@@ -39,7 +37,6 @@ from .errors import (
     LocalIOError,
     NotAFile,
     ProtocolError,
-    ServerNotAuthenticated,
     Unsupported,
 )
 
@@ -91,11 +88,8 @@ class _Request:
 class ClientProtocol(SecureConnection, TimeoutMixin):
     log = Logger()
     PEER = "server"
+    # The request states and the messages each accepts (the handshake is prover.Prover's).
     TRANSITIONS = {
-        "params": {"params": "on_params"},
-        "deriving": {},
-        "share": {"share": "on_share"},
-        "ok": {"ok": "on_ok"},
         "ready": {},
         "preparing": {},
         "get-header": {"file": "on_file"},
@@ -111,31 +105,53 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def __init__(self, username, password, timeout=None, clock=None, derived=None):
         """`timeout`: seconds without progress (no byte from the server while we wait for
         one, no chunk sent while we upload) after which the connection is abandoned.
-        `derived`: (server name, w0, w1) when a Prelude already sent HELLO and ran scrypt on
-        this connection; the machine then starts from "deriving"."""
+        `derived`: a prelude.FirstRound when the fast start already sent HELLO and ran scrypt
+        on this connection: its machine and decoder go on here."""
         from twisted.internet import reactor
 
         self.timeout = timeout
-        self.callLater = (clock or reactor).callLater
+        self.clock = clock or reactor
+        self.callLater = self.clock.callLater
         self.username = username
         self._password = password
         self.authenticated_deferred = Deferred()
+        self._authentication_settled = False
         self.server_id = None
         self._request = None
-        self._derived_early = derived
+        self._first_round = derived
+        self.prover = derived.prover if derived is not None else Prover(username)
         self._end_reason = None
 
-    state = "closed"
+    state = "handshake"  # then the request states of TRANSITIONS, and "closed"
 
     def __repr__(self):
         return f"<ClientProtocol user={self.username!r} state={self.state!r}>"
 
-    # -- messages in, through the state table
+    def _later(self, deferred, outcome):
+        """Fire a caller's Deferred on a later turn of the reactor, never inside
+        dataReceived: whatever the caller does next (its next request, a close) then runs
+        with our state settled and no view of the read buffer open."""
+        if isinstance(outcome, Exception):
+            self.callLater(0, deferred.errback, outcome)
+        else:
+            self.callLater(0, deferred.callback, outcome)
+
+    # -- messages in
 
     def handshake_received(self, message):
-        self._dispatch_to(self.state, message["type"], message)
+        if message["type"] == "error":
+            self.peer_error(message)
+            return
+        event = self.prover.receive(message)
+        if isinstance(event, prover.Params):
+            self._derive(event)
+        elif isinstance(event, prover.Confirm):
+            self.send_handshake(event.reply)
+        else:
+            self._authenticated(event)
 
-    control_received = handshake_received
+    def control_received(self, message):
+        self._dispatch_to(self.state, message["type"], message)
 
     def data_received(self, chunk):
         self._dispatch_to(self.state, "data", chunk)
@@ -152,14 +168,12 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def connectionMade(self):
         super().connectionMade()
         self.setTimeout(self.timeout)
-        if self._derived_early is not None:
-            self.state = "deriving"
-            self.server_id, w0, w1 = self._derived_early
-            self._derived_early = None
-            self._derived((w0, w1))
+        first_round, self._first_round = self._first_round, None
+        if first_round is not None:
+            self.decoder = first_round.decoder  # whatever it holds is the server's
+            self._derived((first_round.w0, first_round.w1))
             return
-        self.state = "params"
-        self.send_handshake(prelude.hello(self.username))
+        self.send_handshake(self.prover.hello())
 
     def dataReceived(self, data):
         self.resetTimeout()
@@ -168,14 +182,13 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def timeoutConnection(self):
         self.fail(errors.Timeout(f"the server made no progress for {self.timeout:g} s"))
 
-    # -- handshake
+    # -- handshake: the prover says what to send; scrypt runs in a thread
 
-    def on_params(self, message):
-        self.server_id, salt, scrypt = prelude.parse_params(message)
-        self.state = "deriving"
+    def _derive(self, params):
+        self.server_id = params.server_id
         password, self._password = self._password, None
         derived = threads.deferToThread(
-            spake2plus.register, password.encode("utf-8"), salt, self.username.encode("utf-8"), **scrypt
+            pbkdf.register, password.encode("utf-8"), params.salt, self.username.encode("utf-8"), **params.scrypt
         )
         derived.addCallback(self._derived)
         derived.addErrback(self._internal_failure)
@@ -183,41 +196,18 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def _derived(self, w0_w1):
         if self.closing:
             return
-        self._w0, self._w1 = w0_w1
-        self._x, self._share_p = spake2plus.prover_share(self._w0)
-        self.state = "share"
-        self.send_handshake({"type": "share", "share": self._share_p.hex()})
+        self.send_handshake(self.prover.derived(*w0_w1))
 
-    def on_share(self, message):
-        share_v = wire.hex_field(message, "share", spake2plus.POINT_BYTES)
-        confirm_v = wire.hex_field(message, "confirm", 32)
-        try:
-            keys = spake2plus.prover_finish(
-                wire.CONTEXT,
-                self.username.encode("utf-8"),
-                self.server_id.encode("utf-8"),
-                self._w0,
-                self._w1,
-                self._x,
-                self._share_p,
-                share_v,
-            )
-        except spake2plus.InvalidPoint as problem:
-            raise ProtocolError(f"invalid share from the server: {problem}") from None
-        finally:
-            self._w0 = self._w1 = self._x = None
-        # The server proves itself first: we reveal nothing more to one that cannot.
-        if not spake2plus.confirmation_matches(keys.confirm_v, confirm_v):
-            raise ServerNotAuthenticated()
-        self._k_shared = keys.shared
-        self.state = "ok"
-        self.send_handshake({"type": "confirm", "confirm": keys.confirm_p.hex()})
-
-    def on_ok(self, message):
-        self.start_records(self._k_shared, is_client=True)
-        self._k_shared = None
+    def _authenticated(self, done):
+        self.server_id = done.server_id
+        self.start_records(done.shared_key, is_client=True)
         self._ready()
-        self.authenticated_deferred.callback(self)
+        self._settle_authentication(self)
+
+    def _settle_authentication(self, outcome):
+        if not self._authentication_settled:
+            self._authentication_settled = True
+            self._later(self.authenticated_deferred, outcome)
 
     # -- requests: the public API; each returns a Deferred, one request at a time
 
@@ -247,7 +237,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         request, self._request = self._request, None
         self._ready()
         request.progress.close()
-        request.deferred.callback(result)
+        self._later(request.deferred, result)
 
     def stat(self, remote):
         """Fires with the entry of `remote` (name, type, size, mtime, mode)."""
@@ -459,7 +449,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             request, self._request = self._request, None
             self._ready()
             request.cleanup(keep_part=request.part is not None and request.part.size > 0)
-            request.deferred.errback(error)
+            self._later(request.deferred, error)
             return
         self._fail_pending(error)
         self.close()
@@ -482,9 +472,8 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         if request is not None:
             # A cut connection keeps the .part for a later resume; bad data does not.
             request.cleanup(keep_part=isinstance(error, ConnectionFailed))
-            request.deferred.errback(error)
-        if not self.authenticated_deferred.called:
-            self.authenticated_deferred.errback(error)
+            self._later(request.deferred, error)
+        self._settle_authentication(error)
 
     def close(self, reason=None):
         self.state = "closed"

@@ -2,29 +2,28 @@
 
 A login spends most of its time loading Twisted and the curve code, and running scrypt. The
 two need not wait for each other: the client connects, sends HELLO and, in a thread, reads
-PARAMS and runs scrypt while the main thread is still importing; the connected socket is then
-handed to Twisted, and the protocol machine continues from "deriving". Light imports only.
+PARAMS and runs scrypt while the main thread is still importing. It is the same prover machine
+and the same frame decoder as every connection's: the connected socket, the machine (waiting
+for scrypt's result) and the decoder are then handed to the Protocol, which goes on from there.
+Light imports only.
 """
 
 import socket
 import threading
+from dataclasses import dataclass
 
 from . import errors, pbkdf, wire
+from .prover import Prover
 
 
-def hello(username):
-    return {"type": "hello", "version": wire.PROTOCOL_VERSION, "user": username}
+@dataclass
+class FirstRound:
+    """What the Protocol takes over: the machine in Deriving, scrypt's result, the decoder."""
 
-
-def parse_params(message):
-    """(server name, salt, scrypt cost) from a PARAMS message, refusing unreasonable costs."""
-    server_id = wire.text_field(message, "server", wire.MAX_NAME_BYTES)
-    salt = wire.hex_field(message, "salt", 8, 64)
-    scrypt = message.get("scrypt")
-    problem = pbkdf.check_scrypt(scrypt)
-    if problem:
-        raise errors.ProtocolError(f"the server asked for unreasonable password hashing: {problem}")
-    return server_id, salt, {key: scrypt[key] for key in ("n", "r", "p")}
+    prover: Prover
+    decoder: wire.FrameDecoder
+    w0: int
+    w1: int
 
 
 class Prelude:
@@ -38,36 +37,40 @@ class Prelude:
         # Small frames leave at once (see connection.send_small_frames_at_once).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._timeout = timeout
-        self._username = username
         self._password = password
         self._outcome = None
-        self.sock.sendall(wire.handshake_frame(hello(username)))
+        self.prover = Prover(username)
+        self.decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_PAYLOAD)
+        self.sock.sendall(wire.handshake_frame(self.prover.hello()))
         self._thread = threading.Thread(target=self._run, name="eketwist-prelude", daemon=True)
         self._thread.start()
 
-    def _read(self, count):
-        data = bytearray()
-        while len(data) < count:
-            chunk = self.sock.recv(count - len(data))
+    def _next_message(self):
+        """The server's first message, through the decoder the Protocol will keep using."""
+        frames = []
+        while not frames:
+            chunk = self.sock.recv(wire.MAX_HANDSHAKE_PAYLOAD)
             if not chunk:
                 raise errors.ConnectionFailed("the server closed the connection")
-            data += chunk
-        return bytes(data)
+            self.decoder.feed(chunk, lambda kind, head, payload: frames.append((kind, bytes(payload))))
+        if len(frames) > 1:
+            raise errors.ProtocolError("the server sent more than one message before our share")
+        kind, payload = frames[0]
+        if kind != wire.HANDSHAKE:
+            raise errors.ProtocolError("record before the handshake completed")
+        return wire.decode_message(payload)
 
     def _run(self):
         password, self._password = self._password, None  # this frame's, until scrypt is done
         try:
-            length, kind = wire.HEADER.unpack(self._read(wire.HEADER_BYTES))
-            if kind != wire.HANDSHAKE or length > wire.MAX_HANDSHAKE_PAYLOAD:
-                raise errors.ProtocolError("the server's first answer is not a handshake message")
-            message = wire.decode_message(self._read(length))
+            message = self._next_message()
             if message["type"] == "error":
                 raise errors.from_wire(str(message.get("code")), message.get("message"))
-            if message["type"] != "params":
-                raise errors.ProtocolError(f"unexpected {message['type'][:40]!r} message in state 'params'")
-            server_id, salt, scrypt = parse_params(message)
-            w0, w1 = pbkdf.register(password.encode("utf-8"), salt, self._username.encode("utf-8"), **scrypt)
-            self._outcome = (server_id, w0, w1)
+            params = self.prover.receive(message)
+            w0, w1 = pbkdf.register(
+                password.encode("utf-8"), params.salt, self.prover.username.encode("utf-8"), **params.scrypt
+            )
+            self._outcome = FirstRound(self.prover, self.decoder, w0, w1)
         except errors.EketwistError as error:
             self._outcome = error
         except socket.timeout:
@@ -78,9 +81,8 @@ class Prelude:
             self._outcome = errors.EketwistError(f"password hashing failed: {problem}")
 
     def wait(self):
-        """(server name, w0, w1); raises the failure as an EketwistError. Blocking."""
+        """The FirstRound; raises the failure as an EketwistError. Blocking."""
         self._thread.join()
         if isinstance(self._outcome, Exception):
             raise self._outcome
         return self._outcome
-

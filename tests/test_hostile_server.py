@@ -228,11 +228,11 @@ def holders():
             frame = frame.f_back
     return found
 
-on_ok = client_protocol.ClientProtocol.on_ok
-def on_ok_then_look(self, message):
-    on_ok(self, message)
+authenticated = client_protocol.ClientProtocol._authenticated
+def authenticated_then_look(self, done):
+    authenticated(self, done)
     print("password held by:", holders(), file=sys.stderr)
-client_protocol.ClientProtocol.on_ok = on_ok_then_look
+client_protocol.ClientProtocol._authenticated = authenticated_then_look
 client.main(sys.argv[1:])
 """
 

@@ -1,0 +1,165 @@
+"""The client's side of the handshake (SPAKE2+ Prover, docs/protocol.md sections 3-4) as a state
+machine without I/O: it takes decoded HANDSHAKE messages and returns what to send.
+
+    Start           --hello()-->          AwaitingParams    (returns HELLO)
+    AwaitingParams  --receive(PARAMS)-->  Deriving          (Params: the glue runs scrypt)
+    Deriving        --derived(w0, w1)-->  AwaitingShare     (returns SHARE)
+    AwaitingShare   --receive(SHARE)-->   AwaitingOk        (Confirm: CONFIRM, sent only once
+                                                              the server proved itself)
+    AwaitingOk      --receive(OK)-->      Authenticated     (Authenticated: the shared key)
+
+The same machine serves both ways a client starts: the fast start (eketwist.prelude) runs the
+first round on a plain socket in a thread while the main thread imports, then the Protocol
+takes the machine over. So that thread stays light, the curve code (eketwist.spake2plus, which
+loads pycryptodome's ECC) is imported only by the steps that need it, in the main thread.
+"""
+
+from dataclasses import dataclass
+from typing import Union
+
+from . import pbkdf, wire
+from .errors import ProtocolError, ServerNotAuthenticated
+
+
+@dataclass(frozen=True)
+class Start:
+    pass
+
+
+@dataclass(frozen=True)
+class AwaitingParams:
+    pass
+
+
+@dataclass(frozen=True)
+class Deriving:
+    server_id: str
+
+
+@dataclass(frozen=True)
+class AwaitingShare:
+    server_id: str
+    w0: int
+    w1: int
+    x: int
+    share_p: bytes
+
+
+@dataclass(frozen=True)
+class AwaitingOk:
+    server_id: str
+    shared_key: bytes
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    server_id: str
+    shared_key: bytes
+
+
+@dataclass(frozen=True)
+class Failed:
+    pass
+
+
+State = Union[Start, AwaitingParams, Deriving, AwaitingShare, AwaitingOk, Authenticated, Failed]
+
+STATE_NAMES = {
+    Start: "start", AwaitingParams: "params", Deriving: "deriving", AwaitingShare: "share",
+    AwaitingOk: "ok", Authenticated: "ready", Failed: "closed",
+}
+
+
+# What receive() reports.
+@dataclass(frozen=True)
+class Params:
+    """PARAMS checked: run scrypt over the password with these, then call derived()."""
+
+    server_id: str
+    salt: bytes
+    scrypt: dict
+
+
+@dataclass(frozen=True)
+class Confirm:
+    reply: dict  # CONFIRM
+
+
+@dataclass(frozen=True)
+class Done:
+    server_id: str
+    shared_key: bytes
+
+
+def parse_params(message):
+    """(server name, salt, scrypt cost) from PARAMS, refusing costs a fake server could use to
+    make us spend minutes or gigabytes (docs/protocol.md section 3.2)."""
+    server_id = wire.text_field(message, "server", wire.MAX_NAME_BYTES)
+    salt = wire.hex_field(message, "salt", 8, 64)
+    scrypt = message.get("scrypt")
+    problem = pbkdf.check_scrypt(scrypt)
+    if problem:
+        raise ProtocolError(f"the server asked for unreasonable password hashing: {problem}")
+    return server_id, salt, {key: scrypt[key] for key in ("n", "r", "p")}
+
+
+class Prover:
+    def __init__(self, username):
+        self.username = username
+        self.state: State = Start()
+
+    @property
+    def name(self):
+        return STATE_NAMES[type(self.state)]
+
+    def hello(self):
+        assert isinstance(self.state, Start), self.state
+        self.state = AwaitingParams()
+        return {"type": "hello", "version": wire.PROTOCOL_VERSION, "user": self.username}
+
+    def receive(self, message):
+        """One HANDSHAKE message from the server (not an ERROR: the glue reports those):
+        Params, Confirm or Done; ProtocolError if the state does not accept it."""
+        kind, state = message["type"], self.state
+        if kind == "params" and isinstance(state, AwaitingParams):
+            server_id, salt, scrypt = parse_params(message)
+            self.state = Deriving(server_id)
+            return Params(server_id, salt, scrypt)
+        if kind == "share" and isinstance(state, AwaitingShare):
+            return self._share(state, message)
+        if kind == "ok" and isinstance(state, AwaitingOk):
+            self.state = Authenticated(state.server_id, state.shared_key)
+            return Done(state.server_id, state.shared_key)
+        raise ProtocolError(f"unexpected {kind[:40]!r} message in state {self.name!r}")
+
+    def derived(self, w0, w1):
+        """scrypt is done: our SHARE."""
+        from . import spake2plus
+
+        state = self.state
+        assert isinstance(state, Deriving), state
+        x, share_p = spake2plus.prover_share(w0)
+        self.state = AwaitingShare(state.server_id, w0, w1, x, share_p)
+        return {"type": "share", "share": share_p.hex()}
+
+    def _share(self, state, message):
+        from . import spake2plus
+
+        share_v = wire.hex_field(message, "share", spake2plus.POINT_BYTES)
+        confirm_v = wire.hex_field(message, "confirm", 32)
+        self.state = Failed()  # until the server has proved itself; w0, w1 and x are dropped
+        try:
+            keys = spake2plus.prover_finish(
+                wire.CONTEXT, self.username.encode("utf-8"), state.server_id.encode("utf-8"),
+                state.w0, state.w1, state.x, state.share_p, share_v,
+            )
+        except spake2plus.InvalidPoint as problem:
+            raise ProtocolError(f"invalid share from the server: {problem}") from None
+        # The server proves itself first: we reveal nothing more to one that cannot.
+        if not spake2plus.confirmation_matches(keys.confirm_v, confirm_v):
+            raise ServerNotAuthenticated()
+        self.state = AwaitingOk(state.server_id, keys.shared)
+        return Confirm({"type": "confirm", "confirm": keys.confirm_p.hex()})
+
+    def fail(self):
+        self.state = Failed()
