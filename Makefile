@@ -49,7 +49,7 @@ bench: $(STAMP)
 
 # A longer fuzzing run than the suite's (FUZZ_EXAMPLES=300 there).
 fuzz: $(STAMP)
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -s tests/test_fuzz.py
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -s tests/protocol/test_fuzz.py
 
 # Hostile load against a real daemon, with figures (docs/security.md).
 hostile: $(STAMP)

@@ -13,8 +13,9 @@ from twisted.internet.threads import deferToThread
 from eketwist import errors, guard, userdb, wire
 from eketwist.server import ServerFactory
 
-from .conftest import PASSWORD, authenticated_client, sleep
-from .rawclient import RawClient
+from tests.support.fixtures import authenticated_client, sleep
+from tests.support.processes import PASSWORD
+from tests.support.rawclient import RawClient
 
 
 def listen(factory):
@@ -210,7 +211,7 @@ async def test_a_root_that_disappears_gives_clear_errors(root, tmp_path, server_
 
 
 def test_secrets_never_reach_logs_or_reprs(daemon, tmp_path, users_file):
-    from .conftest import run_client
+    from tests.support.processes import run_client
 
     server = daemon()
     assert run_client(server.port, "get", "hello.txt", cwd=tmp_path).returncode == 0
@@ -227,7 +228,7 @@ def test_secrets_never_reach_logs_or_reprs(daemon, tmp_path, users_file):
 def test_users_file_that_cannot_be_read_stops_start_up(root, tmp_path):
     import subprocess
 
-    from .conftest import VENV_BIN
+    from tests.support.processes import BIN as VENV_BIN
 
     result = subprocess.run(
         [str(VENV_BIN / "twistd"), "--nodaemon", "--pidfile=", "eke", "--port", "tcp:0:interface=127.0.0.1",

@@ -25,7 +25,7 @@ from . import specclient as spec
 from .specclient import CONTROL, DATA, HANDSHAKE, canonical, frame
 
 BIN = pathlib.Path(sys.executable).parent
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 ALICE_PW = "alice's conformance password"
 READER_PW = "reader's conformance password"
 SERVER_ID = "conformance"

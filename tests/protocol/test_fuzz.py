@@ -12,7 +12,7 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conversation import HEADER, Conversation
+from tests.support.conversation import HEADER, Conversation
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 STATES = ["hello", "share", "confirm", "ready", "upload-offered", "receiving"]

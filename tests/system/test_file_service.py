@@ -13,20 +13,11 @@ import pytest
 
 from eketwist import userdb
 
-from .conftest import FAST_SCRYPT, WRITER_PASSWORD, run_client, start_client, VENV_BIN
+from tests.support.processes import FAST_SCRYPT, WRITER_PASSWORD, run_client, start_client, write_random, BIN as VENV_BIN
 
 
 def sha1(path):
     return hashlib.sha1(open(path, "rb").read()).hexdigest()
-
-
-def write_random(path, size):
-    with open(path, "wb") as handle:
-        while size > 0:
-            chunk = min(size, 1 << 20)
-            handle.write(os.urandom(chunk))
-            size -= chunk
-    return path
 
 
 def writer(port, *args, **kwargs):

@@ -17,8 +17,9 @@ from twisted.python.logfile import LogFile
 
 from eketwist import logs, proxy, server, tap, userdb
 
-from .conftest import FAST_SCRYPT, VENV_BIN, Daemon, free_port, sleep, wait_for_port
-from .rawclient import RawClient
+from tests.support.fixtures import sleep
+from tests.support.processes import FAST_SCRYPT, BIN as VENV_BIN, Daemon, free_port, wait_for_port
+from tests.support.rawclient import RawClient
 
 TWISTD = str(VENV_BIN / "twistd")
 

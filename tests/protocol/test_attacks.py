@@ -19,9 +19,9 @@ from eketwist import guard, spake2plus, userdb
 from eketwist.server import ServerFactory
 from eketwist.wire import CONTEXT
 
-from .conftest import FAST_SCRYPT
-from .rawclient import Closed, RawClient
-from .conversation import Conversation
+from tests.support.processes import FAST_SCRYPT
+from tests.support.rawclient import Closed, RawClient
+from tests.support.conversation import Conversation
 
 
 @pytest.fixture
@@ -222,7 +222,8 @@ async def test_silent_connections_count_against_the_per_address_cap_from_accept(
 async def test_the_users_file_is_refused_whatever_leads_to_it(root, users_file, factory, server_port, tmp_path):
     from eketwist import errors
 
-    from .conftest import WRITER_PASSWORD, authenticated_client
+    from tests.support.fixtures import authenticated_client
+    from tests.support.processes import WRITER_PASSWORD
 
     os.link(users_file, root / "hardlink")  # a local account's doing: defence in depth
     os.symlink(users_file, root / "symlink")
@@ -250,7 +251,8 @@ async def test_a_client_that_stops_reading_is_cut_after_the_idle_timeout(root, u
 
     from eketwist import connection
 
-    from .conftest import PASSWORD, sleep
+    from tests.support.fixtures import sleep
+    from tests.support.processes import PASSWORD
 
     monkeypatch.setattr(connection, "CLOSE_GRACE", 0.5)
     if request_kind == "get":
@@ -311,7 +313,7 @@ async def test_a_directory_swapped_for_a_symlink_during_requests_leads_nowhere(t
 
     from eketwist import storage
 
-    from .conftest import WRITER_PASSWORD
+    from tests.support.processes import WRITER_PASSWORD
 
     if walk == "by hand":
         monkeypatch.setattr(storage, "_SYS_OPENAT2", None)  # as on a kernel without openat2
