@@ -70,16 +70,16 @@ def make_world(base, fast_scrypt):
 class Conversation:
     """A well-behaved client, in memory, that brings the server to a state."""
 
-    def __init__(self, world, factory=None):
-        """A new connection: to `factory` (another connection's, for several at once from one
-        address), or to a server of its own."""
+    def __init__(self, world, factory=None, host="127.0.0.1"):
+        """A new connection from `host`: to `factory` (another connection's, for several at once
+        from one address), or to a server of its own."""
         self.world = world
         root, users, self.w0, self.w1 = world
         self.factory = factory or ServerFactory(
             str(root), str(users), "fuzz", policy=guard.Policy(delay_base=0), clock=Clock()
         )
-        self.proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.proto = self.factory.buildProtocol(IPv4Address("TCP", host, 40000))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
         self.proto.makeConnection(self.transport)
         self.send_cipher = self.receive_cipher = None
         self.last_frame = None
@@ -116,6 +116,12 @@ class Conversation:
     def hello(self):
         self.feed(self.handshake_frame({"type": "hello", "version": 1, "user": "fuzzer"}))
 
+    def wait_for_answer(self):
+        """Run the clock, one scheduled call at a time, until the server has said something."""
+        clock = self.factory.clock
+        while not self.transport.value():
+            clock.advance(min(call.getTime() for call in clock.getDelayedCalls()) - clock.seconds())
+
     def reach(self, state):
         """Bring the server to `state` (one of STATES). "delaying" records a failure for this
         address first; "share-waiting" opens a second connection from the same address that
@@ -136,6 +142,7 @@ class Conversation:
             self.holder = Conversation(self.world, self.factory)
             self.holder.reach("confirm")
         self.hello()
+        self.wait_for_answer()  # past the delay that recent failures impose, if any
         params = json.loads(self.frames_out()[-1][1])
         if state == "share":
             return
