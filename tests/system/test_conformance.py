@@ -246,20 +246,13 @@ def partial_name(user, base):
 
 # == RFC 9383 vectors (§4.3) ================================================================
 
-def vector_files():
-    found = []
-    for directory in (pathlib.Path("/work/shared"), REPO.parent / "shared"):
-        for name in ("rfc9383-all-vectors.json", "spake2plus-vectors.json"):
-            if (directory / name).exists() and name not in [p.name for p in found]:
-                found.append(directory / name)
-    return found
+# RFC 9383's vectors, committed with the tests (they were read from outside the repository,
+# and in a clean clone this test skipped: it could not fail in CI).
+VECTOR_FILES = [REPO / "tests" / "data" / name for name in ("rfc9383-all-vectors.json", "spake2plus-vectors.json")]
 
 
 def test_spake2plus_matches_rfc9383_vectors():
-    files = vector_files()
-    if not files:
-        pytest.skip("RFC 9383 vectors not found (/work/shared or ../shared): not in CI clones")
-    for path in files:
+    for path in VECTOR_FILES:
         data = json.loads(path.read_text())
         vectors = data.get("vectors", [data])
         v = next(v for v in vectors if v["suite"] == "P256-SHA256-HKDF-SHA256-HMAC-SHA256")

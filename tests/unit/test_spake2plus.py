@@ -8,7 +8,7 @@ import pytest
 from eketwist import spake2plus as s2
 
 HERE = pathlib.Path(__file__).parent
-VECTORS_COPY = HERE / "data" / "spake2plus-vectors.json"
+VECTORS_COPY = HERE.parent / "data" / "spake2plus-vectors.json"
 SHARED = HERE.parents[2] / "shared" / "spake2plus-vectors.json"
 
 
