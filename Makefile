@@ -33,8 +33,11 @@ $(TOOLS_STAMP): | $(STAMP)
 		|| echo "could not install haproxy/systemd: the tests that need them will be skipped"; \
 	else echo "missing$$missing (apt-get install haproxy systemd): the tests that need them will be skipped"; fi
 
+# The whole suite, every layer (tests/unit, tests/protocol, tests/system), on TEST_JOBS workers
+# (pytest-xdist); TEST_JOBS=0 runs it in this process.
+TEST_JOBS ?= 2
 test: $(STAMP) $(TOOLS_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_JOBS)
 
 # Throughput, small files, handshakes and memory against raw TCP and OpenSSH sftp
 # (bench/run.py; options: $(BIN)/python -m bench.run --help). Installs OpenSSH with apt-get
