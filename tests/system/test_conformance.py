@@ -1,6 +1,6 @@
 """Conformance of the real daemon to docs/protocol.md, through a client written from the page.
 
-The client (tests/specclient.py) imports nothing from eketwist: if our encoder drifts from the
+The client (tests/system/specclient.py) imports nothing from eketwist: if our encoder drifts from the
 page, these tests fail. The parts follow the page's sections (§N). The daemons are real `twistd eke`
 processes on 127.0.0.1, with users made by the real `eke-users`.
 
