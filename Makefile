@@ -33,8 +33,11 @@ $(TOOLS_STAMP): | $(STAMP)
 		|| echo "could not install haproxy/systemd: the tests that need them will be skipped"; \
 	else echo "missing$$missing (apt-get install haproxy systemd): the tests that need them will be skipped"; fi
 
+# The whole suite, every layer (tests/unit, tests/protocol, tests/system), on TEST_JOBS workers
+# (pytest-xdist); TEST_JOBS=0 runs it in this process.
+TEST_JOBS ?= 2
 test: $(STAMP) $(TOOLS_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_JOBS)
 
 # Throughput, small files, handshakes and memory against raw TCP and OpenSSH sftp
 # (bench/run.py; options: $(BIN)/python -m bench.run --help). Installs OpenSSH with apt-get
@@ -47,9 +50,10 @@ bench: $(STAMP)
 	$(BIN)/python -m compileall -q eketwist
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
-# A longer fuzzing run than the suite's (FUZZ_EXAMPLES=300 there).
+# A longer fuzzing run than the suite's: FUZZ_EXAMPLES in each of the server's 10 states
+# (30 in the suite).
 fuzz: $(STAMP)
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -s tests/test_fuzz.py
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -s tests/protocol/test_fuzz.py
 
 # Hostile load against a real daemon, with figures (docs/security.md).
 hostile: $(STAMP)

@@ -1,6 +1,6 @@
 """What a listing costs the client: `python -m bench.listing_memory [--entries N] [--name-bytes B]`.
 
-A hostile server (tests/hostileserver.py) sends N entries whose names are B bytes long; the
+A hostile server (tests/support/hostileserver.py) sends N entries whose names are B bytes long; the
 real client runs `ls` (output to /dev/null). Reports the client's peak RSS, and the cost per
 entry against an empty listing.
 """
@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from tests.hostileserver import HostileServer, Tree, entry, make_alice
+from tests.support.hostileserver import HostileServer, Tree, entry, make_alice
 
 PASSWORD = "listing memory"
 

@@ -21,7 +21,9 @@ import time
 from eketwist import userdb
 from eketwist.server import ServerFactory
 
-from .common import BIN, Daemon, cpu_seconds, free_port, raise_descriptor_limit, rss_bytes, wait_for_port
+from tests.support.processes import (
+    BIN, Daemon, cpu_seconds, free_port, raise_descriptor_limit, rss_bytes, wait_for_port, write_random,
+)
 
 MiB = 1024 * 1024
 HERE = pathlib.Path(__file__).parent
@@ -35,15 +37,6 @@ def sha1_of(path):
         while chunk := handle.read(4 * MiB):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_random(path, size):
-    with open(path, "wb") as handle:
-        block = os.urandom(4 * MiB)
-        for i in range(size // len(block)):
-            # Distinct blocks, so nothing downstream can deduplicate.
-            handle.write(hashlib.sha256(i.to_bytes(8, "big")).digest() + block[32:])
-        handle.write(os.urandom(size % len(block)))
 
 
 def warm_memory(size):
@@ -228,7 +221,7 @@ def measure_memory(workdir, root, users, out, size):
     """The server's peak RSS during each transfer against its idle RSS, in a daemon of its own:
     a get of 10 MiB, then of the large file (the two must match: no growth with size), then a
     put of it (which holds more: a split frame, a record being decrypted, the writer's two)."""
-    daemon = Daemon(workdir, root, users)
+    daemon = Daemon(workdir, root, users, server_id="bench").start()
     try:
         time.sleep(0.5)
         idle = rss_bytes(daemon.pid)
@@ -304,7 +297,8 @@ def measure(args, workdir):
     # The capacity test runs every handshake from one address: lift the per-address caps
     # (connections, handshake budget) to measure what the daemon can do, not its policy.
     daemon = Daemon(workdir, root, users, "--max-per-source", "100000", "--max-startups", "100000:30:200000",
-                    "--max-connections", "100000", "--handshake-rate", "1000000", "--handshake-burst", "1000000")
+                    "--max-connections", "100000", "--handshake-rate", "1000000", "--handshake-burst", "1000000",
+                    server_id="bench").start()
     sshd = Sshd(workdir) if have_sshd() else None
     ciphers = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com") if sshd else ()
     runs = {name: [] for name in ("raw", "get", "put", "sftp_put", *ciphers)}

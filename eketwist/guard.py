@@ -158,15 +158,6 @@ class Guard:
 
     # -- connections
 
-    def admit(self, source):
-        """Account for a new connection from `source`, or raise Refused."""
-        self.admit_connection()
-        try:
-            self.admit_source(source)
-        except Refused:
-            self.closed(None, in_handshake=True)
-            raise
-
     def admit_connection(self):
         """The caps on all connections, checked when one is accepted (raises Refused)."""
         policy = self.policy
@@ -210,9 +201,6 @@ class Guard:
             self._per_source[source] -= 1
             if self._per_source[source] <= 0:
                 del self._per_source[source]
-
-    def open_sources(self):
-        return len(self._per_source)
 
     # -- guessing
 
@@ -343,31 +331,23 @@ class Guard:
         others."""
         self._by_source.take_back(source, user)
 
-    def tracked(self):
-        return len(self._by_source) + len(self._by_user) + len(self._locked_until) + len(self._handshake_due)
-
 
 class LogLimiter:
-    """Lets one message per key through per interval, counting the ones it holds back."""
+    """Lets one message per key through per interval."""
 
     def __init__(self, clock, interval=60.0, max_keys=10_000):
         self.clock = clock
         self.interval = interval
         self.max_keys = max_keys
         self._last = collections.OrderedDict()
-        self.suppressed = collections.Counter()
 
     def allow(self, key):
         now = self.clock.seconds()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
-            self.suppressed[key] += 1
             return False
         self._last[key] = now
         self._last.move_to_end(key)
         while len(self._last) > self.max_keys:
             self._last.popitem(last=False)
         return True
-
-    def held_back(self, key):
-        return self.suppressed.pop(key, 0)

@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import pbkdf
 
-SUITE = "P256-SHA256-HKDF-SHA256-HMAC-SHA256"
 CURVE = "p256"
 # P-256 field prime and group order (SEC 2); the cofactor h is 1.
 FIELD_PRIME = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF

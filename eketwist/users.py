@@ -13,7 +13,7 @@ import sys
 
 from . import userdb
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE = 0, 1
 
 
 def build_parser():

@@ -14,7 +14,7 @@ from twisted.logger import Logger, LogLevel, formatEvent
 
 from eketwist import userdb
 
-from .conftest import FAST_SCRYPT
+from tests.support.processes import FAST_SCRYPT
 
 USERS = [sys.executable, "-m", "eketwist.users"]
 

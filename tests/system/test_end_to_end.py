@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import CLIENT, PASSWORD, VENV_BIN, free_port, run_client
+from tests.support.processes import CLIENT, PASSWORD, BIN as VENV_BIN, free_port, run_client
 
 
 def test_large_download_through_twistd_and_the_client_command(twistd_server, root, tmp_path):
@@ -143,7 +143,7 @@ def test_twistd_help_explains_options(tmp_path):
 
 def test_a_plain_pip_install_provides_the_plugin_and_commands(tmp_path):
     """`pip install .` (not editable) must install twisted/plugins/eke_plugin.py beside eketwist."""
-    source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), source],
@@ -209,8 +209,8 @@ def test_progress_bar_on_a_terminal_only(twistd_server, root, tmp_path):
 def test_exit_codes_are_documented_everywhere():
     from eketwist import errors
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    protocol = open(os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.md")).read()
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    protocol = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "protocol.md")).read()
     codes = {cls.exit_code for cls in errors.BY_CODE.values()}
     for code in codes:
         assert f"\n| {code} |" in readme

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from .conftest import CLIENT, PASSWORD, free_port, wait_for_daemon, wait_for_port
-from .peeksockets import nodelay
+from tests.support.processes import CLIENT, PASSWORD, free_port, wait_for_daemon, wait_for_port
+from tests.support.peeksockets import nodelay
 from .test_operations import make_certificates, need, start, twistd_command
 
 

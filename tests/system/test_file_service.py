@@ -13,20 +13,11 @@ import pytest
 
 from eketwist import userdb
 
-from .conftest import FAST_SCRYPT, WRITER_PASSWORD, run_client, start_client, VENV_BIN
+from tests.support.processes import FAST_SCRYPT, WRITER_PASSWORD, run_client, start_client, write_random, BIN as VENV_BIN
 
 
 def sha1(path):
     return hashlib.sha1(open(path, "rb").read()).hexdigest()
-
-
-def write_random(path, size):
-    with open(path, "wb") as handle:
-        while size > 0:
-            chunk = min(size, 1 << 20)
-            handle.write(os.urandom(chunk))
-            size -= chunk
-    return path
 
 
 def writer(port, *args, **kwargs):
@@ -163,15 +154,20 @@ def test_put_on_a_full_filesystem(daemon, tmp_path, root, users_file):
 
 
 # -- resume
+# The files need only be large enough to be cut in the middle: the kill comes once a part file
+# holds CUT_AT bytes, and RESUME_SIZE - CUT_AT is left to send while the test notices (5 ms
+# polls; at 1 GB/s, 100 ms). 300 MiB files made these four tests 20 s of the suite.
+RESUME_SIZE = 128 * 1024 * 1024
+CUT_AT = 16 * 1024 * 1024
 
 
 @pytest.mark.parametrize("killed", ["client", "server"])
 def test_get_resumes_after_a_kill(daemon, tmp_path, root, killed):
     server = daemon()
-    big = write_random(root / "big.bin", 300 * 1024 * 1024)
+    big = write_random(root / "big.bin", RESUME_SIZE)
     destination = tmp_path / "got.bin"
     client = start_client(server.port, "get", "big.bin", str(destination))
-    wait_for_size(str(destination) + ".part", 40 * 1024 * 1024, client)
+    wait_for_size(str(destination) + ".part", CUT_AT, client)
     if killed == "client":
         client.send_signal(signal.SIGKILL)
         client.wait(10)
@@ -216,14 +212,14 @@ def test_get_starts_over_when_the_file_changed_on_the_server(daemon, tmp_path, r
 @pytest.mark.parametrize("killed", ["client", "server"])
 def test_put_resumes_after_a_kill(daemon, tmp_path, root, killed):
     server = daemon()
-    local = write_random(tmp_path / "up.bin", 300 * 1024 * 1024)
+    local = write_random(tmp_path / "up.bin", RESUME_SIZE)
     env = dict(os.environ, EKE_PASSWORD=WRITER_PASSWORD)
     client = subprocess.Popen(
         [str(VENV_BIN / "eke-client"), "--port", str(server.port), "--user", "writer", "-q", "put", str(local)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     deadline = time.monotonic() + 60
-    while not (partials(root) and os.path.getsize(root / partials(root)[0]) > 40 * 1024 * 1024):
+    while not (partials(root) and os.path.getsize(root / partials(root)[0]) > CUT_AT):
         assert time.monotonic() < deadline and client.poll() is None
         time.sleep(0.005)
     if killed == "client":

@@ -12,13 +12,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.logger import formatEvent
-from twisted.python.logfile import LogFile
 
-from eketwist import logs, proxy, server, tap, userdb
+from eketwist import proxy, server, tap, userdb
 
-from .conftest import FAST_SCRYPT, VENV_BIN, Daemon, free_port, sleep, wait_for_port
-from .rawclient import RawClient
+from tests.support.fixtures import sleep
+from tests.support.processes import FAST_SCRYPT, BIN as VENV_BIN, Daemon, free_port, wait_for_port
+from tests.support.rawclient import RawClient
 
 TWISTD = str(VENV_BIN / "twistd")
 
@@ -300,29 +299,6 @@ async def test_oversized_or_invalid_header_is_dropped_at_once(header):
 
 
 # -- the log
-
-
-def test_safe_logger_escapes_text_fields_only():
-    events = []
-    log = logs.SafeLogger(observer=events.append)
-    log.info("{code} after {seconds:.0f} s", code="\x1b]0;owned\x07\nfake line", seconds=2.4)
-    assert formatEvent(events[0]) == "\\x1b]0;owned\\x07\\nfake line after 2 s"
-
-
-def test_log_file_and_its_rotations_are_private(tmp_path):
-    path = tmp_path / "twistd.log"
-    old = os.umask(0o022)
-    try:
-        logs.restrict_log_file(str(path))
-        log_file = LogFile.fromFullPath(str(path), rotateLength=10)
-        log_file.write("x" * 20)
-        log_file.write("y")  # rotates first
-        log_file.close()
-    finally:
-        os.umask(old)
-    assert (tmp_path / "twistd.log.1").exists()
-    for name in ("twistd.log", "twistd.log.1"):
-        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
 
 
 def test_real_daemon_log_is_private_and_shows_a_peer_escape_escaped(tmp_path, root, users_file):

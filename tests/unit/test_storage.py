@@ -11,7 +11,7 @@ import pytest
 
 from eketwist import errors, files, spake2plus, storage, userdb
 
-from .conftest import slow_part_files
+from tests.support.fixtures import slow_part_files
 
 FAST = {"n": 1024, "r": 8, "p": 1}
 

@@ -14,8 +14,8 @@ import pytest
 
 from eketwist.client_protocol import MAX_LISTING_BYTES
 
-from .hostileserver import HostileServer, Tree, entry, make_alice
-from .rawclient import CONTROL, HEADER
+from tests.support.hostileserver import HostileServer, Tree, entry, make_alice
+from tests.support.rawclient import CONTROL, HEADER
 
 PASSWORD = "alice's secret on a hostile server"
 ALICE = make_alice(PASSWORD)

@@ -14,8 +14,9 @@ from twisted.protocols import portforward
 from eketwist import connection, errors, wire
 from eketwist.server import ServerFactory
 
-from .conftest import PASSWORD, WRITER_PASSWORD, authenticated_client, connect_client, sleep, slow_part_files
-from .rawclient import CONTROL, DATA, RawClient
+from tests.support.fixtures import authenticated_client, connect_client, sleep, slow_part_files
+from tests.support.processes import PASSWORD, WRITER_PASSWORD
+from tests.support.rawclient import CONTROL, DATA, RawClient
 
 
 @pytest_twisted.ensureDeferred

@@ -11,8 +11,8 @@ from twisted.internet.threads import deferToThread
 from eketwist import errors, spake2plus
 from eketwist.server import ServerFactory
 
-from .conftest import authenticated_client, connect_client, sleep
-from .rawclient import CONTROL, HANDSHAKE, HEADER, RawClient
+from tests.support.fixtures import authenticated_client, connect_client, sleep
+from tests.support.rawclient import CONTROL, HANDSHAKE, HEADER, RawClient
 
 
 def capture_protocols(factory):

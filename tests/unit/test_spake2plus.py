@@ -9,8 +9,8 @@ from eketwist import pbkdf
 from eketwist import spake2plus as s2
 
 HERE = pathlib.Path(__file__).parent
-VECTORS_COPY = HERE / "data" / "spake2plus-vectors.json"
-SHARED = HERE.parent.parent / "shared" / "spake2plus-vectors.json"
+VECTORS_COPY = HERE.parent / "data" / "spake2plus-vectors.json"
+SHARED = HERE.parents[2] / "shared" / "spake2plus-vectors.json"
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import pytest
 
 from eketwist import wire
 
-from .conftest import PASSWORD, VENV_BIN, free_port, run_client, wait_for_daemon, wait_for_port
-from .rawclient import RawClient
+from tests.support.processes import PASSWORD, BIN as VENV_BIN, free_port, run_client, wait_for_daemon, wait_for_port
+from tests.support.rawclient import RawClient
 
-CONTRIB = pathlib.Path(__file__).parent.parent / "contrib"
+CONTRIB = pathlib.Path(__file__).parents[2] / "contrib"
 
 
 def need(tool):

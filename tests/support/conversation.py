@@ -1,0 +1,182 @@
+"""A well-behaved client in memory (StringTransport, a Clock, a thread pool run by hand),
+written from docs/protocol.md, that brings a real ServerProtocol to any of its states; tests
+then misbehave from there."""
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from eketwist import guard, records, server, spake2plus, userdb
+from eketwist.server import ServerFactory
+from eketwist.wire import CONTEXT
+
+HEADER = struct.Struct(">IB")
+# Every state of the server's machine (ServerProtocol.TRANSITIONS), in the order a
+# conversation meets them; Conversation.reach brings a new connection to any of them.
+STATES = ["hello", "delaying", "share", "share-waiting", "confirm", "ready", "working",
+          "upload-offered", "receiving", "storing"]
+
+
+class ThreadsByHand:
+    """Twisted's thread pool, run by hand the way a Clock runs time: work the server hands to
+    a thread (hashing a part file's prefix, storing an upload) waits here until `run()`, so
+    that a test sees the states in between and nothing finishes behind its back."""
+
+    def __init__(self):
+        self.pending = []
+
+    def deferToThread(self, function, *args, **kwargs):
+        done = defer.Deferred()
+        self.pending.append((done, function, args, kwargs))
+        return done
+
+    def run(self):
+        while self.pending:
+            done, function, args, kwargs = self.pending.pop(0)
+            defer.maybeDeferred(function, *args, **kwargs).chainDeferred(done)
+
+
+@contextlib.contextmanager
+def threads_by_hand():
+    """The server's work for threads goes to a ThreadsByHand meanwhile."""
+    pool = ThreadsByHand()
+    real, server.threads = server.threads, pool
+    try:
+        yield pool
+    finally:
+        server.threads = real
+
+
+def make_world(base, fast_scrypt):
+    """(root, users file, w0, w1) for the user "fuzzer" (password "pw", read-write)."""
+    root = base / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "hello.txt").write_bytes(b"hello\n")
+    users = userdb.Users.new()
+    user = userdb.make_user("fuzzer", "pw", fast_scrypt, rights=userdb.READ_WRITE)
+    users.by_name["fuzzer"] = user
+    userdb.save(base / "users", users)
+    w0, w1 = spake2plus.register(b"pw", user.salt, b"fuzzer", **fast_scrypt)
+    return root, base / "users", w0, w1
+
+
+class Conversation:
+    """A well-behaved client, in memory, that brings the server to a state."""
+
+    def __init__(self, world, factory=None, host="127.0.0.1"):
+        """A new connection from `host`: to `factory` (another connection's, for several at once
+        from one address), or to a server of its own."""
+        self.world = world
+        root, users, self.w0, self.w1 = world
+        self.factory = factory or ServerFactory(
+            str(root), str(users), "fuzz", policy=guard.Policy(delay_base=0), clock=Clock()
+        )
+        self.proto = self.factory.buildProtocol(IPv4Address("TCP", host, 40000))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        self.proto.makeConnection(self.transport)
+        self.send_cipher = self.receive_cipher = None
+        self.last_frame = None
+
+    def frames_out(self):
+        data = self.transport.value()
+        self.transport.clear()
+        frames = []
+        while len(data) >= 5:
+            length, kind = HEADER.unpack_from(data)
+            payload = data[5 : 5 + length]
+            if kind != 0 and self.receive_cipher is not None:
+                payload = self.receive_cipher.open(data[:5], payload)  # keeps the counter in step
+            frames.append((kind, payload))
+            data = data[5 + length :]
+        return frames
+
+    def feed(self, data):
+        self.proto.dataReceived(data)
+
+    def handshake_frame(self, message):
+        payload = json.dumps(message).encode()
+        return HEADER.pack(len(payload), 0) + payload
+
+    def record(self, kind, plaintext):
+        head = HEADER.pack(len(plaintext) + 16, kind)
+        return head + self.send_cipher.seal(head, plaintext)
+
+    def message_frame(self, message):
+        if self.send_cipher is None:
+            return self.handshake_frame(message)
+        return self.record(1, json.dumps(message).encode())
+
+    def hello(self):
+        self.feed(self.handshake_frame({"type": "hello", "version": 1, "user": "fuzzer"}))
+
+    def wait_for_answer(self):
+        """Run the clock, one scheduled call at a time, until the server has said something."""
+        clock = self.factory.clock
+        while not self.transport.value():
+            clock.advance(min(call.getTime() for call in clock.getDelayedCalls()) - clock.seconds())
+
+    def reach(self, state):
+        """Bring the server to `state` (one of STATES). "delaying" records a failure for this
+        address first; "share-waiting" opens a second connection from the same address that
+        holds its only guess slot; "working" leaves a download's first record unsent;
+        "storing" needs threads_by_hand() (the upload waits in its pool)."""
+        assert state in STATES, state
+        policy = self.factory.guard.policy
+        if state == "hello":
+            return
+        if state == "delaying":
+            policy.delay_base = 0.5
+            self.factory.guard.failed("127.0.0.1", "someone")
+            self.hello()
+            assert self.proto.state == "delaying"
+            return
+        if state == "share-waiting":
+            policy.max_source_failures = 1
+            self.holder = Conversation(self.world, self.factory)
+            self.holder.reach("confirm")
+        self.hello()
+        self.wait_for_answer()  # past the delay that recent failures impose, if any
+        params = json.loads(self.frames_out()[-1][1])
+        if state == "share":
+            return
+        x, share_p = spake2plus.prover_share(self.w0)
+        self.feed(self.handshake_frame({"type": "share", "share": share_p.hex()}))
+        if state == "share-waiting":
+            assert self.proto.state == "share-waiting" and not self.frames_out()
+            return
+        reply = json.loads(self.frames_out()[-1][1])
+        keys = spake2plus.prover_finish(CONTEXT, b"fuzzer", params["server"].encode(), self.w0, self.w1, x,
+                                        share_p, bytes.fromhex(reply["share"]))
+        if state == "confirm":
+            return
+        self.feed(self.handshake_frame({"type": "confirm", "confirm": keys.confirm_p.hex()}))
+        assert json.loads(self.frames_out()[-1][1]) == {"type": "ok"}
+        self.send_cipher, self.receive_cipher = records.traffic_ciphers(keys.shared, is_client=True)
+        if state == "ready":
+            return
+        if state == "working":
+            # FILE goes out; the records wait for the transport to pull them (nobody does).
+            self.feed(self.message_frame({"type": "get", "path": "hello.txt"}))
+            assert self.proto.state == "working"
+            return
+        # A fresh name each time: a partial left by an earlier example would be hashed first.
+        name = f"fuzzed-{os.urandom(8).hex()}.bin"
+        content = os.urandom(100)
+        self.feed(self.message_frame({"type": "put", "path": name, "size": len(content), "force": True}))
+        self.frames_out()
+        if state == "upload-offered":
+            return
+        self.feed(self.message_frame({"type": "upload", "offset": 0}))
+        assert self.proto.state == "receiving"
+        if state == "receiving":
+            return
+        self.feed(self.record(2, content))
+        self.feed(self.message_frame({"type": "end", "size": len(content), "sha1": hashlib.sha1(content).hexdigest()}))
+        assert self.proto.state == "storing", "storing needs threads_by_hand()"

@@ -1,0 +1,120 @@
+"""Shared fixtures: a users file, a root with files, a live server on 127.0.0.1, clients,
+a real daemon, a world for in-memory conversations. Loaded for every layer by tests/conftest.py."""
+
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+from eketwist import userdb
+from eketwist.client_protocol import ClientProtocol
+from eketwist.server import ServerFactory
+
+from .processes import FAST_SCRYPT, PASSWORD, WRITER_PASSWORD, Daemon
+
+
+@pytest.fixture
+def users_file(tmp_path):
+    users = userdb.Users.new()
+    users.by_name["alice"] = userdb.make_user("alice", PASSWORD, FAST_SCRYPT)
+    users.by_name["writer"] = userdb.make_user("writer", WRITER_PASSWORD, FAST_SCRYPT, rights=userdb.READ_WRITE)
+    path = tmp_path / "eke-users"
+    userdb.save(path, users)
+    return path
+
+
+@pytest.fixture
+def root(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "hello.txt").write_bytes(b"hello, world\n")
+    (root / "sub" / "data.bin").write_bytes(os.urandom(300_000))
+    (root / "empty").write_bytes(b"")
+    return root
+
+
+@pytest.fixture
+def factory(root, users_file):
+    return ServerFactory(root=str(root), users_path=str(users_file), server_id="test-server")
+
+
+@pytest.fixture
+def server_port(factory):
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    yield port.getHost().port
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+def connect_client(port, user="alice", password=PASSWORD):
+    """A connected ClientProtocol (not yet authenticated)."""
+    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), ClientProtocol(user, password))
+
+
+async def authenticated_client(port, user="alice", password=PASSWORD):
+    client = await connect_client(port, user, password)
+    await client.authenticated_deferred
+    return client
+
+
+def slow_part_files(monkeypatch, seconds, min_bytes=0, on_write=None):
+    """From now on, part files (the only files opened "r+b") sit on a disk that takes
+    `seconds` for each write of at least `min_bytes`; `on_write()` is called as one begins."""
+    import time
+
+    real_fdopen = os.fdopen
+
+    class SlowDisk:
+        def __init__(self, file):
+            self._file = file
+
+        def write(self, data):
+            if len(data) >= min_bytes:
+                if on_write is not None:
+                    on_write()
+                time.sleep(seconds)
+            return self._file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        file = real_fdopen(fd, mode, *args, **kwargs)
+        return SlowDisk(file) if mode == "r+b" else file
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+def sleep(seconds):
+    d = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+@pytest.fixture
+def daemon(tmp_path, root, users_file):
+    started = []
+
+    def make(*options, **kwargs):
+        server = Daemon(tmp_path, root, users_file, *options, **kwargs).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def twistd_server(daemon):
+    server = daemon()
+    return server.port, server.log
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A root and users file for in-memory conversations (tests/support/conversation.py)."""
+    from .conversation import make_world
+
+    return make_world(tmp_path_factory.mktemp("world"), FAST_SCRYPT)
