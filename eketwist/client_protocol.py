@@ -1,52 +1,23 @@
-"""The client's Protocol: the handshake through prover.Prover, then requests, with Deferreds
-at its edge that fire on a later turn of the reactor.
-
-Request states and the messages each accepts (docs/protocol.md, section 9):
-  ready       -> (nothing)    : waiting for the caller's next request
-  preparing   -> (nothing)    : hashing the part of a file we already have, to resume
-  get-header  -> file         : the server accepted a get
-  get-data    -> data, end    : write to the .part file; `end` verifies and renames
-  listing     -> entries      : one or more batches of a listing
-  stat        -> entry
-  mkdir       -> done
-  put-offer   -> ready        : the server says where the upload may resume
-  put-sending -> (nothing)    : our file is streaming to the server
-  put-stored  -> stored       : the server verified and stored it
-In the request states marked by REQUEST_STATES an ERROR with a refusal code fails only that
-request; any other ERROR ends the connection (docs/protocol.md section 3.7).
+"""The client's Protocol: glue between the server's frames and two machines without I/O,
+prover.Prover (the handshake) and requesting.Requesting (the requests). It does what they
+cannot: scrypt and hashing in threads, part files, streaming an upload, timeouts, and the
+Deferreds of its API, which fire on a later turn of the reactor, never inside dataReceived.
 """
 
 import hashlib
 import hmac
 import os
 import stat as stat_module
-import sys
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
-from . import errors, files, pbkdf, prover, wire
+from . import errors, files, pbkdf, prover, requesting
 from .connection import SecureConnection, send_file
+from .errors import ConnectionFailed, EketwistError, LocalIOError, NotAFile
 from .prover import Prover
-from .errors import (
-    ConnectionFailed,
-    EketwistError,
-    IntegrityError,
-    LocalIOError,
-    NotAFile,
-    ProtocolError,
-    Unsupported,
-)
-
-# A listing is held in memory: a server cannot make it grow without end. Counted in bytes,
-# since names of up to 4 KiB each make the cost per entry vary 20-fold: each entry costs its
-# name (sys.getsizeof) plus ENTRY_BYTES, the rest of an Entry as measured
-# (bench/listing_memory.py). 256 MiB holds about a million entries with names of 50 bytes.
-MAX_LISTING_BYTES = 256 * 1024 * 1024
-ENTRY_BYTES = 200
-REQUEST_STATES = ("get-header", "listing", "stat", "mkdir", "put-offer", "put-stored")
 
 
 class NoProgress:
@@ -63,15 +34,12 @@ class NoProgress:
 class _Request:
     """One request in flight: its Deferred and whatever its states need."""
 
-    def __init__(self, kind, remote, progress=None, **details):
-        self.kind = kind
+    def __init__(self, remote, progress=None, **details):
         self.remote = remote
         self.progress = progress or NoProgress()
         self.deferred = Deferred()
         self.part = None
         self.handle = None
-        self.entries = []
-        self.entries_bytes = 0
         self.__dict__.update(details)
 
     def cleanup(self, keep_part):
@@ -88,20 +56,6 @@ class _Request:
 class ClientProtocol(SecureConnection, TimeoutMixin):
     log = Logger()
     PEER = "server"
-    # The request states and the messages each accepts (the handshake is prover.Prover's).
-    TRANSITIONS = {
-        "ready": {},
-        "preparing": {},
-        "get-header": {"file": "on_file"},
-        "get-data": {"data": "on_get_data", "end": "on_get_end"},
-        "listing": {"entries": "on_entries"},
-        "stat": {"entry": "on_entry"},
-        "mkdir": {"done": "on_done"},
-        "put-offer": {"ready": "on_put_ready"},
-        "put-sending": {},
-        "put-stored": {"stored": "on_stored"},
-    }
-
     def __init__(self, username, password, timeout=None, clock=None, derived=None):
         """`timeout`: seconds without progress (no byte from the server while we wait for
         one, no chunk sent while we upload) after which the connection is abandoned.
@@ -117,12 +71,19 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self.authenticated_deferred = Deferred()
         self._authentication_settled = False
         self.server_id = None
-        self._request = None
+        self.requesting = None  # the request machine, from authentication on
         self._first_round = derived
         self.prover = derived.prover if derived is not None else Prover(username)
         self._end_reason = None
 
-    state = "handshake"  # then the request states of TRANSITIONS, and "closed"
+    @property
+    def state(self):
+        """The state's name, as docs/protocol.md section 9 gives it."""
+        if getattr(self, "closing", False):
+            return "closed"
+        if self.requesting is None:
+            return self.prover.name
+        return self.requesting.name
 
     def __repr__(self):
         return f"<ClientProtocol user={self.username!r} state={self.state!r}>"
@@ -151,19 +112,21 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             self._authenticated(event)
 
     def control_received(self, message):
-        self._dispatch_to(self.state, message["type"], message)
+        event = self.requesting.receive(message)
+        if event is not None:  # None: a listing goes on
+            self._ANSWER_HANDLERS[type(event)](self, event)
 
     def data_received(self, chunk):
-        self._dispatch_to(self.state, "data", chunk)
+        self.requesting.data(len(chunk))
+        request = self.requesting.current.request
+        self.receive_into(request, request.remote, chunk)
+        request.progress.update(len(chunk))
 
-    def _dispatch_to(self, state, message_type, argument):
-        handler = self.TRANSITIONS.get(state, {}).get(message_type)
-        if handler is not None:
-            getattr(self, handler)(argument)
-        elif message_type == "error":
-            self.peer_error(argument)
-        else:
-            raise ProtocolError(f"unexpected {message_type!r} message in state {state!r}")
+    def incoming_file(self):
+        exchange = self.requesting.current if self.requesting is not None else None
+        if exchange is None or not isinstance(exchange.state, requesting.ReceivingFile):
+            return None
+        return exchange.request
 
     def connectionMade(self):
         super().connectionMade()
@@ -201,6 +164,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def _authenticated(self, done):
         self.server_id = done.server_id
         self.start_records(done.shared_key, is_client=True)
+        self.requesting = requesting.Requesting()
         self._ready()
         self._settle_authentication(self)
 
@@ -212,68 +176,59 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     # -- requests: the public API; each returns a Deferred, one request at a time
 
     def _ready(self):
-        self.state = "ready"
         self.setTimeout(None)  # nothing is expected from the server until the next request
 
     def _begin(self, request, state, message):
         if self.closing:
             # Requests after the end (a multi-file command): fail like the connection did.
             request.cleanup(keep_part=request.part is not None and request.part.size > 0)
-            request.deferred.errback(self._end_reason or ConnectionFailed("the connection to the server was lost"))
-            return request.deferred
-        if self.state != "ready":
+            return fail(self._end_reason or ConnectionFailed("the connection to the server was lost"))
+        if self.requesting.in_flight:
             raise RuntimeError(f"a request while {self.state}")
-        self._request = request
-        self._await(state)
-        if message is not None:
-            self.send_control(message)
+        self.requesting.begin(request, state)
+        self._awaiting(request, state, message)
         return request.deferred
 
-    def _await(self, state):
-        self.state = state
+    def _awaiting(self, request, state, message=None):
+        """`request` moves to `state`; `message` goes out; the server owes us progress."""
+        self.requesting.move(request, state)
         self.setTimeout(self.timeout)
+        if message is not None:
+            self.send_control(message)
 
-    def _complete(self, result):
-        request, self._request = self._request, None
+    def _complete(self, request, result):
+        self.requesting.finish(request)
         self._ready()
         request.progress.close()
         self._later(request.deferred, result)
 
+    def _answered(self, answer):
+        self._complete(answer.request, answer.result)
+
+    def _refused(self, refusal):
+        """The request failed; the connection stays usable for the next one."""
+        request = refusal.request
+        self.requesting.finish(request)
+        self._ready()
+        request.cleanup(keep_part=request.part is not None and request.part.size > 0)
+        self._later(request.deferred, refusal.error)
+
+    def _server_failed(self, failed):
+        self._fail_pending(failed.error)
+        self.close()
+
     def stat(self, remote):
         """Fires with the entry of `remote` (name, type, size, mtime, mode)."""
-        return self._begin(_Request("stat", remote), "stat", {"type": "stat", "path": remote})
-
-    def on_entry(self, message):
-        self._complete(_checked_entry(message.get("entry")))
+        return self._begin(_Request(remote), requesting.AwaitingEntry(), {"type": "stat", "path": remote})
 
     def list(self, remote, recursive=False, partials=False):
         """Fires with the entries of a directory (or the entry of a file), sorted by name;
         recursive listings name entries by their path relative to `remote`. With `partials`,
         our own partial uploads are listed too (kind "partial")."""
-        request = _Request("list", remote)
         message = {"type": "list", "path": remote, "recursive": recursive}
         if partials:
             message["all"] = True
-        return self._begin(request, "listing", message)
-
-    def on_entries(self, message):
-        batch = message.get("entries")
-        if not isinstance(batch, list):
-            raise ProtocolError("entries: a list is expected")
-        request = self._request
-        for item in batch:
-            entry = _checked_entry(item)
-            request.entries_bytes += sys.getsizeof(entry.name) + ENTRY_BYTES
-            if request.entries_bytes > MAX_LISTING_BYTES:
-                raise ProtocolError(
-                    f"the listing of {request.remote or 'your root'} is larger than this client holds ({MAX_LISTING_BYTES >> 20} MiB)"
-                )
-            request.entries.append(entry)
-        if message.get("more") is not True:
-            # The server streams in its directory order; name order here (it also puts every
-            # directory of a tree before its contents).
-            request.entries.sort(key=lambda entry: entry["name"])
-            self._complete(request.entries)
+        return self._begin(_Request(remote), requesting.Listing(), message)
 
     def mkdir(self, remote, mode=None, mtime=None):
         """Create a remote directory if missing, then set its mode and mtime when given."""
@@ -282,10 +237,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             message["mode"] = mode & files.MODE_MASK
         if mtime is not None:
             message["mtime"] = mtime
-        return self._begin(_Request("mkdir", remote), "mkdir", message)
-
-    def on_done(self, message):
-        self._complete(None)
+        return self._begin(_Request(remote), requesting.AwaitingDone(), message)
 
     def get(self, remote, local, progress=None, resume=True):
         """Download `remote` to the path `local` through `local`.part, resuming from what the
@@ -297,69 +249,47 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             )
         except EketwistError as error:
             return fail(error)
-        request = _Request("get", remote, progress, local=local, prefix_sha1=None)
+        request = _Request(remote, progress, local=local, prefix_sha1=None)
         request.part = part
         if not (resume and part.size):
             part.restart()
-            return self._begin(request, "get-header", {"type": "get", "path": remote})
-        self._begin(request, "preparing", None)
-        self.setTimeout(None)
+            return self._begin(request, requesting.AwaitingFile(0), {"type": "get", "path": remote})
+        deferred = self._begin(request, requesting.Preparing(), None)
+        self.setTimeout(None)  # our own disk: nothing is owed by the server meanwhile
         hashed = threads.deferToThread(part.prefix_hasher())
 
         def ask(sha1):
-            if self._request is not request or self.closing:
+            if self.closing or self.requesting.current is None or self.requesting.current.request is not request:
                 return
             request.prefix_sha1 = sha1
             message = {"type": "get", "path": remote}
+            offset = 0
             if sha1 is not None:
-                message.update(offset=part.size, sha1=sha1.hexdigest())
-            self._await("get-header")
-            self.send_control(message)
+                offset = part.size
+                message.update(offset=offset, sha1=sha1.hexdigest())
+            self._awaiting(request, requesting.AwaitingFile(offset), message)
 
         hashed.addCallback(ask).addErrback(self._internal_failure)
-        return request.deferred
+        return deferred
 
-    def on_file(self, message):
-        request = self._request
-        request.size = wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
-        request.mtime = wire.mtime_field(message)
-        request.mode = wire.int_field(message, "mode", 0, wire.MAX_MODE) if "mode" in message else None
-        offset = wire.int_field(message, "offset", 0, wire.MAX_FILE_SIZE) if "offset" in message else 0
-        digest = wire.text_field(message, "digest", 32)
-        if digest != "sha1":
-            raise Unsupported(f"the server offers digest {digest!r}, which this client does not know")
-        part = request.part
-        if offset and offset == part.size and request.prefix_sha1 is not None:
-            part.resume(request.prefix_sha1)
-        elif offset:
-            raise ProtocolError("the server resumed at an offset we did not ask for")
+    def _file_header(self, header):
+        request = header.request
+        if header.offset:
+            request.part.resume(request.prefix_sha1)  # the offset we asked for: checked
         else:
-            part.restart()  # nothing held, or the file changed on the server: start over
-        request.resumed_from = offset
-        request.progress.start(request.remote, request.size, initial=offset)
-        self._await("get-data")
+            request.part.restart()  # nothing held, or the file changed on the server: start over
+        request.size, request.mtime, request.mode = header.size, header.mtime, header.mode
+        request.resumed_from = header.offset
+        request.progress.start(request.remote, request.size, initial=header.offset)
 
-    def incoming_file(self):
-        return self._request if self.state == "get-data" else None
-
-    def on_get_data(self, chunk):
-        request = self._request
-        self.receive_into(request, request.remote, chunk)
-        request.progress.update(len(chunk))
-
-    def on_get_end(self, message):
-        request = self._request
-        size = wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
-        sha1 = wire.hex_field(message, "sha1", 20)
-        if size != request.size:
-            request.part.abort()
-            request.part = None
-            raise IntegrityError(f"{request.remote}: the file changed size on the server while it was sent")
-        digest = request.part.finish(request.size, sha1, request.mtime, request.mode)
+    def _file_end(self, end):
+        request = end.request
+        digest = request.part.finish(request.size, end.sha1, request.mtime, request.mode)
         request.part = None
         self._complete(
+            request,
             {"remote": request.remote, "path": request.local, "size": request.size,
-             "sha1": digest, "resumed_from": request.resumed_from}
+             "sha1": digest, "resumed_from": request.resumed_from},
         )
 
     def put(self, local, remote, progress=None, force=False):
@@ -378,29 +308,26 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         if not stat_module.S_ISREG(st.st_mode):
             handle.close()
             return fail(NotAFile(f"{local}: not a regular file"))
-        request = _Request("put", remote, progress, local=local, size=st.st_size, resumed_from=0)
+        request = _Request(remote, progress, local=local, size=st.st_size, resumed_from=0)
         request.handle = handle
         message = {
             "type": "put", "path": remote, "size": st.st_size, "mtime": st.st_mtime,
             "mode": st.st_mode & files.MODE_MASK, "force": force,
         }
-        return self._begin(request, "put-offer", message)
+        return self._begin(request, requesting.AwaitingReady(st.st_size), message)
 
-    def on_put_ready(self, message):
-        request = self._request
-        offset = wire.int_field(message, "offset", 0, request.size)
+    def _offered(self, offer):
+        request, offset = offer.request, offer.offset
         if not offset:
             self._upload_from(request, 0, hashlib.sha1())
             return
-        theirs = wire.hex_field(message, "sha1", 20)
-        self.state = "preparing"
-        self.setTimeout(None)
+        self.setTimeout(None)  # hashing our own file: nothing is owed by the server meanwhile
         hashed = threads.deferToThread(files.hash_file_prefix, request.local, offset)
 
         def compared(ours):
-            if self._request is not request or self.closing:
+            if self.closing or self.requesting.current is None or self.requesting.current.request is not request:
                 return
-            if ours is not None and hmac.compare_digest(ours.digest(), theirs):
+            if ours is not None and hmac.compare_digest(ours.digest(), offer.sha1):
                 self._upload_from(request, offset, ours)
             else:
                 self._upload_from(request, 0, hashlib.sha1())
@@ -408,8 +335,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         hashed.addCallback(compared).addErrback(self._internal_failure)
 
     def _upload_from(self, request, offset, sha1):
-        self.send_control({"type": "upload", "offset": offset})
-        self._await("put-sending")
+        self._awaiting(request, requesting.Sending(request.size), {"type": "upload", "offset": offset})
         request.resumed_from = offset
         request.progress.start(request.remote, request.size, initial=offset)
 
@@ -418,40 +344,39 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             request.progress.update(nbytes)
 
         def sent(nbytes):
-            if self._request is not request or self.closing:
+            if self.closing or self.requesting.current is None or self.requesting.current.request is not request:
                 return
             request.sha1 = sha1.hexdigest()
-            self.send_control({"type": "end", "size": offset + nbytes, "sha1": request.sha1})
-            self._await("put-stored")
+            end = {"type": "end", "size": offset + nbytes, "sha1": request.sha1}
+            self._awaiting(request, requesting.AwaitingStored(request.size, request.sha1), end)
 
         send_file(self, request.handle, offset, sha1, chunk_sent).addCallbacks(sent, lambda _: None)
 
-    def on_stored(self, message):
-        request = self._request
-        size = wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
-        sha1 = wire.hex_field(message, "sha1", 20)
-        if size != request.size or not hmac.compare_digest(sha1.hex(), request.sha1):
-            raise IntegrityError(f"{request.remote}: the server stored something else than what was sent")
+    def _stored(self, stored):
+        request = stored.request
         request.handle.close()
         request.handle = None
         self._complete(
-            {"remote": request.remote, "path": request.local, "size": size,
-             "sha1": request.sha1, "resumed_from": request.resumed_from}
+            request,
+            {"remote": request.remote, "path": request.local, "size": stored.size,
+             "sha1": request.sha1, "resumed_from": request.resumed_from},
         )
+
+    _ANSWER_HANDLERS = {
+        requesting.Answered: _answered,
+        requesting.Refused: _refused,
+        requesting.Failed: _server_failed,
+        requesting.FileHeader: _file_header,
+        requesting.FileEnd: _file_end,
+        requesting.Offered: _offered,
+        requesting.Stored: _stored,
+    }
 
     # -- failures
 
     def peer_error(self, message):
-        code = str(message.get("code"))
-        error = errors.from_wire(code, message.get("message"))
-        if self.state in REQUEST_STATES and code in errors.REFUSAL_CODES:
-            # The request failed; the connection stays usable for the next one.
-            request, self._request = self._request, None
-            self._ready()
-            request.cleanup(keep_part=request.part is not None and request.part.size > 0)
-            self._later(request.deferred, error)
-            return
-        self._fail_pending(error)
+        """An ERROR in the handshake: it ends the connection."""
+        self._fail_pending(errors.from_wire(str(message.get("code")), message.get("message")))
         self.close()
 
     def _internal_failure(self, failure):
@@ -468,20 +393,14 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def _fail_pending(self, error):
         if self._end_reason is None:
             self._end_reason = error
-        request, self._request = self._request, None
-        if request is not None:
+        for request in self.requesting.abandon() if self.requesting is not None else ():
             # A cut connection keeps the .part for a later resume; bad data does not.
             request.cleanup(keep_part=isinstance(error, ConnectionFailed))
             self._later(request.deferred, error)
         self._settle_authentication(error)
 
-    def close(self, reason=None):
-        self.state = "closed"
-        super().close(reason)
-
     def connectionLost(self, reason):
         self.setTimeout(None)
-        self.state = "closed"
         super().connectionLost(reason)
         self._password = None
         self._fail_pending(ConnectionFailed(_lost_because(reason)))
@@ -494,49 +413,3 @@ def _lost_because(reason):
         what = "is not valid for this host name" if kind.__module__.startswith("service_identity") else "could not be verified"
         return f"TLS failed: the server's certificate {what} ({kind.__name__})"
     return "the connection to the server was lost"
-
-
-class Entry:
-    """One entry of a listing, read like the server's dict (`entry["name"]`). Slots, not a
-    dict, and only the checked values kept: a listing may hold a million of these."""
-
-    __slots__ = ("name", "kind", "size", "mtime", "mode")
-
-    def __init__(self, name, kind, size, mtime, mode):
-        self.name, self.kind, self.size, self.mtime, self.mode = name, kind, size, mtime, mode
-
-    def __getitem__(self, field):
-        if field not in self.__slots__:
-            raise KeyError(field)
-        return getattr(self, field)
-
-    def to_json(self):
-        return {field: getattr(self, field) for field in self.__slots__}
-
-    def __repr__(self):
-        return f"Entry({self.to_json()!r})"
-
-
-# The kinds as our own strings: the decoded message's copies would cost 53 bytes an entry.
-_KINDS = {kind: kind for kind in ("file", "dir", "symlink", "other", "partial")}
-
-
-def _checked_entry(item):
-    """A listing entry from the server, with its fields checked."""
-    if not isinstance(item, dict):
-        raise ProtocolError("entry: an object is expected")
-    item = {**item, "type": "entry"}  # for the field checks' messages
-    kind = item.get("kind")
-    name = wire.text_field(item, "name", wire.MAX_PATH_BYTES)
-    # Names become local paths in a tree download: a server must not steer them elsewhere.
-    if name.startswith("/") or any(segment in ("", ".", "..") for segment in name.split("/")):
-        raise ProtocolError(f"the server sent an unsafe name in a listing: {name[:80]!r}")
-    return Entry(
-        name,
-        _KINDS.get(kind, "other") if isinstance(kind, str) else "other",
-        wire.int_field(item, "size", 0, wire.MAX_FILE_SIZE),
-        wire.mtime_field(item),
-        # Permission bits only, as for files: a directory made by `get -r` must not become
-        # setgid or sticky (nor anything setuid) because the server said so.
-        wire.int_field(item, "mode", 0, wire.MAX_MODE) & files.MODE_MASK,
-    )

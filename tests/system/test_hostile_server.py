@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from eketwist.client_protocol import MAX_LISTING_BYTES
+from eketwist.requesting import MAX_LISTING_BYTES
 
 from tests.support.hostileserver import HostileServer, Tree, entry, make_alice
 from tests.support.rawclient import CONTROL, HEADER

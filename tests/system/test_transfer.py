@@ -225,13 +225,13 @@ async def test_a_download_reads_whole_records_and_resets_the_low_water_mark(root
     client = await authenticated_client(server_port)
     sock = client.transport.getHandle()
     seen = []
-    receive = client.on_get_data
+    receive = client.data_received
 
     def watching(chunk):
         seen.append((len(chunk), sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)))
         receive(chunk)
 
-    client.on_get_data = watching
+    client.data_received = watching
     result = await client.get("records.bin", str(tmp_path / "records.bin"))
     assert (tmp_path / "records.bin").read_bytes() == (root / "records.bin").read_bytes()
     assert result["size"] == 3 * wire.DATA_CHUNK + 12345
@@ -313,13 +313,13 @@ async def test_a_file_that_shrinks_while_sent_fails_at_once(root, tmp_path, serv
     client = await connect_client(server_port)
     client.timeout = 20
     await client.authenticated_deferred
-    receive = client.on_get_data
+    receive = client.data_received
 
     def shrink_after_the_first_record(chunk):
         receive(chunk)
         os.truncate(source, wire.DATA_CHUNK + 1000)
 
-    client.on_get_data = shrink_after_the_first_record
+    client.data_received = shrink_after_the_first_record
     started = reactor.seconds()
     with pytest.raises(errors.IntegrityError, match="changed size"):
         await client.get("shrinking.bin", str(tmp_path / "shrinking.bin"))

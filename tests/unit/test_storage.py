@@ -373,7 +373,7 @@ def test_listing_skips_names_that_are_not_utf8(tmp_path):
 
 @pytest.mark.parametrize("name", ["../escape", "a/../../b", "/etc/passwd", "a//b", "./a", "a/", ""])
 def test_client_refuses_unsafe_names_from_a_server(name):
-    from eketwist.client_protocol import _checked_entry
+    from eketwist.requesting import checked_entry as _checked_entry
 
     with pytest.raises(errors.ProtocolError):
         _checked_entry({"name": name, "kind": "file", "size": 1, "mtime": 0, "mode": 0o644})
