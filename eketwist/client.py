@@ -2,7 +2,8 @@
 
 Status and progress go to stderr, data (verified digests, listings, --json) to stdout. Every
 failure is one line naming the file and the reason, and a distinct exit code (see --help).
-Here: the command line and the connection; eketwist.commands runs the command.
+Here: the command line and the connection; eketwist.commands runs the command (with the steps
+eketwist.plan decides), eketwist.report shows what happens.
 
 Twisted and the protocol machine are imported only after the Prelude has connected and
 started scrypt (eketwist.prelude): the two then overlap instead of adding up.

@@ -1,25 +1,22 @@
-"""The client's commands over one authenticated connection: get, put and ls."""
+"""The client's commands over one authenticated connection: get, put and ls.
+
+get and put look up what they need on the server (entries, listings), let eketwist.plan decide
+the steps, and carry them out with one executor: they differ only in the direction of a
+transfer and the side their directories are made on.
+"""
 
 import os
-import stat
 import time
 
 from . import errors
 from .errors import EketwistError, UsageError
+from .files import local_mode
+from .plan import (
+    AlreadyComplete, MakeDirectory, SkipContents, Transfer, get_arguments, get_target, get_tree,
+    put_target, put_tree, same_file,
+)
 
 FATAL = (errors.ConnectionFailed, errors.ProtocolError, errors.IntegrityError, errors.AuthenticationFailed)
-
-
-def remote_basename(remote):
-    name = remote.rstrip("/").rsplit("/", 1)[-1]
-    if not name or name in (".", ".."):
-        raise UsageError(f"{remote}: not a file name")
-    return name
-
-
-def remote_join(directory, name):
-    directory = directory.rstrip("/")
-    return f"{directory}/{name}" if directory else name
 
 
 class Session:
@@ -53,7 +50,7 @@ class Session:
         except errors.Exists as error:
             # Rerunning a put that was cut after the server stored the file: nothing to do.
             theirs = None if self.client.closing else await self.remote_entry(remote)
-            if theirs is not None and theirs["kind"] == "file" and _same_file(os.stat(local), theirs):
+            if theirs is not None and theirs["kind"] == "file" and same_file(os.stat(local), theirs):
                 self.skipped(local, remote, "already on the server")
                 return None
             self.failed(local, error, record)
@@ -84,83 +81,44 @@ class Session:
             return None
 
 
-def _same_file(st, entry):
-    return st.st_size == entry["size"] and abs(st.st_mtime - entry["mtime"]) < 1e-3
-
-
-def _local_directory_target(paths, noun):
-    """Split `A B C DEST` for several sources: DEST must be an existing directory."""
-    *sources, destination = paths
-    if not os.path.isdir(destination):
-        raise UsageError(f"{destination}: with several {noun}, the last argument must be an existing directory")
-    return sources, destination
-
-
 async def run_get(session, args):
-    reporter = session.reporter
-    if len(args.paths) > 2:
-        remotes, local = _local_directory_target(args.paths, "files to get")
-    else:
-        remotes, local = args.paths[:1], (args.paths[1] if len(args.paths) == 2 else None)
-    # (remote, local path, name in a tree or None): a tree's paths are joined when transferred,
-    # so that the plan shares the listing's strings instead of holding two more per file.
-    plan = []
-    directories = []  # (local dir, entry) to finish after their contents
+    remotes, local = get_arguments(args.paths)
+    executor = Executor(session, Download())
     for remote in remotes:
-        name = remote_basename(remote)
-        if local is None:
-            target = name
-        elif os.path.isdir(local) or local.endswith(os.sep):
-            target = os.path.join(local, name)
-        else:
-            target = local
+        target = get_target(remote, local)
         if not args.recursive:
-            plan.append((remote, target, None))
+            executor.add([Transfer(remote, target)])
             continue
         try:
             entries = await session.client.list(remote, recursive=True)
         except EketwistError as error:
             session.failed(remote, error, {"remote": remote, "local": target})
             continue
-        if len(entries) == 1 and entries[0]["kind"] == "file" and entries[0]["name"] == name:
-            plan.append((remote, target, None))  # a file named with -r
-            continue
-        os.makedirs(target, exist_ok=True)
-        for entry in entries:
-            source = remote_join(remote, entry["name"])
-            destination = os.path.join(target, *entry["name"].split("/"))
-            if entry["kind"] == "dir":
-                os.makedirs(destination, exist_ok=True)
-                directories.append((destination, entry))
-            elif entry["kind"] == "file":
-                try:
-                    if _same_file(os.stat(destination), entry):
-                        session.skipped(source, destination, "already complete")
-                        continue
-                except FileNotFoundError:
-                    pass
-                plan.append((remote, target, entry["name"]))
-            else:
-                reporter.warn(f"{source}: skipped: a {entry['kind']}, not a regular file or directory")
-    reporter.overall(0, len(plan))
-    for remote, target, name in plan:
-        if name is not None:
-            remote, target = remote_join(remote, name), os.path.join(target, *name.split("/"))
-        await session.transfer("get", remote, target, resume=not args.no_resume)
-    from .files import local_mode  # here: the command's start-up imports stay light
-
-    for path, entry in sorted(directories, key=lambda item: item[0].count(os.sep), reverse=True):
-        os.chmod(path, local_mode(entry["mode"]))
-        os.utime(path, (entry["mtime"], entry["mtime"]))
+        executor.add(get_tree(remote, target, entries))
+    await executor.run(resume=not args.no_resume)
 
 
 async def run_put(session, args):
-    reporter = session.reporter
-    client = session.client
-    if len(args.paths) == 1:
-        locals_, remote = args.paths, None
+    locals_, remote, into_directory = await _put_destination(session, args.paths)
+    executor = Executor(session, Upload(session.client))
+    for local in locals_:
+        target = put_target(local, remote, into_directory)
+        if not (args.recursive and os.path.isdir(local)):
+            executor.add([Transfer(target, local)])
+            continue
+        entry = await session.remote_entry(target)
+        existing = await session.client.list(target, recursive=True) if entry is not None and entry["kind"] == "dir" else ()
+        executor.add(put_tree(local, target, existing))
+    await executor.run(force=args.force)
+
+
+async def _put_destination(session, paths):
+    """`put LOCAL... [REMOTE]`: the locals, REMOTE (None when not given), and whether the
+    locals go inside it (a remote directory, which must exist when there are several)."""
+    if len(paths) == 1:
+        locals_, remote = paths, None
     else:
-        *locals_, remote = args.paths
+        *locals_, remote = paths
     into_directory = remote is None or remote.endswith("/") or len(locals_) > 1
     if remote is not None and not into_directory:
         entry = await session.remote_entry(remote)
@@ -169,38 +127,97 @@ async def run_put(session, args):
         entry = await session.remote_entry(remote)
         if entry is None or entry["kind"] != "dir":
             raise UsageError(f"{remote}: with several files to put, the last argument must be an existing remote directory")
-    plan = []  # (local, remote)
-    directories = []  # (remote dir, stat): created before the files, finished after them
-    for local in locals_:
-        name = os.path.basename(os.path.normpath(local))
-        target = remote_join(remote or "", name) if into_directory else remote
-        if not (args.recursive and os.path.isdir(local)):
-            plan.append((local, target))
-            continue
-        existing = {}
-        entry = await session.remote_entry(target)
-        if entry is not None and entry["kind"] == "dir":
-            existing = {e["name"]: e for e in await client.list(target, recursive=True)}
-        directories.append((target, os.stat(local)))
-        for relative, path, st in _local_tree(local, reporter):
-            destination = remote_join(target, relative)
-            if stat.S_ISDIR(st.st_mode):
-                directories.append((destination, st))
-                continue
-            theirs = existing.get(relative)
-            if theirs is not None and theirs["kind"] == "file" and _same_file(st, theirs):
-                session.skipped(path, destination, "already complete")
-                continue
-            plan.append((path, destination))
-    # The whole tree is planned before anything is created on the server: a local tree that
-    # cannot be read no longer leaves half of it there. Parents come before their contents.
-    for target, st in directories:
-        await _remote_directory(client, target, st.st_mode)
-    reporter.overall(sum(_size(path) for path, _ in plan), len(plan))
-    for local, target in plan:
-        await session.transfer("put", local, target, force=args.force)
-    for target, st in reversed(directories):  # contents before their parents: mtimes stay
-        await _remote_directory(client, target, st.st_mode, st.st_mtime)
+    return locals_, remote, into_directory
+
+
+class Executor:
+    """Carries out the steps of one get or put, fed source by source. Skips are reported as
+    they are planned; nothing is made or transferred until every source is planned: a tree that
+    cannot be read, or a listing that fails, leaves no half-made tree behind."""
+
+    def __init__(self, session, direction):
+        self.session = session
+        self.direction = direction
+        self.directories = []
+        self.transfers = []
+
+    def add(self, steps):
+        reporter = self.session.reporter
+        for step in steps:
+            if isinstance(step, Transfer):
+                self.transfers.append(step)
+            elif isinstance(step, MakeDirectory):
+                self.directories.append(step)
+            elif isinstance(step, AlreadyComplete):
+                self.session.skipped(*self.direction.ends(step), "already complete")
+            elif isinstance(step, SkipContents):
+                reporter.warn(f"{step.path}: skipped its contents: {step.reason}")
+            else:  # a Skip
+                reporter.warn(f"{step.path}: skipped: {step.reason}")
+
+    async def run(self, **options):
+        direction = self.direction
+        for step in self.directories:  # parents before their contents
+            await direction.make_directory(step)
+        self.session.reporter.overall(direction.total_bytes(self.transfers), len(self.transfers))
+        for step in self.transfers:
+            await self.session.transfer(direction.name, *direction.ends(step), **options)
+        for step in reversed(self.directories):  # contents before their parents: mtimes stay
+            if step.mtime is not None:
+                await direction.finish_directory(step)
+
+
+class Download:
+    """The local side of get: directories made and finished here."""
+
+    name = "get"
+
+    @staticmethod
+    def ends(step):
+        return step.remote_path, step.local_path
+
+    @staticmethod
+    async def make_directory(step):
+        os.makedirs(step.local_path, exist_ok=True)
+
+    @staticmethod
+    async def finish_directory(step):
+        os.chmod(step.local_path, local_mode(step.mode))
+        os.utime(step.local_path, (step.mtime, step.mtime))
+
+    @staticmethod
+    def total_bytes(transfers):
+        return 0  # not known for a file until the server sends it: the overall bar counts files
+
+
+class Upload:
+    """The remote side of put: directories made and finished on the server."""
+
+    name = "put"
+
+    def __init__(self, client):
+        self.client = client
+
+    @staticmethod
+    def ends(step):
+        return step.local_path, step.remote_path
+
+    async def make_directory(self, step):
+        await _remote_directory(self.client, step.remote_path, step.mode)
+
+    async def finish_directory(self, step):
+        await _remote_directory(self.client, step.remote_path, step.mode, step.mtime)
+
+    @staticmethod
+    def total_bytes(transfers):
+        return sum(_size(step.local_path) for step in transfers)
+
+
+def _size(path):
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 async def _remote_directory(client, remote, mode, mtime=None):
@@ -212,50 +229,6 @@ async def _remote_directory(client, remote, mode, mtime=None):
         entry = None if client.closing else await client.stat(remote)
         if entry is None or entry["kind"] != "dir":
             raise error
-
-
-def _local_tree(top, reporter):
-    """(relative "/"-joined name, path, lstat) of the directories and regular files under
-    `top`, depth first in name order, each directory before its contents; symlinks and other
-    files skipped with a warning. An explicit stack: os.walk recursed (Python 3.11), and a
-    tree 1,000 levels deep raised RecursionError."""
-    stack = [("", iter(_sorted_children(top, reporter)))]
-    while stack:
-        prefix, children = stack[-1]
-        child = next(children, None)
-        if child is None:
-            stack.pop()
-            continue
-        try:
-            st = child.stat(follow_symlinks=False)
-        except OSError as problem:
-            reporter.warn(f"{child.path}: skipped: {problem.strerror}")
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            reporter.warn(f"{child.path}: skipped: a symlink")
-        elif stat.S_ISDIR(st.st_mode):
-            yield prefix + child.name, child.path, st
-            stack.append((prefix + child.name + "/", iter(_sorted_children(child.path, reporter))))
-        elif stat.S_ISREG(st.st_mode):
-            yield prefix + child.name, child.path, st
-        else:
-            reporter.warn(f"{child.path}: skipped: not a regular file")
-
-
-def _sorted_children(directory, reporter):
-    try:
-        with os.scandir(directory) as scan:
-            return sorted(scan, key=lambda child: child.name)
-    except OSError as problem:
-        reporter.warn(f"{directory}: skipped its contents: {problem.strerror}")
-        return []
-
-
-def _size(path):
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
 
 
 async def run_ls(session, args):
