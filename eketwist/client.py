@@ -18,7 +18,6 @@ import sys
 from . import errors
 from .errors import EketwistError, UsageError
 from .prelude import Prelude
-from .report import Reporter
 from .tuning import tune_allocator
 
 DEFAULT_PORT = 4000
@@ -249,6 +248,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.user:
         parser.error("--user is required (or set EKE_USER)")
+    # Past --help and usage errors, which do without it (and its escaping's regular expressions).
+    from .report import Reporter
+
     reporter = Reporter(args)
     early = None
     # The password in a list that whoever runs scrypt empties (the Prelude, or the protocol
