@@ -9,7 +9,6 @@ entries, and the steps then share its strings instead of holding two more per fi
 
 import os
 import stat
-from typing import NamedTuple, Optional
 
 from .errors import UsageError
 
@@ -26,61 +25,87 @@ def remote_join(directory, name):
     return f"{directory}/{name}" if directory else name
 
 
-def _remote_path(step):
-    return step.remote if step.name is None else remote_join(step.remote, step.name)
+class _Step:
+    """Equal when of one kind with equal fields. Plain classes with slots, not namedtuples:
+    cheap by the million all the same, and no eval per kind at every command's start."""
+
+    __slots__ = ()
+
+    def _values(self):
+        return tuple(getattr(self, field) for field in self._fields)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self._values() == other._values()
+
+    def __hash__(self):
+        return hash((type(self), self._values()))
+
+    def __repr__(self):
+        return f"{type(self).__name__}{self._values()!r}"
 
 
-def _local_path(step):
-    return step.local if step.name is None else os.path.join(step.local, *step.name.split("/"))
+class _Named(_Step):
+    __slots__ = _fields = ("remote", "local", "name")
+
+    def __init__(self, remote, local, name=None):
+        self.remote = remote
+        self.local = local
+        self.name = name
+
+    @property
+    def remote_path(self):
+        return self.remote if self.name is None else remote_join(self.remote, self.name)
+
+    @property
+    def local_path(self):
+        return self.local if self.name is None else os.path.join(self.local, *self.name.split("/"))
 
 
-class MakeDirectory(NamedTuple):
+class Transfer(_Named):
+    """One file, either way."""
+
+    __slots__ = ()
+
+
+class AlreadyComplete(_Named):
+    """A file of a tree the destination already has with its size and mtime: a result
+    ("skipped"), from a rerun of an interrupted command."""
+
+    __slots__ = ()
+
+
+class MakeDirectory(_Named):
     """Made (on the destination's side) before any file is transferred, parents first. Given
     `mode` and `mtime` after every transfer, contents before their parents (whatever is written
     into a directory changes its mtime); left as made when `mtime` is None."""
 
-    remote: str
-    local: str
-    name: Optional[str] = None
-    mode: Optional[int] = None
-    mtime: Optional[float] = None
-    remote_path = property(_remote_path)
-    local_path = property(_local_path)
+    __slots__ = ("mode", "mtime")
+    _fields = _Named._fields + __slots__
+
+    def __init__(self, remote, local, name=None, mode=None, mtime=None):
+        _Named.__init__(self, remote, local, name)
+        self.mode = mode
+        self.mtime = mtime
 
 
-class Transfer(NamedTuple):
-    """One file, either way."""
+class _Warning(_Step):
+    __slots__ = _fields = ("path", "reason")
 
-    remote: str
-    local: str
-    name: Optional[str] = None
-    remote_path = property(_remote_path)
-    local_path = property(_local_path)
+    def __init__(self, path, reason):
+        self.path = path
+        self.reason = reason
 
 
-class AlreadyComplete(NamedTuple):
-    """A file of a tree the destination already has with its size and mtime: a result
-    ("skipped"), from a rerun of an interrupted command."""
-
-    remote: str
-    local: str
-    name: Optional[str] = None
-    remote_path = property(_remote_path)
-    local_path = property(_local_path)
-
-
-class Skip(NamedTuple):
+class Skip(_Warning):
     """Something in a tree that is not transferred (a symlink, a device): a warning."""
 
-    path: str
-    reason: str
+    __slots__ = ()
 
 
-class SkipContents(NamedTuple):
+class SkipContents(_Warning):
     """A local directory that cannot be read: made, but empty; a warning."""
 
-    path: str
-    reason: str
+    __slots__ = ()
 
 
 def same_file(st, entry):
@@ -123,7 +148,7 @@ def get_tree(remote, target, entries):
             yield MakeDirectory(remote, target, entry["name"], entry["mode"], entry["mtime"])
         elif kind == "file":
             step = Transfer(remote, target, entry["name"])
-            yield AlreadyComplete(*step) if _have_locally(step.local_path, entry) else step
+            yield AlreadyComplete(remote, target, entry["name"]) if _have_locally(step.local_path, entry) else step
         else:
             yield Skip(remote_join(remote, entry["name"]), f"a {kind}, not a regular file or directory")
 

@@ -50,6 +50,14 @@ def test_steps_join_their_paths_only_when_asked():
     assert MakeDirectory("", "l", "a").remote_path == "a"
 
 
+def test_steps_are_equal_only_of_one_kind():
+    assert Transfer("r", "l", "n") == Transfer("r", "l", "n")
+    assert Transfer("r", "l", "n") != AlreadyComplete("r", "l", "n")
+    assert Skip("p", "why") != SkipContents("p", "why")
+    assert MakeDirectory("r", "l") == MakeDirectory("r", "l", None, None, None) != MakeDirectory("r", "l", None, 0o755, 1.0)
+    assert repr(Transfer("r", "l")) == "Transfer('r', 'l', None)"
+
+
 def test_same_file_is_size_and_mtime_within_a_millisecond(tmp_path):
     st = write(tmp_path / "f", b"12345", mtime=1_500_000_000.25).stat()
     assert plan.same_file(st, entry("f", size=5, mtime=1_500_000_000.2504))
@@ -145,7 +153,7 @@ def test_get_tree_keeps_names_as_the_server_sent_them(tmp_path):
     """Escaping is for output (eketwist.report), not for paths: a name is the file's name."""
     odd = "new\nline \x1b[2J back\\slash \u202e ünï"
     steps = list(plan.get_tree("tree", str(tmp_path), [entry("d", kind="dir"), entry(f"d/{odd}")]))
-    assert steps[2] == Transfer("tree", str(tmp_path), f"d/{odd}")
+    assert steps[2:] == [Transfer("tree", str(tmp_path), f"d/{odd}")]
     assert steps[2].local_path == os.path.join(str(tmp_path), "d", odd)
     assert steps[2].remote_path == f"tree/d/{odd}"
 
@@ -281,7 +289,7 @@ def test_put_tree_deeper_than_the_recursion_limit(tmp_path):
     write(path.parent / "f")
     steps = list(plan.put_tree(str(local), "tree"))
     assert len(steps) == depth + 2
-    assert steps[-1] == Transfer("tree", str(local), "/".join(["d"] * depth) + "/f")
+    assert steps[-1:] == [Transfer("tree", str(local), "/".join(["d"] * depth) + "/f")]
     assert all(isinstance(step, MakeDirectory) and stat.S_ISDIR(step.mode) for step in steps[:-1])
 
 
@@ -289,5 +297,5 @@ def test_put_tree_keeps_local_names_as_they_are(tmp_path):
     odd = "new\nline \x1b]0;title\x07 back\\slash"
     write(tmp_path / "tree" / odd)
     steps = list(plan.put_tree(str(tmp_path / "tree"), "up"))
-    assert steps[1] == Transfer("up", str(tmp_path / "tree"), odd)
+    assert steps[1:] == [Transfer("up", str(tmp_path / "tree"), odd)]
     assert steps[1].remote_path == f"up/{odd}"
