@@ -1,0 +1,239 @@
+"""The client's commands over one authenticated connection: get, put and ls.
+
+get and put look up what they need on the server (entries, listings), let eketwist.plan decide
+the steps, and carry them out with one executor: they differ only in the direction of a
+transfer and the side their directories are made on.
+"""
+
+import os
+import time
+
+from . import errors
+from .errors import EketwistError, UsageError
+from .files import local_mode
+from .plan import (
+    AlreadyComplete, MakeDirectory, SkipContents, Transfer, get_arguments, get_target, get_tree,
+    put_target, put_tree, same_file,
+)
+
+FATAL = (errors.ConnectionFailed, errors.ProtocolError, errors.IntegrityError, errors.AuthenticationFailed)
+
+
+class Session:
+    """One authenticated connection and the transfers run over it for one command."""
+
+    def __init__(self, client, reporter):
+        self.client = client
+        self.reporter = reporter
+        self.first_error = None
+
+    def failed(self, name, error, record):
+        record.update(status="error", error={"code": error.code, "message": error.message})
+        self.reporter.done(record)
+        self.reporter.error(error.message if error.message.startswith(name) else f"{name}: {error.message}")
+        if self.first_error is None:
+            self.first_error = error
+        if isinstance(error, FATAL) or self.client.closing:
+            raise error
+
+    async def transfer(self, direction, source, destination, **options):
+        """One file, get or put; records the outcome; raises only when the connection is gone."""
+        remote = source if direction == "get" else destination
+        local = destination if direction == "get" else source
+        record = {"remote": remote, "local": local}
+        started = time.monotonic()
+        try:
+            if direction == "get":
+                result = await self.client.get(remote, local, self.reporter.progress(), **options)
+            else:
+                result = await self.client.put(local, remote, self.reporter.progress(), **options)
+        except errors.Exists as error:
+            # Rerunning a put that was cut after the server stored the file: nothing to do.
+            theirs = None if self.client.closing else await self.remote_entry(remote)
+            if theirs is not None and theirs["kind"] == "file" and same_file(os.stat(local), theirs):
+                self.skipped(local, remote, "already on the server")
+                return None
+            self.failed(local, error, record)
+            return None
+        except EketwistError as error:
+            self.failed(remote if direction == "get" else local, error, record)
+            return None
+        seconds = time.monotonic() - started
+        record.update(
+            status="ok", bytes=result["size"], sha1=result["sha1"], seconds=round(seconds, 6),
+            resumed_from=result["resumed_from"],
+        )
+        moved = result["size"] - result["resumed_from"]
+        rate = moved / seconds / 1e6 if seconds > 0 else 0.0
+        resumed = f", resumed at {result['resumed_from']}" if result["resumed_from"] else ""
+        self.reporter.say(f"{local if direction == 'get' else remote}: {result['size']} bytes verified in {seconds:.2f} s ({rate:.1f} MB/s{resumed})")
+        self.reporter.done(record)
+        return result
+
+    def skipped(self, remote, local, reason):
+        self.reporter.files.append({"remote": remote, "local": local, "status": "skipped", "reason": reason})
+        self.reporter.say(f"{remote}: skipped ({reason})")
+
+    async def remote_entry(self, remote):
+        try:
+            return await self.client.stat(remote)
+        except errors.NotFound:
+            return None
+
+
+async def run_get(session, args):
+    remotes, local = get_arguments(args.paths)
+    executor = Executor(session, Download())
+    for remote in remotes:
+        target = get_target(remote, local)
+        if not args.recursive:
+            executor.add([Transfer(remote, target)])
+            continue
+        try:
+            entries = await session.client.list(remote, recursive=True)
+        except EketwistError as error:
+            session.failed(remote, error, {"remote": remote, "local": target})
+            continue
+        executor.add(get_tree(remote, target, entries))
+    await executor.run(resume=not args.no_resume)
+
+
+async def run_put(session, args):
+    locals_, remote, into_directory = await _put_destination(session, args.paths)
+    executor = Executor(session, Upload(session.client))
+    for local in locals_:
+        target = put_target(local, remote, into_directory)
+        if not (args.recursive and os.path.isdir(local)):
+            executor.add([Transfer(target, local)])
+            continue
+        entry = await session.remote_entry(target)
+        existing = await session.client.list(target, recursive=True) if entry is not None and entry["kind"] == "dir" else ()
+        executor.add(put_tree(local, target, existing))
+    await executor.run(force=args.force)
+
+
+async def _put_destination(session, paths):
+    """`put LOCAL... [REMOTE]`: the locals, REMOTE (None when not given), and whether the
+    locals go inside it (a remote directory, which must exist when there are several)."""
+    if len(paths) == 1:
+        locals_, remote = paths, None
+    else:
+        *locals_, remote = paths
+    into_directory = remote is None or remote.endswith("/") or len(locals_) > 1
+    if remote is not None and not into_directory:
+        entry = await session.remote_entry(remote)
+        into_directory = entry is not None and entry["kind"] == "dir"
+    elif remote is not None and remote.strip("/"):
+        entry = await session.remote_entry(remote)
+        if entry is None or entry["kind"] != "dir":
+            raise UsageError(f"{remote}: with several files to put, the last argument must be an existing remote directory")
+    return locals_, remote, into_directory
+
+
+class Executor:
+    """Carries out the steps of one get or put, fed source by source. Skips are reported as
+    they are planned; nothing is made or transferred until every source is planned: a tree that
+    cannot be read, or a listing that fails, leaves no half-made tree behind."""
+
+    def __init__(self, session, direction):
+        self.session = session
+        self.direction = direction
+        self.directories = []
+        self.transfers = []
+
+    def add(self, steps):
+        reporter = self.session.reporter
+        for step in steps:
+            if isinstance(step, Transfer):
+                self.transfers.append(step)
+            elif isinstance(step, MakeDirectory):
+                self.directories.append(step)
+            elif isinstance(step, AlreadyComplete):
+                self.session.skipped(*self.direction.ends(step), "already complete")
+            elif isinstance(step, SkipContents):
+                reporter.warn(f"{step.path}: skipped its contents: {step.reason}")
+            else:  # a Skip
+                reporter.warn(f"{step.path}: skipped: {step.reason}")
+
+    async def run(self, **options):
+        direction = self.direction
+        for step in self.directories:  # parents before their contents
+            await direction.make_directory(step)
+        self.session.reporter.overall(direction.total_bytes(self.transfers), len(self.transfers))
+        for step in self.transfers:
+            await self.session.transfer(direction.name, *direction.ends(step), **options)
+        for step in reversed(self.directories):  # contents before their parents: mtimes stay
+            if step.mtime is not None:
+                await direction.finish_directory(step)
+
+
+class Download:
+    """The local side of get: directories made and finished here."""
+
+    name = "get"
+
+    @staticmethod
+    def ends(step):
+        return step.remote_path, step.local_path
+
+    @staticmethod
+    async def make_directory(step):
+        os.makedirs(step.local_path, exist_ok=True)
+
+    @staticmethod
+    async def finish_directory(step):
+        os.chmod(step.local_path, local_mode(step.mode))
+        os.utime(step.local_path, (step.mtime, step.mtime))
+
+    @staticmethod
+    def total_bytes(transfers):
+        return 0  # not known for a file until the server sends it: the overall bar counts files
+
+
+class Upload:
+    """The remote side of put: directories made and finished on the server."""
+
+    name = "put"
+
+    def __init__(self, client):
+        self.client = client
+
+    @staticmethod
+    def ends(step):
+        return step.local_path, step.remote_path
+
+    async def make_directory(self, step):
+        await _remote_directory(self.client, step.remote_path, step.mode)
+
+    async def finish_directory(self, step):
+        await _remote_directory(self.client, step.remote_path, step.mode, step.mtime)
+
+    @staticmethod
+    def total_bytes(transfers):
+        return sum(_size(step.local_path) for step in transfers)
+
+
+def _size(path):
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+async def _remote_directory(client, remote, mode, mtime=None):
+    """Make a remote directory, or give one we made its mode and time; an existing one (from
+    an earlier run, or not ours) is used as it is: the server changes only what we created."""
+    try:
+        await client.mkdir(remote, mode=mode, mtime=mtime)
+    except errors.Exists as error:
+        entry = None if client.closing else await client.stat(remote)
+        if entry is None or entry["kind"] != "dir":
+            raise error
+
+
+async def run_ls(session, args):
+    entries = await session.client.list(args.path, recursive=args.recursive, partials=args.all)
+    session.reporter.listing(args.path, entries, long=args.long)
+
+
+COMMANDS = {"get": run_get, "put": run_put, "ls": run_ls}

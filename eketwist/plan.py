@@ -1,0 +1,217 @@
+"""What `get` and `put` will do, decided before anything is done: the command line, a local tree
+or a remote listing in; steps out, in order. No network and no Twisted: eketwist.commands
+fetches the listings and carries the steps out.
+
+A step names its file by the two tops, `remote` and `local`, and a "/"-joined `name` under both
+(None for a top itself), joined only when the step is carried out: a listing may hold a million
+entries, and the steps then share its strings instead of holding two more per file.
+"""
+
+import os
+import stat
+
+from .errors import UsageError
+
+
+def remote_basename(remote):
+    name = remote.rstrip("/").rsplit("/", 1)[-1]
+    if not name or name in (".", ".."):
+        raise UsageError(f"{remote}: not a file name")
+    return name
+
+
+def remote_join(directory, name):
+    directory = directory.rstrip("/")
+    return f"{directory}/{name}" if directory else name
+
+
+class _Step:
+    """Equal when of one kind with equal fields. Plain classes with slots, not namedtuples:
+    cheap by the million all the same, and no eval per kind at every command's start."""
+
+    __slots__ = ()
+
+    def _values(self):
+        return tuple(getattr(self, field) for field in self._fields)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self._values() == other._values()
+
+    def __hash__(self):
+        return hash((type(self), self._values()))
+
+    def __repr__(self):
+        return f"{type(self).__name__}{self._values()!r}"
+
+
+class _Named(_Step):
+    __slots__ = _fields = ("remote", "local", "name")
+
+    def __init__(self, remote, local, name=None):
+        self.remote = remote
+        self.local = local
+        self.name = name
+
+    @property
+    def remote_path(self):
+        return self.remote if self.name is None else remote_join(self.remote, self.name)
+
+    @property
+    def local_path(self):
+        return self.local if self.name is None else os.path.join(self.local, *self.name.split("/"))
+
+
+class Transfer(_Named):
+    """One file, either way."""
+
+    __slots__ = ()
+
+
+class AlreadyComplete(_Named):
+    """A file of a tree the destination already has with its size and mtime: a result
+    ("skipped"), from a rerun of an interrupted command."""
+
+    __slots__ = ()
+
+
+class MakeDirectory(_Named):
+    """Made (on the destination's side) before any file is transferred, parents first. Given
+    `mode` and `mtime` after every transfer, contents before their parents (whatever is written
+    into a directory changes its mtime); left as made when `mtime` is None."""
+
+    __slots__ = ("mode", "mtime")
+    _fields = _Named._fields + __slots__
+
+    def __init__(self, remote, local, name=None, mode=None, mtime=None):
+        _Named.__init__(self, remote, local, name)
+        self.mode = mode
+        self.mtime = mtime
+
+
+class _Warning(_Step):
+    __slots__ = _fields = ("path", "reason")
+
+    def __init__(self, path, reason):
+        self.path = path
+        self.reason = reason
+
+
+class Skip(_Warning):
+    """Something in a tree that is not transferred (a symlink, a device): a warning."""
+
+    __slots__ = ()
+
+
+class SkipContents(_Warning):
+    """A local directory that cannot be read: made, but empty; a warning."""
+
+    __slots__ = ()
+
+
+def same_file(st, entry):
+    """Whether the local file with stat `st` is the one the listing's `entry` describes."""
+    return st.st_size == entry["size"] and abs(st.st_mtime - entry["mtime"]) < 1e-3
+
+
+def get_arguments(paths):
+    """`get REMOTE... [LOCAL]`: the remotes and LOCAL (None when not given). With several
+    remotes, LOCAL must be an existing directory."""
+    if len(paths) <= 2:
+        return paths[:1], (paths[1] if len(paths) == 2 else None)
+    *remotes, local = paths
+    if not os.path.isdir(local):
+        raise UsageError(f"{local}: with several files to get, the last argument must be an existing directory")
+    return remotes, local
+
+
+def get_target(remote, local):
+    """Where `remote` is written: its name here, or inside `local` when that is a directory
+    (or ends with a separator), else `local` itself."""
+    name = remote_basename(remote)
+    if local is None:
+        return name
+    if os.path.isdir(local) or local.endswith(os.sep):
+        return os.path.join(local, name)
+    return local
+
+
+def get_tree(remote, target, entries):
+    """The steps of `get -r` from `remote` to the local `target`, given the remote's recursive
+    listing `entries` (as the server sends them: parents before their contents)."""
+    if len(entries) == 1 and entries[0]["kind"] == "file" and entries[0]["name"] == remote_basename(remote):
+        yield Transfer(remote, target)  # a file named with -r
+        return
+    yield MakeDirectory(remote, target)
+    for entry in entries:
+        kind = entry["kind"]
+        if kind == "dir":
+            yield MakeDirectory(remote, target, entry["name"], entry["mode"], entry["mtime"])
+        elif kind == "file":
+            step = Transfer(remote, target, entry["name"])
+            yield AlreadyComplete(remote, target, entry["name"]) if _have_locally(step.local_path, entry) else step
+        else:
+            yield Skip(remote_join(remote, entry["name"]), f"a {kind}, not a regular file or directory")
+
+
+def _have_locally(path, entry):
+    try:
+        return same_file(os.stat(path), entry)
+    except FileNotFoundError:
+        return False
+
+
+def put_target(local, remote, into_directory):
+    """Where `local` is stored: under its own name at the top of the root or inside `remote`
+    when `into_directory`, else as `remote`."""
+    name = os.path.basename(os.path.normpath(local))
+    return remote_join(remote or "", name) if into_directory else remote
+
+
+def put_tree(local, target, existing=()):
+    """The steps of `put -r` from the local directory `local` to the remote `target`, given
+    the recursive listing `existing` of `target` (empty when it is not a remote directory).
+
+    Directories and regular files, depth first in name order, each directory before its
+    contents; symlinks (never followed) and other files are skipped with a reason. An
+    explicit stack: os.walk recursed (Python 3.11), and a tree 1,000 levels deep raised
+    RecursionError."""
+    theirs = {entry["name"]: entry for entry in existing}
+    top = os.stat(local)  # followed: the user named it
+    yield MakeDirectory(target, local, None, top.st_mode, top.st_mtime)
+    stack = [("", _children(local))]
+    while stack:
+        prefix, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            continue
+        if isinstance(child, SkipContents):
+            yield child
+            continue
+        try:
+            st = child.stat(follow_symlinks=False)
+        except OSError as problem:
+            yield Skip(child.path, problem.strerror)
+            continue
+        name = prefix + child.name
+        if stat.S_ISLNK(st.st_mode):
+            yield Skip(child.path, "a symlink")
+        elif stat.S_ISDIR(st.st_mode):
+            yield MakeDirectory(target, local, name, st.st_mode, st.st_mtime)
+            stack.append((name + "/", _children(child.path)))
+        elif stat.S_ISREG(st.st_mode):
+            entry = theirs.get(name)
+            complete = entry is not None and entry["kind"] == "file" and same_file(st, entry)
+            yield (AlreadyComplete if complete else Transfer)(target, local, name)
+        else:
+            yield Skip(child.path, "not a regular file")
+
+
+def _children(directory):
+    """An iterator over `directory`'s entries in name order, or over the one SkipContents
+    saying why it cannot be read."""
+    try:
+        with os.scandir(directory) as scan:
+            return iter(sorted(scan, key=lambda child: child.name))
+    except OSError as problem:
+        return iter((SkipContents(directory, problem.strerror),))
