@@ -4,6 +4,7 @@ steps out. No server, no reactor."""
 import errno
 import os
 import stat
+import subprocess
 
 import pytest
 
@@ -287,10 +288,13 @@ def test_put_tree_deeper_than_the_recursion_limit(tmp_path):
         path.mkdir()
         path = path / "d"
     write(path.parent / "f")
-    steps = list(plan.put_tree(str(local), "tree"))
-    assert len(steps) == depth + 2
-    assert steps[-1:] == [Transfer("tree", str(local), "/".join(["d"] * depth) + "/f")]
-    assert all(isinstance(step, MakeDirectory) and stat.S_ISDIR(step.mode) for step in steps[:-1])
+    try:
+        steps = list(plan.put_tree(str(local), "tree"))
+        assert len(steps) == depth + 2
+        assert steps[-1:] == [Transfer("tree", str(local), "/".join(["d"] * depth) + "/f")]
+        assert all(isinstance(step, MakeDirectory) and stat.S_ISDIR(step.mode) for step in steps[:-1])
+    finally:
+        subprocess.run(["rm", "-rf", str(local)], check=True)  # pytest's rmtree recurses
 
 
 def test_put_tree_keeps_local_names_as_they_are(tmp_path):
