@@ -25,6 +25,7 @@ from .errors import (
     NoSpace,
     PermissionDenied,
 )
+from .wire import PERMISSION_BITS
 
 CLIENT_PART_SUFFIX = ".part"
 # On the server's part files: what they will become, and for whom (JSON), so that their owner
@@ -34,8 +35,7 @@ PART_LABEL = "user.eketwist.upload"
 # never listed, sent or accepted as upload targets.
 SERVER_PART_PREFIX = ".eke-part."
 HASH_BLOCK = 1 << 20
-# Only permission bits travel: never setuid, setgid or sticky.
-MODE_MASK = 0o777
+MODE_MASK = PERMISSION_BITS
 
 
 def server_part_name(name, user):

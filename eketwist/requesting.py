@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import errors, files, wire
+from . import errors, wire
 from .errors import IntegrityError, ProtocolError, Unsupported
 
 # A listing is held in memory: a server cannot make it grow without end. Counted in bytes,
@@ -322,5 +322,5 @@ def checked_entry(item):
         wire.mtime_field(item),
         # Permission bits only, as for files: a directory made by `get -r` must not become
         # setgid or sticky (nor anything setuid) because the server said so.
-        wire.int_field(item, "mode", 0, wire.MAX_MODE) & files.MODE_MASK,
+        wire.int_field(item, "mode", 0, wire.MAX_MODE) & wire.PERMISSION_BITS,
     )

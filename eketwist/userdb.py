@@ -19,16 +19,15 @@ import pwd
 import secrets
 import stat
 import tempfile
-import unicodedata
 from dataclasses import dataclass, field
 
 from . import spake2plus
 from .pbkdf import check_scrypt  # noqa: F401 - part of this module's interface
+from .wire import check_username
 
 FORMAT_VERSION = 1
 SALT_BYTES = 16
 DEFAULT_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
-MAX_USERNAME_BYTES = 64
 READ = "read"
 READ_WRITE = "read-write"
 RIGHTS = (READ, READ_WRITE)
@@ -36,17 +35,6 @@ RIGHTS = (READ, READ_WRITE)
 
 class UsersFileError(Exception):
     """The users file cannot be used; the message names the file and line."""
-
-
-def check_username(name):
-    """Return a problem with a username, or None. Names are 1-64 bytes of printable UTF-8."""
-    if not isinstance(name, str) or not name:
-        return "a username must not be empty"
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_USERNAME_BYTES:
-        return f"a username is at most {MAX_USERNAME_BYTES} bytes"
-    if any(ch.isspace() or unicodedata.category(ch)[0] in "CZ" for ch in name):
-        return "a username must not contain spaces or control characters"
-    return None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import getpass
 import os
 import sys
 
-from . import userdb
+from . import userdb, wire
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
@@ -109,7 +109,7 @@ def _change(args, path):
             f"from a backup, or put a new one first: "
             f'{{"eketwist-users": 1, "secret": "<64 hex digits, e.g. from openssl rand -hex 32>"}}'
         )
-    problem = userdb.check_username(args.name)
+    problem = wire.check_username(args.name)
     if problem:
         raise ValueError(problem)
     exists = args.name in users.by_name

@@ -19,7 +19,7 @@ that it is waiting, so that a message meanwhile is a protocol error.
 from dataclasses import dataclass
 from typing import Any, Union
 
-from . import spake2plus, userdb, wire
+from . import spake2plus, wire
 from .errors import AuthenticationFailed, ProtocolError, Unsupported
 
 
@@ -33,7 +33,7 @@ class Named:
     """HELLO read: the user's verifier (or the fake one) is looked up."""
 
     name: str
-    user: userdb.User
+    user: Any  # userdb.User: the verifier (w0, L), salt and cost
     known: bool
     users: Any  # the users snapshot the name was looked up in (a reload must not mix two)
 
@@ -65,7 +65,7 @@ class AwaitingConfirm(Named):
 
 @dataclass(frozen=True)
 class Authenticated:
-    user: userdb.User
+    user: Any
     shared_key: bytes
 
 
@@ -90,7 +90,7 @@ class Share:
 
 @dataclass(frozen=True)
 class Confirmed:
-    user: userdb.User
+    user: Any
     shared_key: bytes
     reply: dict  # OK
 
@@ -132,7 +132,7 @@ class Verifier:
         if version != wire.PROTOCOL_VERSION:
             raise Unsupported(f"protocol version {version} is not supported (this server speaks {wire.PROTOCOL_VERSION})")
         name = wire.string_field(message, "user")
-        problem = userdb.check_username(name)
+        problem = wire.check_username(name)
         if problem:
             # No such name can be registered, so saying so tells nothing about who exists.
             raise AuthenticationFailed(f"not a valid username: {problem}")

@@ -7,6 +7,7 @@ payloads are AES-GCM records whose associated data is the frame header.
 
 import json
 import struct
+import unicodedata
 
 from .errors import ProtocolError
 
@@ -39,10 +40,25 @@ MAX_RECORD_PAYLOAD = MAX_RECORD_PLAINTEXT + 16
 MAX_CONTROL_PLAINTEXT = 64 * 1024
 # Bytes handed to one send() call: two records (Twisted's default is 128 KiB).
 SEND_SIZE = 2 * DATA_CHUNK
+# Only permission bits travel: never setuid, setgid or sticky (section 7).
+PERMISSION_BITS = 0o777
+MAX_USERNAME_BYTES = 64
 # A name is one path segment (most filesystems refuse longer ones: NAME_MAX); a path's limit
 # is Linux's PATH_MAX. Longer ones are refused with bad-path, not as malformed messages.
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
+
+
+def check_username(name):
+    """A problem with a username (section 3.1), or None: 1-64 bytes of UTF-8 with no character
+    of Unicode category C (controls, formatting, unassigned) or Z (spaces of every kind)."""
+    if not isinstance(name, str) or not name:
+        return "a username must not be empty"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_USERNAME_BYTES:
+        return f"a username is at most {MAX_USERNAME_BYTES} bytes"
+    if any(ch.isspace() or unicodedata.category(ch)[0] in "CZ" for ch in name):
+        return "a username must not contain spaces or control characters"
+    return None
 
 
 def header(kind, payload_length):

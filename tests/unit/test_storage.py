@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from eketwist import errors, files, spake2plus, storage, userdb
+from eketwist import errors, files, spake2plus, storage, userdb, wire
 
 from tests.support.fixtures import slow_part_files
 
@@ -100,7 +100,7 @@ def test_store_keeps_the_last_good_copy(tmp_path):
 
 @pytest.mark.parametrize("name", ["", "a b", "tab\tname", "x" * 65, "new\nline", "\x00"])
 def test_bad_usernames(name):
-    assert userdb.check_username(name)
+    assert wire.check_username(name)
 
 
 @pytest.mark.parametrize(
