@@ -154,7 +154,7 @@ class Verifier:
     def params(self):
         """PARAMS for the named user (or the fake)."""
         state = self.state
-        assert type(state) in (Named, Delaying), state
+        assert isinstance(state, Named) and type(state) in (Named, Delaying), state
         self.state = AwaitingShare(state.name, state.user, state.known, state.users)
         return {
             "type": "params",
