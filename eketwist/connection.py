@@ -83,7 +83,8 @@ def _tcp_socket(transport):
     (with TLS, bytes read are not the bytes we decode)."""
     if not ITCPTransport.providedBy(transport) or ISSLTransport.providedBy(transport):
         return None
-    handle = transport.getHandle()
+    get_handle = getattr(transport, "getHandle", None)  # in-memory transports have none
+    handle = get_handle() if get_handle is not None else None
     if isinstance(handle, socket.socket) and handle.family in (socket.AF_INET, socket.AF_INET6):
         return handle
     return None

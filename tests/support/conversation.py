@@ -13,13 +13,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from eketwist import guard, records, server, spake2plus, userdb
+from eketwist import client_protocol, guard, records, server, spake2plus, userdb
 from eketwist.server import ServerFactory
 from eketwist.wire import CONTEXT
 
 HEADER = struct.Struct(">IB")
-# Every state of the server's machine (ServerProtocol.TRANSITIONS), in the order a
-# conversation meets them; Conversation.reach brings a new connection to any of them.
+# Every state of the server (docs/protocol.md section 9), in the order a conversation meets
+# them; Conversation.reach brings a new connection to any of them.
 STATES = ["hello", "delaying", "share", "share-waiting", "confirm", "ready", "working",
           "upload-offered", "receiving", "storing"]
 
@@ -45,13 +45,13 @@ class ThreadsByHand:
 
 @contextlib.contextmanager
 def threads_by_hand():
-    """The server's work for threads goes to a ThreadsByHand meanwhile."""
+    """The server's and the client's work for threads goes to a ThreadsByHand meanwhile."""
     pool = ThreadsByHand()
-    real, server.threads = server.threads, pool
+    real, server.threads, client_protocol.threads = server.threads, pool, pool
     try:
         yield pool
     finally:
-        server.threads = real
+        server.threads = client_protocol.threads = real
 
 
 def make_world(base, fast_scrypt):

@@ -1,0 +1,113 @@
+"""The real client Protocol against the real server Protocol, in memory: iosim's pump for the
+bytes, one task.Clock for both sides' timers and the Deferreds they fire on a later turn, and
+their thread work run by hand. Whole sessions, refusals and timeouts, without a socket or a
+real second."""
+
+import hashlib
+import os
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.test import iosim
+
+from eketwist import errors
+from eketwist.client_protocol import ClientProtocol
+from eketwist.server import ServerFactory
+
+from ..support.conversation import threads_by_hand
+
+
+class Session:
+    """A client and a server connected by iosim, with a clock and threads run by hand."""
+
+    def __init__(self, world, password="pw", **factory_options):
+        root, users, _, _ = world
+        self.clock = Clock()
+        self.factory = ServerFactory(str(root), str(users), "memory", clock=self.clock, **factory_options)
+        self.client = ClientProtocol("fuzzer", password, timeout=30, clock=self.clock)
+        self.server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        self.pump = iosim.connect(
+            self.server, iosim.makeFakeServer(self.server), self.client, iosim.makeFakeClient(self.client),
+            greet=False,
+        )
+
+    def settle(self, threads):
+        """Until nothing moves: bytes both ways, thread work, timers due now."""
+        for _ in range(1000):
+            moved = self.pump.pump()
+            pending = bool(threads.pending)
+            threads.run()
+            self.clock.advance(0)
+            if not (moved or pending or self.pump.pump()):
+                return
+        raise AssertionError("the conversation never settled")
+
+    def result(self, deferred, threads):
+        self.settle(threads)
+        outcome = []
+        deferred.addBoth(outcome.append)
+        assert outcome, "the Deferred did not fire"
+        return outcome[0]
+
+
+@pytest.fixture
+def threads():
+    with threads_by_hand() as pool:
+        yield pool
+
+
+def test_a_whole_session(world, threads, tmp_path):
+    root = world[0]
+    session = Session(world)
+    session.pump.flush()
+    client = session.result(session.client.authenticated_deferred, threads)
+    assert client is session.client and client.state == "ready" and session.server.state == "ready"
+    assert client.server_id == "memory"
+
+    entry = session.result(client.stat("hello.txt"), threads)
+    assert (entry["kind"], entry["size"]) == ("file", len(b"hello\n"))
+
+    got = session.result(client.get("hello.txt", str(tmp_path / "hello.txt")), threads)
+    assert (tmp_path / "hello.txt").read_bytes() == b"hello\n"
+    assert got["sha1"] == hashlib.sha1(b"hello\n").hexdigest() and got["resumed_from"] == 0
+
+    data = os.urandom(300_000)
+    (tmp_path / "up.bin").write_bytes(data)
+    stored = session.result(client.put(str(tmp_path / "up.bin"), "sub/up.bin"), threads)
+    assert stored["sha1"] == hashlib.sha1(data).hexdigest()
+    session.settle(threads)
+    assert (root / "sub" / "up.bin").read_bytes() == data
+
+    names = [entry["name"] for entry in session.result(client.list("sub"), threads)]
+    assert "up.bin" in names
+    assert client.state == "ready" and session.server.state == "ready"
+
+
+def test_a_refusal_fails_the_request_and_the_next_one_is_served(world, threads):
+    session = Session(world)
+    session.pump.flush()
+    client = session.result(session.client.authenticated_deferred, threads)
+    refused = session.result(client.stat("no/such/file"), threads)
+    assert isinstance(refused.value, errors.NotFound)
+    assert session.result(client.stat("hello.txt"), threads)["name"] == "hello.txt"
+
+
+def test_a_wrong_password_fails_before_the_client_reveals_anything(world, threads):
+    session = Session(world, password="not the password")
+    session.pump.flush()
+    failure = session.result(session.client.authenticated_deferred, threads)
+    assert isinstance(failure.value, errors.ServerNotAuthenticated)
+    assert session.client.state == "closed"
+
+
+def test_an_idle_session_times_out_on_the_servers_clock(world, threads):
+    session = Session(world, idle_timeout=60)
+    session.pump.flush()
+    session.result(session.client.authenticated_deferred, threads)
+    session.clock.advance(59)
+    session.settle(threads)
+    assert session.server.state == "ready"
+    session.clock.advance(2)
+    session.settle(threads)
+    assert session.server.state == "closed"
