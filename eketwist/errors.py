@@ -185,12 +185,15 @@ WIRE_CODES = frozenset({
     "exists", "no-space", "too-large", "busy", "try-later", "integrity", "protocol", "unsupported",
     "timeout", "internal",
 })
-# The codes that may refuse one request and leave the connection ready (section 3.7): every
-# other ERROR after authentication is fatal, and so is every ERROR in a data phase.
+# The codes that may refuse a request and leave the connection ready (section 3.7): these
+# answer any request; no-space also MKDIR, PUT and an upload's END; integrity only that END.
+# Every other ERROR after authentication is fatal, and so is every ERROR in a data phase.
 REFUSAL_CODES = frozenset({
     "not-found", "not-a-file", "permission-denied", "bad-path", "exists", "too-large", "busy",
-    "unsupported", "integrity", "no-space",
+    "unsupported",
 })
+WRITE_REFUSAL_CODES = REFUSAL_CODES | {"no-space"}
+UPLOAD_END_REFUSAL_CODES = WRITE_REFUSAL_CODES | {"integrity"}
 
 
 def wire_code(error):
@@ -198,6 +201,7 @@ def wire_code(error):
 
 
 def from_wire(code, message):
-    """The exception a peer's error message stands for; unknown codes are generic failures."""
-    cls = BY_CODE.get(code, EketwistError)
+    """The exception a peer's error message stands for; a code outside section 8 (our own
+    local ones included: a server cannot have a local I/O error of ours) is a generic failure."""
+    cls = BY_CODE.get(code, EketwistError) if code in WIRE_CODES else EketwistError
     return cls(message if isinstance(message, str) and message else None)

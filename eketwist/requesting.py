@@ -16,8 +16,8 @@ one request in flight at a time; the shape allows several.
 
 receive() reports; the exchange stays current until the glue calls finish() (a file is
 verified and renamed first, and a failure there fails the request with the connection).
-An ERROR with a refusal code (errors.REFUSAL_CODES) while a request awaits its answer fails that
-request (Refused); any other ERROR, and any message a state does not accept, ends the connection.
+An ERROR with a code that refuses in the state awaiting the answer (REFUSALS) fails that request
+(Refused); any other ERROR, and any message a state does not accept, ends the connection.
 """
 
 import sys
@@ -93,8 +93,16 @@ class AwaitingStored:
     sha1: str
 
 
-# States in which an ERROR may be a refusal of the request (docs/protocol.md section 3.7).
-ANSWER_STATES = (AwaitingEntry, AwaitingDone, Listing, AwaitingFile, AwaitingReady, AwaitingStored)
+# The codes that refuse a request in each state awaiting an answer (docs/protocol.md section
+# 3.7); any other ERROR, and any ERROR elsewhere, is fatal.
+REFUSALS = {
+    AwaitingEntry: errors.REFUSAL_CODES,
+    Listing: errors.REFUSAL_CODES,
+    AwaitingFile: errors.REFUSAL_CODES,
+    AwaitingDone: errors.WRITE_REFUSAL_CODES,
+    AwaitingReady: errors.WRITE_REFUSAL_CODES,
+    AwaitingStored: errors.UPLOAD_END_REFUSAL_CODES,
+}
 
 
 @dataclass
@@ -240,7 +248,7 @@ class Requesting:
     def _error(self, exchange, message):
         code = str(message.get("code"))
         error = errors.from_wire(code, message.get("message"))
-        if exchange is not None and isinstance(exchange.state, ANSWER_STATES) and code in errors.REFUSAL_CODES:
+        if exchange is not None and code in REFUSALS.get(type(exchange.state), ()):
             return Refused(exchange.request, error)
         return Failed(error)
 
@@ -257,7 +265,7 @@ class Requesting:
                     f"({MAX_LISTING_BYTES >> 20} MiB)"
                 )
             state.entries.append(entry)
-        if message.get("more") is True:
+        if wire.bool_field(message, "more"):
             return None
         # The server streams in its directory order; name order here (it also puts every
         # directory of a tree before its contents).
@@ -310,14 +318,14 @@ def checked_entry(item):
     if not isinstance(item, dict):
         raise ProtocolError("entry: an object is expected")
     item = {**item, "type": "entry"}  # for the field checks' messages
-    kind = item.get("kind")
+    kind = wire.string_field(item, "kind")  # one we do not know is "other" (section 7)
     name = wire.text_field(item, "name", wire.MAX_PATH_BYTES)
     # Names become local paths in a tree download: a server must not steer them elsewhere.
     if name.startswith("/") or any(segment in ("", ".", "..") for segment in name.split("/")):
         raise ProtocolError(f"the server sent an unsafe name in a listing: {name[:80]!r}")
     return Entry(
         name,
-        _KINDS.get(kind, "other") if isinstance(kind, str) else "other",
+        _KINDS.get(kind, "other"),
         wire.int_field(item, "size", 0, wire.MAX_FILE_SIZE),
         wire.mtime_field(item),
         # Permission bits only, as for files: a directory made by `get -r` must not become

@@ -29,7 +29,7 @@ from zope.interface import implementer
 from . import files, guard, serving, storage, tuning, userdb, verifier, wire
 from .connection import SecureConnection, StopReading, send_file
 from .errors import (
-    REFUSAL_CODES,
+    UPLOAD_END_REFUSAL_CODES,
     AuthenticationFailed,
     EketwistError,
     IntegrityError,
@@ -361,7 +361,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             "{user} from {peer}: {what} {path} refused: {error}",
             user=self.username, peer=self.peer, what=what, path=requested, error=error.message,
         )
-        if wire_code(error) not in REFUSAL_CODES:
+        if wire_code(error) not in UPLOAD_END_REFUSAL_CODES:  # only ever called where allowed
             self.fail(error)
         elif not self.closing:
             self.send_error(error)

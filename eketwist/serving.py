@@ -258,7 +258,10 @@ class Serving:
 
     def done(self):
         """The request has been answered (or refused): Ready. Returns the error of a message
-        that came too early, which the glue sends after the answer; else None."""
+        that came too early, which the glue sends after the answer; else None. Closed stays
+        closed (an upload stored after its connection ended)."""
+        if isinstance(self.state, Closed):
+            return None
         early = self.state.early if isinstance(self.state, Storing) else None
         self.state = Ready()
         return early

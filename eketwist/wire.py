@@ -6,6 +6,7 @@ payloads are AES-GCM records whose associated data is the frame header.
 """
 
 import json
+import re
 import struct
 import unicodedata
 
@@ -170,6 +171,7 @@ def encode_message(message):
 # Nesting deeper than this is refused: no message of ours goes past 4 levels, and a parser's
 # own limit (Python's is near 1,000) should not be what decides.
 MAX_NESTING = 32
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 
 class _Malformed(ValueError):
@@ -280,7 +282,7 @@ def hex_field(message, name, min_bytes, max_bytes=None):
     max_bytes = min_bytes if max_bytes is None else max_bytes
     if not 2 * min_bytes <= len(value) <= 2 * max_bytes:
         raise ProtocolError(f"{message['type']}: field {name!r} has the wrong length")
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise ProtocolError(f"{message['type']}: field {name!r} is not hex") from None
+    # Hex digits only: bytes.fromhex would skip spaces, and a shorter value would pass.
+    if not _HEX.fullmatch(value):
+        raise ProtocolError(f"{message['type']}: field {name!r} is not hex")
+    return bytes.fromhex(value)
