@@ -10,20 +10,21 @@ Light imports only.
 
 import socket
 import threading
-from dataclasses import dataclass
 
 from . import errors, pbkdf, wire
 from .prover import Prover
 
 
-@dataclass
 class FirstRound:
     """What the Protocol takes over: the machine in Deriving, scrypt's result, the decoder."""
 
-    prover: Prover
-    decoder: wire.FrameDecoder
-    w0: int
-    w1: int
+    __slots__ = ("prover", "decoder", "w0", "w1")
+
+    def __init__(self, prover, decoder, w0, w1):
+        self.prover, self.decoder, self.w0, self.w1 = prover, decoder, w0, w1
+
+    def __repr__(self):
+        return "<FirstRound>"  # not w0 or w1
 
 
 class Prelude:
