@@ -27,6 +27,11 @@ class _Record:
         for name, value in zip(self.__slots__, values, strict=True):
             object.__setattr__(self, name, value)
 
+    def __eq__(self, other):
+        return type(other) is type(self) and all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+    __hash__ = None
+
     def __repr__(self):
         # Names only: the values include w0, w1, x and keys.
         return f"<{type(self).__name__}>"
