@@ -16,7 +16,7 @@ from twisted.protocols.policies import TimeoutMixin
 
 from . import errors, files, pbkdf, prover, requesting
 from .connection import SecureConnection, send_file
-from .errors import ConnectionFailed, EketwistError, LocalIOError, NotAFile
+from .errors import ConnectionFailed, EketwistError, LocalIOError, NotAFile, TryLater
 from .prover import Prover
 
 
@@ -394,8 +394,9 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         if self._end_reason is None:
             self._end_reason = error
         for request in self.requesting.abandon() if self.requesting is not None else ():
-            # A cut connection keeps the .part for a later resume; bad data does not.
-            request.cleanup(keep_part=isinstance(error, ConnectionFailed))
+            # A cut connection (a server shutting down says so) keeps the .part for a later
+            # resume; bad data does not.
+            request.cleanup(keep_part=isinstance(error, (ConnectionFailed, TryLater)))
             self._later(request.deferred, error)
         self._settle_authentication(error)
 

@@ -111,3 +111,28 @@ def test_an_idle_session_times_out_on_the_servers_clock(world, threads):
     session.clock.advance(2)
     session.settle(threads)
     assert session.server.state == "closed"
+
+
+def test_a_download_cut_at_shutdown_says_so_and_keeps_what_it_received(world, threads, tmp_path):
+    root = world[0]
+    data = os.urandom(16 * 2**20)
+    (root / "big.bin").write_bytes(data)
+    session = Session(world)
+    session.pump.flush()
+    client = session.result(session.client.authenticated_deferred, threads)
+    download = client.get("big.bin", str(tmp_path / "big.bin"))
+    for _ in range(3):  # the file starts to flow, then the server is stopped
+        session.pump.pump()
+        session.clock.advance(0)
+    assert client.state == "get-data"
+    drained = session.factory.drain(grace=1.0)
+    session.clock.advance(1.0)
+    failure = session.result(download, threads)
+    assert isinstance(failure.value, errors.TryLater) and "shutting down" in failure.value.message
+    assert failure.value.exit_code == errors.EXIT_BUSY
+    part = tmp_path / "big.bin.part"
+    assert part.exists() and 0 < part.stat().st_size < len(data)  # kept for a resume
+    assert not (tmp_path / "big.bin").exists()
+    session.clock.advance(2.0)  # the cut connection is aborted a moment later
+    session.settle(threads)
+    assert drained.called
