@@ -21,7 +21,7 @@ from .errors import ProtocolError, ServerNotAuthenticated
 # Plain classes, not dataclasses: this module loads in the fast start, before anything else, and
 # dataclasses (with inspect and typing) would cost every command about 30 ms of start-up.
 class _Record:
-    __slots__ = ()
+    __slots__: tuple = ()
 
     def __init__(self, *values):
         for name, value in zip(self.__slots__, values, strict=True):
@@ -30,7 +30,7 @@ class _Record:
     def __eq__(self, other):
         return type(other) is type(self) and all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]  # compared by value: not a dict key
 
     def __repr__(self):
         # Names only: the values include w0, w1, x and keys.
@@ -47,18 +47,28 @@ class AwaitingParams(_Record):
 
 class Deriving(_Record):
     __slots__ = ("server_id",)
+    server_id: str
 
 
 class AwaitingShare(_Record):
     __slots__ = ("server_id", "w0", "w1", "x", "share_p")
+    server_id: str
+    w0: int
+    w1: int
+    x: int
+    share_p: bytes
 
 
 class AwaitingOk(_Record):
     __slots__ = ("server_id", "shared_key")
+    server_id: str
+    shared_key: bytes
 
 
 class Authenticated(_Record):
     __slots__ = ("server_id", "shared_key")
+    server_id: str
+    shared_key: bytes
 
 
 class Failed(_Record):
@@ -76,14 +86,20 @@ class Params(_Record):
     """PARAMS checked: run scrypt over the password with these, then call derived()."""
 
     __slots__ = ("server_id", "salt", "scrypt")
+    server_id: str
+    salt: bytes
+    scrypt: dict
 
 
 class Confirm(_Record):
-    __slots__ = ("reply",)  # CONFIRM
+    __slots__ = ("reply",)
+    reply: dict  # CONFIRM
 
 
 class Done(_Record):
     __slots__ = ("server_id", "shared_key")
+    server_id: str
+    shared_key: bytes
 
 
 def parse_params(message):
@@ -101,7 +117,7 @@ def parse_params(message):
 class Prover:
     def __init__(self, username):
         self.username = username
-        self.state = Start()
+        self.state: _Record = Start()
 
     @property
     def name(self):
