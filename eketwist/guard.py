@@ -284,6 +284,11 @@ class Guard:
             self._in_flight[source] = in_flight
         else:
             self._in_flight.pop(source, None)
+        self.wake_next_waiter(source)
+
+    def wake_next_waiter(self, source):
+        """A slot of `source` is free: the next connection waiting for one hears (also when
+        the one woken before was closing and passes the wake on)."""
         waiters = self._slot_waiters.get(source)
         if waiters:
             callback = waiters.popleft()

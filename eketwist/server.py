@@ -29,7 +29,9 @@ from zope.interface import implementer
 from . import files, guard, serving, storage, tuning, userdb, verifier, wire
 from .connection import SecureConnection, StopReading, send_file
 from .errors import (
+    REFUSAL_CODES,
     UPLOAD_END_REFUSAL_CODES,
+    WRITE_REFUSAL_CODES,
     AuthenticationFailed,
     EketwistError,
     IntegrityError,
@@ -256,6 +258,8 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     def _guess_slot_free(self):
         if not self.closing and isinstance(self.verifier.state, verifier.ShareWaiting):
             self._share()  # checked again: the address may have been locked out meanwhile
+        else:
+            self.factory.guard.wake_next_waiter(self.source)  # closing: the slot is another's
 
     def _answer_share(self):
         # From our share on, the client can check its guess: it holds its slot until a valid
@@ -276,6 +280,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.factory.guard.authenticated(self.source)
         self.factory.guard.guess_confirmed(self.source, user.name)
         self.root = user.root or self.factory.root
+        self.verifier.forget_keys()
         # The user's view of the server: their root and their rights, nothing else.
         self.storage = storage.Root(
             self.root, protected=self.factory.protected,
@@ -331,6 +336,11 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         return self.serving is not None and self.serving.upload is not None
 
     @property
+    def storing(self):
+        """Committing an upload after its END (in a thread): it ends with STORED or an ERROR."""
+        return self.serving is not None and isinstance(self.serving.state, serving.Storing)
+
+    @property
     def busy(self):
         """In the middle of a transfer or a listing, which a graceful shutdown lets finish."""
         return self.serving is not None and not isinstance(self.serving.state, (serving.Ready, serving.Closed))
@@ -354,14 +364,15 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         file (or the directory) and a record only until then."""
         self.setTimeout(self.factory.idle_timeout)
 
-    def _refuse(self, what, requested, error):
-        """A request failed: a refusal leaves the connection usable; anything else (a disk's
-        I/O error is "internal" to the client) ends it, as the protocol says."""
+    def _refuse(self, what, requested, error, refusals=REFUSAL_CODES):
+        """A request failed: a refusal (one of `refusals`, which depend on the request,
+        docs/protocol.md section 3.7) leaves the connection usable; anything else (a disk's
+        I/O error is "internal" to the client) ends it."""
         self.log.info(
             "{user} from {peer}: {what} {path} refused: {error}",
             user=self.username, peer=self.peer, what=what, path=requested, error=error.message,
         )
-        if wire_code(error) not in UPLOAD_END_REFUSAL_CODES:  # only ever called where allowed
+        if wire_code(error) not in refusals:
             self.fail(error)
         elif not self.closing:
             self.send_error(error)
@@ -495,7 +506,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         try:
             self.storage.make_directory(request.path, request.mode, request.mtime)
         except EketwistError as error:
-            self._refuse("mkdir", request.path, error)
+            self._refuse("mkdir", request.path, error, WRITE_REFUSAL_CODES)
             return
         self.send_control({"type": "done"})
 
@@ -504,7 +515,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         try:
             upload.part = part = self.storage.receive(upload.path, self.username, upload.force, upload.size)
         except EketwistError as error:
-            self._refuse("put", upload.path, error)
+            self._refuse("put", upload.path, error, WRITE_REFUSAL_CODES)
             return
         if part.size > upload.size:
             part.restart()
@@ -539,7 +550,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         upload = step.upload
         if step.size != upload.size:
             upload.part.abort()
-            self._refuse("put", upload.path, IntegrityError(f"{upload.path}: the file changed size while it was sent"))
+            self._refuse(
+                "put", upload.path, IntegrityError(f"{upload.path}: the file changed size while it was sent"),
+                UPLOAD_END_REFUSAL_CODES,
+            )
             self.factory.transfer_over()
             return
         # The last writes, fsync and rename take what the disk needs: seconds for a large file
@@ -571,7 +585,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def _not_stored(self, failure, upload):
         if failure.check(EketwistError):
-            self._refuse("put", upload.path, failure.value)
+            self._refuse("put", upload.path, failure.value, UPLOAD_END_REFUSAL_CODES)
         else:
             self._internal_failure(failure)
         self.factory.transfer_over()
@@ -741,6 +755,8 @@ class ServerFactory(protocol.Factory):
 
         def cut():
             for connection in list(self.connections):
+                if connection.storing:
+                    continue  # bounded by the disk: its answer, then try-later (section 7.5)
                 self.log.info("cutting the transfer of {peer}: grace period over", peer=connection.peer)
                 connection.cut(TryLater("the server is shutting down and the transfer was cut; run the same command again to resume"))
 

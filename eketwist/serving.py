@@ -177,7 +177,7 @@ def _request(message):
             mode=_optional(message, "mode", wire.int_field, 0, wire.MAX_MODE),
             force=wire.bool_field(message, "force"),
         ))
-    if kind in ("error", "data"):
+    if kind == "error":  # the glue ends the connection on a client's ERROR before this
         raise ProtocolError(f"unexpected {kind!r} message in state 'ready'")
     # Later versions add requests; an old server answers clearly and carries on.
     return Unknown(Unsupported(f"request {kind[:40]!r} is not supported by this server"))

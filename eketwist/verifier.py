@@ -16,7 +16,7 @@ that it is waiting, so that a message meanwhile is a protocol error.
                                        or  Failed               (AuthenticationFailed raised)
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from . import spake2plus, wire
@@ -65,8 +65,9 @@ class AwaitingConfirm(Named):
 
 @dataclass(frozen=True)
 class Authenticated:
+    """Keys confirmed; the machine keeps none (the glue took the shared key from Confirmed)."""
+
     user: Any
-    shared_key: bytes
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class Share:
 @dataclass(frozen=True)
 class Confirmed:
     user: Any
-    shared_key: bytes
+    shared_key: bytes = field(repr=False)
     reply: dict  # OK
 
 
@@ -154,7 +155,7 @@ class Verifier:
     def params(self):
         """PARAMS for the named user (or the fake)."""
         state = self.state
-        assert isinstance(state, Named) and type(state) in (Named, Delaying), state
+        assert isinstance(state, Named) and type(state) in (Named, Delaying), state_name(state)
         self.state = AwaitingShare(state.name, state.user, state.known, state.users)
         return {
             "type": "params",
@@ -167,7 +168,7 @@ class Verifier:
         """Our SHARE and confirmV for the client's share: from here its guess can be checked.
         ProtocolError for a share that is not a valid point."""
         state = self.state
-        assert isinstance(state, ShareReceived), state
+        assert isinstance(state, ShareReceived), state_name(state)
         try:
             # Every verifier's points were computed when the users file was read, the fake's
             # too: the same work for every name (a cache filled by logins would tell them apart).
@@ -186,8 +187,12 @@ class Verifier:
         if not (spake2plus.confirmation_matches(state.keys.confirm_p, confirm_p) and state.known):
             self.state = Failed()
             raise AuthenticationFailed()
-        self.state = Authenticated(state.user, state.keys.shared)
+        self.state = Authenticated(state.user)
         return Confirmed(state.user, state.keys.shared, {"type": "ok"})
+
+    def forget_keys(self):
+        """Nothing of the handshake is kept once the glue has the shared key."""
+        self.state = Authenticated(None)
 
     def fail(self):
         self.state = Failed()

@@ -266,3 +266,31 @@ def test_failures_slow_down_that_source_and_that_name_alike(world):
     _, answer, waited = _answer(factory, "bob", "127.0.0.1", world)
     assert waited == 0  # her address (127.0.0.1, where the failures came from) is clear
 
+
+
+def test_a_slot_woken_for_a_closing_connection_goes_to_the_next_one_waiting(world):
+    """One slot, three shares: the first is answered, two wait. The first waiter times out
+    (closing, its connectionLost not yet run) just as the slot frees: the slot must reach the
+    second waiter, not be lost until its own handshake deadline."""
+    first = Conversation(world)
+    factory = first.factory
+    factory.guard.policy.max_source_failures = 1
+    conversations = [first] + [Conversation(world, factory) for _ in range(2)]
+    for conversation in conversations:
+        conversation.reach("share")
+    for conversation in conversations:
+        x, share_p = spake2plus.prover_share(conversation.w0)
+        conversation.x, conversation.share_p = x, share_p
+        conversation.feed(conversation.handshake_frame({"type": "share", "share": share_p.hex()}))
+    answered, closing, second = conversations
+    assert [c.proto.state for c in conversations] == ["confirm", "share-waiting", "share-waiting"]
+    closing.proto.timeoutConnection()  # closing; the reactor has not called connectionLost yet
+    reply = json.loads(answered.frames_out()[-1][1])
+    keys = spake2plus.prover_finish(CONTEXT, b"fuzzer", b"fuzz", answered.w0, answered.w1,
+                                    answered.x, answered.share_p, bytes.fromhex(reply["share"]))
+    answered.feed(answered.handshake_frame({"type": "confirm", "confirm": keys.confirm_p.hex()}))
+    assert answered.proto.state == "ready"  # a valid login frees its slot
+    factory.clock.advance(0)  # the wake goes to `closing`, which passes it on
+    factory.clock.advance(0)
+    assert second.proto.state == "confirm"
+    assert json.loads(second.frames_out()[-1][1])["type"] == "share"

@@ -136,3 +136,33 @@ def test_a_download_cut_at_shutdown_says_so_and_keeps_what_it_received(world, th
     session.clock.advance(2.0)  # the cut connection is aborted a moment later
     session.settle(threads)
     assert drained.called
+
+
+def test_an_upload_being_stored_at_shutdown_gets_its_answer_first(world, threads, tmp_path):
+    """Committing is bounded by the disk: the grace's end spares it, the client hears STORED
+    (never a try-later for an upload that was in fact committed), then the close."""
+    root = world[0]
+    data = os.urandom(100_000)
+    (tmp_path / "f.bin").write_bytes(data)
+    session = Session(world)
+    session.pump.flush()
+    client = session.result(session.client.authenticated_deferred, threads)
+    upload = client.put(str(tmp_path / "f.bin"), "stored-at-shutdown.bin")
+    for _ in range(200):  # until the server stores it (its thread not run yet)
+        session.pump.pump()
+        session.clock.advance(0)
+        if session.server.state == "storing":
+            break
+        if session.server.state == "upload-offered":
+            continue
+    assert session.server.state == "storing"
+    drained = session.factory.drain(grace=1.0)
+    session.clock.advance(1.0)
+    session.pump.pump()
+    assert session.server.state == "storing" and not upload.called
+    stored = session.result(upload, threads)  # the store runs: STORED, then try-later
+    assert stored["sha1"] == hashlib.sha1(data).hexdigest()
+    assert (root / "stored-at-shutdown.bin").read_bytes() == data
+    session.clock.advance(2.0)
+    session.settle(threads)
+    assert session.server.state == "closed" and drained.called

@@ -1045,3 +1045,7 @@ def test_exists_after_end_keeps_the_partial_and_force_resumes_at_its_size(alice,
     assert_refusal(alice, alice.recv_message(), "exists")
     ready = alice.put_offer("up/raced.txt", len(data), force=True)
     assert ready == {"type": "ready", "offset": len(data), "sha1": sha1(data)}
+
+
+def test_a_control_message_of_type_data_in_ready_is_unsupported(alice):
+    assert_refusal(alice, alice.request({"type": "data"}), "unsupported")
