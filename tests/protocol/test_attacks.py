@@ -84,19 +84,25 @@ def test_only_a_valid_confirmation_takes_the_guess_back(world, auth_failures):
     assert auth_failures == []
 
 
+def shares_from_one_address(world, count, max_failures):
+    """`count` connections from one address, each having sent its SHARE; (them, their factory)."""
+    first = Conversation(world)
+    factory = first.factory
+    factory.guard.policy.max_source_failures = max_failures
+    conversations = [first] + [Conversation(world, factory) for _ in range(count - 1)]
+    for conversation in conversations:
+        conversation.reach("share")
+    for conversation in conversations:
+        conversation.x, conversation.share_p = spake2plus.prover_share(conversation.w0)
+        conversation.feed(conversation.handshake_frame({"type": "share", "share": conversation.share_p.hex()}))
+    return conversations, factory
+
+
 def test_parallel_connections_cannot_outrun_the_lockout(world):
     """Six connections from one address say HELLO before any guess is answered: only as many
     guesses are answered at once as the address may still fail (3); the others wait, and once
     those 3 have failed the address is locked out and the waiting ones get no answer."""
-    first = Conversation(world)
-    factory = first.factory
-    factory.guard.policy.max_source_failures = 3
-    conversations = [first] + [Conversation(world, factory) for _ in range(5)]
-    for conversation in conversations:
-        conversation.reach("share")
-    for conversation in conversations:
-        x, share_p = spake2plus.prover_share(conversation.w0)
-        conversation.feed(conversation.handshake_frame({"type": "share", "share": share_p.hex()}))
+    conversations, factory = shares_from_one_address(world, 6, max_failures=3)
     answered = [c for c in conversations if c.proto.state == "confirm"]
     waiting = [c for c in conversations if c.proto.state == "share-waiting"]
     assert (len(answered), len(waiting)) == (3, 3)
@@ -272,16 +278,7 @@ def test_a_slot_woken_for_a_closing_connection_goes_to_the_next_one_waiting(worl
     """One slot, three shares: the first is answered, two wait. The first waiter times out
     (closing, its connectionLost not yet run) just as the slot frees: the slot must reach the
     second waiter, not be lost until its own handshake deadline."""
-    first = Conversation(world)
-    factory = first.factory
-    factory.guard.policy.max_source_failures = 1
-    conversations = [first] + [Conversation(world, factory) for _ in range(2)]
-    for conversation in conversations:
-        conversation.reach("share")
-    for conversation in conversations:
-        x, share_p = spake2plus.prover_share(conversation.w0)
-        conversation.x, conversation.share_p = x, share_p
-        conversation.feed(conversation.handshake_frame({"type": "share", "share": share_p.hex()}))
+    conversations, factory = shares_from_one_address(world, 3, max_failures=1)
     answered, closing, second = conversations
     assert [c.proto.state for c in conversations] == ["confirm", "share-waiting", "share-waiting"]
     closing.proto.timeoutConnection()  # closing; the reactor has not called connectionLost yet
