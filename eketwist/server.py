@@ -1,17 +1,16 @@
-"""The server's protocol machine (SPAKE2+ Verifier, then requests) and its factory.
+"""The server's Protocol and its factory: Twisted glue around two machines without I/O,
+verifier.Verifier (the SPAKE2+ Verifier) and serving.Serving (the requests), and a storage.Root
+(the user's view of the disk) handed over at key confirmation.
 
-States and the messages each accepts (docs/protocol.md, section 9):
-  hello           -> hello          : look the user up (or fake one), send params
-  delaying        -> (nothing)      : recent failures for this source or user: wait, then params
-  share           -> share          : send our share and confirmV (in one of the address's
-                                      guess slots)
-  share-waiting   -> (nothing)      : as many guesses from this address in flight as it may
-                                      still fail: wait for one to settle
-  confirm         -> confirm        : check confirmP; ok (records start) or auth-failed, close
-  ready           -> get, list, stat, put, mkdir; other requests get "unsupported"
-  working         -> (nothing)      : hashing a prefix or streaming a file to the client
-  upload-offered  -> upload         : the client chose where its upload starts
-  receiving       -> data, end      : an upload streams into its part file
+What the glue adds to the machines, state by state (docs/protocol.md, section 9):
+  hello, delaying  the guard decides whether PARAMS waits (recent failures, the handshake budget)
+  share, share-waiting   the guard's guess slots: a share waits for one of its address's slots
+  confirm          a failed or abandoned guess is counted, however the connection ends
+  ready            the idle timeout; refusals leave the connection ready
+  working          a FileSender or a listing producer drives the transport; prefix hashing in
+                   a thread
+  upload-offered, receiving   the part file, write-behind and its back-pressure
+  storing          the commit in a thread; a message meanwhile is answered after STORED
 """
 
 import gc
