@@ -166,3 +166,17 @@ def test_an_upload_being_stored_at_shutdown_gets_its_answer_first(world, threads
     session.clock.advance(2.0)
     session.settle(threads)
     assert session.server.state == "closed" and drained.called
+
+
+def test_the_client_gives_up_on_a_server_that_says_nothing(world, threads):
+    session = Session(world)
+    session.pump.flush()
+    client = session.result(session.client.authenticated_deferred, threads)
+    asked = client.stat("hello.txt")  # the answer never travels: nothing is pumped
+    session.clock.advance(29)
+    assert not asked.called and client.state == "stat"
+    session.clock.advance(2)  # past the client's 30 s without progress
+    session.clock.advance(0)
+    outcome = []
+    asked.addBoth(outcome.append)
+    assert isinstance(outcome[0].value, errors.Timeout) and client.state == "closed"
