@@ -178,12 +178,22 @@ class Download:
 
     @staticmethod
     async def make_directory(step):
-        os.makedirs(step.local_path, exist_ok=True)
+        try:
+            os.makedirs(step.local_path, exist_ok=True)
+        except FileExistsError:
+            raise errors.LocalIOError(f"{step.local_path}: exists and is not a directory") from None
+        except NotADirectoryError:
+            raise errors.LocalIOError(f"{step.local_path}: a part of this path is a file, not a directory") from None
+        except OSError as problem:
+            raise errors.LocalIOError(f"{step.local_path}: cannot create the directory: {problem.strerror}") from None
 
     @staticmethod
     async def finish_directory(step):
-        os.chmod(step.local_path, local_mode(step.mode))
-        os.utime(step.local_path, (step.mtime, step.mtime))
+        try:
+            os.chmod(step.local_path, local_mode(step.mode))
+            os.utime(step.local_path, (step.mtime, step.mtime))
+        except OSError as problem:
+            raise errors.LocalIOError(f"{step.local_path}: cannot set its mode and time: {problem.strerror}") from None
 
     @staticmethod
     def total_bytes(transfers):

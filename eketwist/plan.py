@@ -156,8 +156,8 @@ def get_tree(remote, target, entries):
 def _have_locally(path, entry):
     try:
         return same_file(os.stat(path), entry)
-    except FileNotFoundError:
-        return False
+    except (FileNotFoundError, NotADirectoryError):  # not there (a file where a directory goes
+        return False  # is reported when the directory is made)
 
 
 def put_target(local, remote, into_directory):

@@ -494,3 +494,23 @@ def test_ls_a_shows_your_partial_uploads(daemon, root):
     assert any(line.split("\t")[:3] == ["big.iso", "partial", "45000"] for line in shown.splitlines()), shown
     assert "big.iso" not in writer(port, "ls").stdout
     assert "big.iso" not in run_client(port, "ls", "-a").stdout  # another user's: never shown
+
+
+@pytest.mark.parametrize("where", ["the top", "inside"])
+def test_get_r_over_a_local_file_says_so_without_a_traceback(daemon, tmp_path, root, where):
+    (root / "tree" / "sub").mkdir(parents=True)
+    (root / "tree" / "sub" / "f.txt").write_text("x")
+    down = tmp_path / "down"
+    down.mkdir()
+    if where == "the top":
+        (down / "tree").write_text("a file where the directory should go")
+        blocked = down / "tree"
+    else:
+        (down / "tree").mkdir()
+        (down / "tree" / "sub").write_text("a file where the directory should go")
+        blocked = down / "tree" / "sub"
+    result = run_client(daemon().port, "get", "-r", "tree", str(down))
+    assert result.returncode == 8, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert str(blocked) in result.stderr and "not a directory" in result.stderr
+    assert blocked.is_file()  # left as it was
