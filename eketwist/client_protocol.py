@@ -119,8 +119,11 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def data_received(self, chunk):
         self.requesting.data(len(chunk))
         request = self.requesting.current.request
-        self.receive_into(request, request.remote, chunk)
+        self.receive_into(request.part, chunk)
         request.progress.update(len(chunk))
+
+    def file_bytes_expected(self):
+        return self.requesting.bytes_owed() if self.requesting is not None else 0
 
     def incoming_file(self):
         exchange = self.requesting.current if self.requesting is not None else None

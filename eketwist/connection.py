@@ -163,12 +163,10 @@ class SecureConnection(Protocol):
         return None
 
     def file_bytes_expected(self):
-        """How many more file bytes the peer announced and has not sent yet (0: none). While
-        more than 0, reads wait for whole records (see _wait_for_whole_records)."""
-        transfer = self.incoming_file()
-        if transfer is None or transfer.part is None:
-            return 0
-        return transfer.size - transfer.part.size
+        """How many more file bytes the peer announced and has not sent yet (0: none), as the
+        subclass's request machine counts them. While more than 0, reads wait for whole
+        records (see _wait_for_whole_records)."""
+        return 0
 
     def _wait_for_whole_records(self, expected):
         """While a file streams in, have the kernel wake us only when a whole record (or the
@@ -211,14 +209,11 @@ class SecureConnection(Protocol):
             if not self._holds and not self.closing:
                 self.transport.resumeProducing()
 
-    def receive_into(self, transfer, shown_name, chunk):
-        """Hand a received chunk to the file `transfer` is writing (it has `size` and `part`),
-        refusing more than was announced. If the disk is behind, stop reading the peer until
-        it catches up, rather than block the reactor (and every other connection with it).
-        The wait is ours, not the peer's: no timeout runs meanwhile."""
-        part = transfer.part
-        if part.size + len(chunk) > transfer.size:
-            raise IntegrityError(f"{shown_name}: the {self.PEER} sent more than the announced size")
+    def receive_into(self, part, chunk):
+        """Hand a received chunk to the part file it belongs to (the request machine has
+        already refused more than was announced). If the disk is behind, stop reading the peer
+        until it catches up, rather than block the reactor (and every other connection with
+        it). The wait is ours, not the peer's: no timeout runs meanwhile."""
         if part.write(chunk) and "disk" not in self._holds:
             from twisted.internet import reactor
 

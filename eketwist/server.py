@@ -304,8 +304,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     def data_received(self, chunk):
         if self.serving.data(len(chunk)) is not None:
             self._hold_early_message()
-        upload = self.serving.upload
-        self.receive_into(upload, upload.path, chunk)
+        self.receive_into(self.serving.upload.part, chunk)
+
+    def file_bytes_expected(self):
+        return self.serving.bytes_owed() if self.serving is not None else 0
 
     def incoming_file(self):
         state = self.serving.state if self.serving is not None else None
