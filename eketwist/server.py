@@ -14,22 +14,19 @@ What the glue adds to the machines, state by state (docs/protocol.md, section 9)
 """
 
 import gc
-import hashlib
-import hmac
 import os
 import socket
 import time
 
 from twisted.internet import protocol, threads
-from twisted.internet.interfaces import IPullProducer, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from . import files, guard, serving, storage, tuning, userdb, verifier, wire
-from .connection import SecureConnection, StopReading, send_file
+from . import files, guard, serving, storage, transfers, tuning, userdb, verifier, wire
+from .connection import SecureConnection, StopReading
 from .errors import (
     REFUSAL_CODES,
-    UPLOAD_END_REFUSAL_CODES,
     WRITE_REFUSAL_CODES,
     AuthenticationFailed,
     EketwistError,
@@ -46,8 +43,6 @@ from .verifier import Verifier
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_PARTIAL_MAX_AGE = 7 * 24 * 3600.0
-# A listing is sent in CONTROL messages of at most this many bytes of entries.
-LISTING_BATCH_BYTES = 48 * 1024
 # Seconds a connection cut at shutdown has to deliver its ERROR before it is aborted.
 CUT_DELAY = 1.0
 
@@ -77,6 +72,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.storage = None
         self.verifier = Verifier(self.factory.server_id, self.factory.users.current)
         self.serving = None  # the request machine, from key confirmation on
+        self.upload_in_progress = None  # its transfers.Upload, from PUT to the answer
         self._delayed = None
         self._admitted = False
         self._in_handshake = True
@@ -130,17 +126,6 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def stopProducing(self):
         pass
-
-    def _release_transport(self):
-        """Make way for a file or listing producer to drive the transport; reading resumes
-        meanwhile (anything the client sends now is a protocol error anyway)."""
-        self.transport.unregisterProducer()
-        self.release_reading("replies")
-
-    def _take_transport_back(self):
-        if not self.closing:
-            self.stop_sending()
-            self.transport.registerProducer(self, True)
 
     def dataReceived(self, data):
         if self.serving is not None and isinstance(self.serving.state, (serving.Ready, serving.Receiving)):
@@ -290,9 +275,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             "{user} authenticated from {peer} ({rights}, root {root})",
             user=user.name, peer=self.peer, rights=user.rights, root=self.root,
         )
-        self._answered()
+        self.answered()
 
-    # -- requests: the serving machine checks them, the storage object carries them out
+    # -- requests: the serving machine checks them, a transfers object or the storage carries them out
 
     def control_received(self, message):
         if message["type"] == "error":
@@ -304,23 +289,24 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     def data_received(self, chunk):
         if self.serving.data(len(chunk)) is not None:
             self._hold_early_message()
-        self.receive_into(self.serving.upload.part, chunk)
+        self.receive_into(self.upload_in_progress.part, chunk)
 
     def file_bytes_expected(self):
         return self.serving.bytes_owed() if self.serving is not None else 0
 
     def incoming_file(self):
         state = self.serving.state if self.serving is not None else None
-        return state.upload if isinstance(state, serving.Receiving) else None
+        return self.upload_in_progress if isinstance(state, serving.Receiving) else None
 
     def _hold_early_message(self, event=None):
         """Something came before STORED: nothing more is read; the answer, then the error."""
         self.hold_reading("early message")
         raise StopReading()
 
-    def _answered(self):
+    def answered(self):
         """The request has its answer: ready for the next one (with the idle timeout), or, for
         a message that came before an upload's answer, the protocol error it earned."""
+        self.upload_in_progress = None
         early = self.serving.done()
         if self.closing:
             return
@@ -359,255 +345,96 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.fail(error)
         self.callLater(CUT_DELAY, self.transport.abortConnection)
 
-    def _working(self):
+    # -- what a transfers object asks of the connection
+
+    def working(self):
         """Sending a file or a listing, or hashing for a resume: the idle timeout runs, and
         each record or batch that leaves resets it. A client that stops reading holds the
         file (or the directory) and a record only until then."""
         self.setTimeout(self.factory.idle_timeout)
 
-    def _refuse(self, what, requested, error, refusals=REFUSAL_CODES):
+    def refuse(self, what, requested, error, refusals=REFUSAL_CODES):
         """A request failed: a refusal (one of `refusals`, which depend on the request,
         docs/protocol.md section 3.7) leaves the connection usable; anything else (a disk's
         I/O error is "internal" to the client) ends it."""
-        self.log.info(
-            "{user} from {peer}: {what} {path} refused: {error}",
-            user=self.username, peer=self.peer, what=what, path=requested, error=error.message,
-        )
+        self.log_event("{what} {path} refused: {error}", what=what, path=requested, error=error.message)
         if wire_code(error) not in refusals:
             self.fail(error)
         elif not self.closing:
             self.send_error(error)
-            self._answered()
+            self.answered()
+
+    def internal_failure(self, failure):
+        self.log.failure("internal error serving {user}", failure, user=self.username)
+        self.fail(EketwistError("internal error"))
+
+    def log_event(self, format, **fields):
+        """A line about this user's request: '{user} from {peer}: ' and `format`."""
+        self.log.info("{user} from {peer}: " + format, user=self.username, peer=self.peer, **fields)
+
+    def release_transport(self):
+        """Make way for a file or listing producer to drive the transport; reading resumes
+        meanwhile (anything the client sends now is a protocol error anyway)."""
+        self.transport.unregisterProducer()
+        self.release_reading("replies")
+
+    def take_transport_back(self):
+        if not self.closing:
+            self.stop_sending()
+            self.transport.registerProducer(self, True)
+
+    def offer(self, offset, sha1_hex):
+        """READY for the upload in progress: its partial file holds `offset` bytes."""
+        self.setTimeout(self.factory.idle_timeout)
+        self.send_control(self.serving.offer(offset, sha1_hex))
+
+    # -- the requests
 
     def _unknown(self, request):
         self.send_error(request.error)
 
     def _get(self, request):
-        requested, offset = request.path, request.offset
-        try:
-            handle, st = self.storage.open_for_sending(requested)
-        except EketwistError as error:
-            self._refuse("get", requested, error)
-            return
-        self._working()
-        if not offset or offset > st.st_size:
-            self._send(handle, st, requested, 0, hashlib.sha1())
-            return
-        # The client holds `offset` bytes: continue only if ours start with the same bytes.
-        hashed = threads.deferToThread(files.hash_prefix, handle, offset)
+        transfers.Download(self, request).start()
 
-        def compared(sha1):
-            if sha1 is not None and hmac.compare_digest(sha1.digest(), request.sha1):
-                self._send(handle, st, requested, offset, sha1)
-            else:
-                self._send(handle, st, requested, 0, hashlib.sha1())
-
-        hashed.addCallback(compared).addErrback(self._internal_failure, handle)
-
-    def _send(self, handle, st, requested, offset, sha1):
-        if self.closing:
-            handle.close()
-            return
-        self.send_control(
-            {
-                "type": "file",
-                "name": storage.last_name(requested),
-                "size": st.st_size,
-                "mtime": st.st_mtime,
-                "mode": st.st_mode & files.MODE_MASK,
-                "digest": "sha1",
-                "offset": offset,
-            }
-        )
-        started = time.monotonic()
-        cached = self.factory.digests.get(st) if offset == 0 else None
-
-        def finished(sent):
-            unchanged = files.DigestCache.key(os.fstat(handle.fileno())) == files.DigestCache.key(st)
-            handle.close()
-            if cached is not None:
-                digest = cached
-            else:
-                digest = sha1.hexdigest()
-                if offset == 0 and sent == st.st_size and unchanged:
-                    self.factory.digests.put(st, digest)
-            if self.closing:
-                return
-            self.send_control({"type": "end", "size": offset + sent, "sha1": digest})
-            self._answered()
-            self.log.info(
-                "{user} from {peer}: sent {path} ({nbytes} bytes{resumed}, {seconds:.3f} s, sha1 {sha1})",
-                user=self.username, peer=self.peer, path=requested, nbytes=offset + sent,
-                resumed=f", resumed at {offset}" if offset else "",
-                seconds=time.monotonic() - started, sha1=digest,
-            )
-
-        def aborted(failure):
-            handle.close()
-            self.log.info(
-                "{user} from {peer}: get {path} aborted: {why}",
-                user=self.username, peer=self.peer, path=requested, why=failure.getErrorMessage(),
-            )
-
-        self._release_transport()
-        factory = self.factory
-        factory.downloads += 1
-
-        def download_over(result):
-            factory.downloads -= 1
-            factory.transfer_over()
-            self._take_transport_back()
-            return result
-
-        done = send_file(
-            self, handle, offset, None if cached is not None else sha1,
-            on_chunk=lambda _: self.resetTimeout(), record_size=factory.record_size,
-        )
-        done.addBoth(download_over)
-        done.addCallbacks(finished, aborted)
-
-    def _internal_failure(self, failure, handle=None):
-        if handle is not None:
-            handle.close()
-        self.log.failure("internal error serving {user}", failure, user=self.username)
-        self.fail(EketwistError("internal error"))
+    def _list(self, request):
+        transfers.Listing(self, request).start()
 
     def _stat(self, request):
         try:
             entry = self.storage.stat(request.path)
         except EketwistError as error:
-            self._refuse("stat", request.path, error)
+            self.refuse("stat", request.path, error)
             return
         self.send_control({"type": "entry", "entry": entry})
-
-    def _list(self, request):
-        requested = request.path
-        try:
-            entries = self.storage.listing(requested, request.recursive, partials_of=self.username if request.partials else None)
-            first = next(entries, None)  # errors about the path itself come here, before any reply
-        except EketwistError as error:
-            self._refuse("list", requested, error)
-            return
-        self._working()
-        self._release_transport()
-        self.start_sending(ListingProducer(self, requested or ".", first, entries), False)
-
-    def _listing_done(self, requested, count, error=None):
-        self._take_transport_back()
-        if error is not None:
-            self._refuse("list", requested, error)
-            return
-        self._answered()
-        self.log.info(
-            "{user} from {peer}: listed {path} ({count} entries)",
-            user=self.username, peer=self.peer, path=requested, count=count,
-        )
 
     def _make_directory(self, request):
         try:
             self.storage.make_directory(request.path, request.mode, request.mtime)
         except EketwistError as error:
-            self._refuse("mkdir", request.path, error, WRITE_REFUSAL_CODES)
+            self.refuse("mkdir", request.path, error, WRITE_REFUSAL_CODES)
             return
         self.send_control({"type": "done"})
 
     def _put(self, request):
-        upload = request.upload
-        try:
-            upload.part = part = self.storage.receive(upload.path, self.username, upload.force, upload.size)
-        except EketwistError as error:
-            self._refuse("put", upload.path, error, WRITE_REFUSAL_CODES)
-            return
-        if part.size > upload.size:
-            part.restart()
-        if not part.size:
-            self._offer(upload, None)
-            return
-        self._working()
-        hashed = threads.deferToThread(part.prefix_hasher())
-        hashed.addCallback(lambda sha1: self._offer(upload, sha1))
-        hashed.addErrback(lambda failure: None if upload is not self.serving.upload else self._internal_failure(failure))
-
-    def _offer(self, upload, sha1):
-        if self.closing or upload is not self.serving.upload:
-            return
-        if sha1 is None:
-            upload.part.restart()
-        upload.prefix_sha1 = sha1
-        offer = self.serving.offer(upload.part.size, sha1.hexdigest() if sha1 is not None else None)
-        self.setTimeout(self.factory.idle_timeout)
-        self.send_control(offer)
+        self.upload_in_progress = transfers.Upload(self, request.upload)
+        self.upload_in_progress.start()
 
     def _upload_from(self, step):
-        upload = step.upload
-        if step.offset:
-            upload.part.resume(upload.prefix_sha1)
-            upload.resumed_from = step.offset
-        else:
-            upload.part.restart()
-        upload.prefix_sha1 = None
+        self.upload_in_progress.receive_from(step.offset)
 
     def _finish(self, step):
-        upload = step.upload
-        if step.size != upload.size:
-            upload.part.abort()
-            self._refuse(
-                "put", upload.path, IntegrityError(f"{upload.path}: the file changed size while it was sent"),
-                UPLOAD_END_REFUSAL_CODES,
-            )
-            self.factory.transfer_over()
-            return
-        # The last writes, fsync and rename take what the disk needs: seconds for a large file
-        # on a slow one. In a thread, so that every other client is served meanwhile.
-        self.setTimeout(None)
-        stored = threads.deferToThread(self._store, upload, step.size, step.sha1)
-        stored.addCallbacks(self._stored, self._not_stored, callbackArgs=(upload, step.size), errbackArgs=(upload,))
-
-    @staticmethod
-    def _store(upload, size, sha1):
-        """In a thread: verify, flush and rename the upload into place; (digest, its stat)."""
-        digest = upload.part.finish(size, sha1, upload.mtime, upload.mode, replace=upload.force)
-        return digest, upload.part.stored
-
-    def _stored(self, stored, upload, size):
-        digest, st = stored
-        if st is not None:
-            self.factory.digests.put(st, digest)
-        self.log.info(
-            "{user} from {peer}: received {path} ({nbytes} bytes{resumed}, {seconds:.3f} s, sha1 {sha1})",
-            user=self.username, peer=self.peer, path=upload.path, nbytes=size,
-            resumed=f", resumed at {upload.resumed_from}" if upload.resumed_from else "",
-            seconds=time.monotonic() - upload.started, sha1=digest,
-        )
-        if not self.closing:
-            self.send_control({"type": "stored", "size": size, "sha1": digest})
-        self._answered()
-        self.factory.transfer_over()  # out of "storing" now: no longer counted as uploading
-
-    def _not_stored(self, failure, upload):
-        if failure.check(EketwistError):
-            self._refuse("put", upload.path, failure.value, UPLOAD_END_REFUSAL_CODES)
-        else:
-            self._internal_failure(failure)
-        self.factory.transfer_over()
+        self.upload_in_progress.finish(step.size, step.sha1)
 
     def _abort_upload(self, keep_part, why):
-        """The connection ends during an upload, before END: keep its partial file for a
-        resume, or remove it. (After END the store in its thread finishes the upload.)"""
+        """The connection ends: an upload before its END keeps its partial file for a resume,
+        or loses it (after END the commit in its thread finishes the upload)."""
         if self.serving is None:
             return
-        upload = self.serving.upload
+        upload = self.upload_in_progress
         finishing = isinstance(self.serving.state, serving.Storing)
         self.serving.close()
-        if upload is None or finishing or upload.part is None:
-            return
-        upload.part.abort(keep_part=keep_part)
-        self.factory.transfer_over()
-        self.log.info(
-            "{user} from {peer}: put {path} aborted after {nbytes} bytes ({why}); partial {kept}",
-            user=self.username, peer=self.peer, path=upload.path, nbytes=upload.part.size,
-            why=why, kept="kept for a resume" if keep_part else "removed",
-        )
+        if upload is not None and not finishing:
+            upload.abort(keep_part, why)
 
     _REQUEST_HANDLERS = {
         serving.Get: _get,
@@ -620,40 +447,6 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         serving.Finish: _finish,
         serving.Early: _hold_early_message,
     }
-
-
-@implementer(IPullProducer)
-class ListingProducer:
-    """Sends a listing in batches, one each time the transport has room for it."""
-
-    def __init__(self, connection, requested, first, rest):
-        self.connection = connection
-        self.requested = requested
-        self.pending = first
-        self.rest = rest
-        self.count = 0
-
-    def resumeProducing(self):
-        self.connection.resetTimeout()  # the client reads: progress
-        batch, size = [], 0
-        try:
-            while self.pending is not None:
-                encoded = len(wire.encode_message(self.pending)) + 1
-                if batch and size + encoded > LISTING_BATCH_BYTES:
-                    self.connection.send_control({"type": "entries", "entries": batch, "more": True})
-                    return
-                batch.append(self.pending)
-                size += encoded
-                self.count += 1
-                self.pending = next(self.rest, None)
-        except EketwistError as error:
-            self.connection._listing_done(self.requested, self.count, error)
-            return
-        self.connection.send_control({"type": "entries", "entries": batch, "more": False})
-        self.connection._listing_done(self.requested, self.count)
-
-    def stopProducing(self):
-        self.rest.close()
 
 
 def _describe_peer(address):

@@ -21,9 +21,8 @@ Messages a state does not list are protocol errors. Requests arrive one at a tim
 each request is an object of its own, so that a later version can keep several in flight.
 """
 
-import time
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import Optional, Union
 
 from . import wire
 from .errors import IntegrityError, ProtocolError, Unsupported
@@ -31,18 +30,15 @@ from .errors import IntegrityError, ProtocolError, Unsupported
 
 @dataclass
 class Upload:
-    """One upload in progress: the PUT's fields and the partial file the glue opened."""
+    """One upload in progress, as the PUT announced it (the glue's transfers.Upload holds its
+    partial file)."""
 
     path: str
     size: int
     mtime: Optional[float]
     mode: Optional[int]
     force: bool
-    part: Any = None  # files.PartFile: written by the glue, never by the machine
-    offered: int = 0
-    prefix_sha1: Any = None
-    resumed_from: int = 0
-    started: float = field(default_factory=time.monotonic)
+    offered: int = 0  # the offset READY offered
 
 
 # -- requests, as receive() reports them

@@ -13,7 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from eketwist import client_protocol, guard, records, server, spake2plus, userdb
+from eketwist import client_protocol, guard, records, server, spake2plus, transfers, userdb
 from eketwist.server import ServerFactory
 from eketwist.wire import CONTEXT
 
@@ -47,11 +47,12 @@ class ThreadsByHand:
 def threads_by_hand():
     """The server's and the client's work for threads goes to a ThreadsByHand meanwhile."""
     pool = ThreadsByHand()
-    real, server.threads, client_protocol.threads = server.threads, pool, pool
+    real = server.threads
+    server.threads = transfers.threads = client_protocol.threads = pool
     try:
         yield pool
     finally:
-        server.threads = client_protocol.threads = real
+        server.threads = transfers.threads = client_protocol.threads = real
 
 
 def make_world(base, fast_scrypt):

@@ -1,0 +1,285 @@
+"""How the server carries out the requests that take time: one object per request being served
+(a download, a listing, an upload), in the role Conch's file handles play for SFTP. Each holds
+what its request needs (the open file, the producer, the part file, the thread's Deferred) and
+reports to the connection's glue (eketwist.server) when it is answered or refused; the serving
+machine has already checked the messages, and the storage object confines every path.
+
+Quick requests (STAT, MKDIR) are answered by the glue at once and need no object.
+"""
+
+import hashlib
+import hmac
+import os
+import time
+
+from twisted.internet import threads
+from twisted.internet.interfaces import IPullProducer
+from zope.interface import implementer
+
+from . import files, storage, wire
+from .connection import send_file
+from .errors import UPLOAD_END_REFUSAL_CODES, WRITE_REFUSAL_CODES, EketwistError, IntegrityError
+
+# A listing is sent in CONTROL messages of at most this many bytes of entries.
+LISTING_BATCH_BYTES = 48 * 1024
+
+
+class Download:
+    """A GET: FILE, the file's bytes by FileSender (with its incremental SHA-1), END."""
+
+    def __init__(self, connection, request):
+        self.connection = connection
+        self.request = request
+        self.handle = None
+
+    def start(self):
+        connection, request = self.connection, self.request
+        try:
+            self.handle, st = connection.storage.open_for_sending(request.path)
+        except EketwistError as error:
+            connection.refuse("get", request.path, error)
+            return
+        connection.working()
+        offset = request.offset
+        if not offset or offset > st.st_size:
+            self._send(st, 0, hashlib.sha1())
+            return
+        # The client holds `offset` bytes: continue only if ours start with the same bytes.
+        hashed = threads.deferToThread(files.hash_prefix, self.handle, offset)
+
+        def compared(sha1):
+            if sha1 is not None and hmac.compare_digest(sha1.digest(), request.sha1):
+                self._send(st, offset, sha1)
+            else:
+                self._send(st, 0, hashlib.sha1())
+
+        hashed.addCallback(compared).addErrback(self._failed)
+
+    def _failed(self, failure):
+        self.handle.close()
+        self.connection.internal_failure(failure)
+
+    def _send(self, st, offset, sha1):
+        connection, handle, requested = self.connection, self.handle, self.request.path
+        if connection.closing:
+            handle.close()
+            return
+        connection.send_control(
+            {
+                "type": "file",
+                "name": storage.last_name(requested),
+                "size": st.st_size,
+                "mtime": st.st_mtime,
+                "mode": st.st_mode & files.MODE_MASK,
+                "digest": "sha1",
+                "offset": offset,
+            }
+        )
+        started = time.monotonic()
+        factory = connection.factory
+        cached = factory.digests.get(st) if offset == 0 else None
+
+        def finished(sent):
+            unchanged = files.DigestCache.key(os.fstat(handle.fileno())) == files.DigestCache.key(st)
+            handle.close()
+            if cached is not None:
+                digest = cached
+            else:
+                digest = sha1.hexdigest()
+                if offset == 0 and sent == st.st_size and unchanged:
+                    factory.digests.put(st, digest)
+            if connection.closing:
+                return
+            connection.send_control({"type": "end", "size": offset + sent, "sha1": digest})
+            connection.answered()
+            connection.log_event(
+                "sent {path} ({nbytes} bytes{resumed}, {seconds:.3f} s, sha1 {sha1})",
+                path=requested, nbytes=offset + sent, resumed=f", resumed at {offset}" if offset else "",
+                seconds=time.monotonic() - started, sha1=digest,
+            )
+
+        def aborted(failure):
+            handle.close()
+            connection.log_event("get {path} aborted: {why}", path=requested, why=failure.getErrorMessage())
+
+        connection.release_transport()
+        factory.downloads += 1
+
+        def download_over(result):
+            factory.downloads -= 1
+            factory.transfer_over()
+            connection.take_transport_back()
+            return result
+
+        done = send_file(
+            connection, handle, offset, None if cached is not None else sha1,
+            on_chunk=lambda _: connection.resetTimeout(), record_size=factory.record_size,
+        )
+        done.addBoth(download_over)
+        done.addCallbacks(finished, aborted)
+
+
+@implementer(IPullProducer)
+class Listing:
+    """A LIST: ENTRIES messages in batches, one each time the transport has room for it."""
+
+    def __init__(self, connection, request):
+        self.connection = connection
+        self.request = request
+        self.requested = request.path or "."
+        self.count = 0
+        self.pending = None
+        self.rest = None
+
+    def start(self):
+        connection, request = self.connection, self.request
+        try:
+            partials_of = connection.username if request.partials else None
+            self.rest = connection.storage.listing(request.path, request.recursive, partials_of=partials_of)
+            # Errors about the path itself come here, before any reply.
+            self.pending = next(self.rest, None)
+        except EketwistError as error:
+            connection.refuse("list", request.path, error)
+            return
+        connection.working()
+        connection.release_transport()
+        connection.start_sending(self, False)
+
+    def resumeProducing(self):
+        connection = self.connection
+        connection.resetTimeout()  # the client reads: progress
+        batch, size = [], 0
+        try:
+            while self.pending is not None:
+                encoded = len(wire.encode_message(self.pending)) + 1
+                if batch and size + encoded > LISTING_BATCH_BYTES:
+                    connection.send_control({"type": "entries", "entries": batch, "more": True})
+                    return
+                batch.append(self.pending)
+                size += encoded
+                self.count += 1
+                self.pending = next(self.rest, None)
+        except EketwistError as error:
+            connection.take_transport_back()
+            connection.refuse("list", self.requested, error)
+            return
+        connection.send_control({"type": "entries", "entries": batch, "more": False})
+        connection.take_transport_back()
+        connection.answered()
+        connection.log_event("listed {path} ({count} entries)", path=self.requested, count=self.count)
+
+    def stopProducing(self):
+        self.rest.close()
+
+
+class Upload:
+    """A PUT: the partial file (resumed when its prefix matches), READY, the DATA written behind,
+    then, after END, the commit in a thread (verify, flush, rename) and STORED."""
+
+    def __init__(self, connection, upload):
+        self.connection = connection
+        self.upload = upload  # the serving machine's record of the PUT
+        self.part = None  # files.PartFile, once opened
+        self.prefix_sha1 = None
+        self.resumed_from = 0
+        self.started = time.monotonic()
+
+    @property
+    def size(self):
+        return self.upload.size
+
+    def start(self):
+        connection, upload = self.connection, self.upload
+        try:
+            self.part = part = connection.storage.receive(upload.path, connection.username, upload.force, upload.size)
+        except EketwistError as error:
+            connection.refuse("put", upload.path, error, WRITE_REFUSAL_CODES)
+            return
+        if part.size > upload.size:
+            part.restart()
+        if not part.size:
+            self._offer(None)
+            return
+        connection.working()
+        hashed = threads.deferToThread(part.prefix_hasher())
+        hashed.addCallback(self._offer)
+        hashed.addErrback(lambda failure: None if not self._current() else connection.internal_failure(failure))
+
+    def _current(self):
+        return not self.connection.closing and self.connection.upload_in_progress is self
+
+    def _offer(self, sha1):
+        if not self._current():
+            return
+        if sha1 is None:
+            self.part.restart()
+        self.prefix_sha1 = sha1
+        self.connection.offer(self.part.size, sha1.hexdigest() if sha1 is not None else None)
+
+    def receive_from(self, offset):
+        """UPLOAD: the client sends from `offset` (0, or the offered offset)."""
+        if offset:
+            self.part.resume(self.prefix_sha1)
+            self.resumed_from = offset
+        else:
+            self.part.restart()
+        self.prefix_sha1 = None
+
+    def finish(self, size, sha1):
+        """END: commit the file if it is whole and its digest matches."""
+        connection, path = self.connection, self.upload.path
+        if size != self.upload.size:
+            self.part.abort()
+            connection.refuse(
+                "put", path, IntegrityError(f"{path}: the file changed size while it was sent"), UPLOAD_END_REFUSAL_CODES,
+            )
+            connection.factory.transfer_over()
+            return
+        # The last writes, fsync and rename take what the disk needs: seconds for a large file
+        # on a slow one. In a thread, so that every other client is served meanwhile.
+        connection.setTimeout(None)
+        stored = threads.deferToThread(self._store, size, sha1)
+        stored.addCallbacks(self._stored, self._not_stored, callbackArgs=(size,))
+
+    def _store(self, size, sha1):
+        """In a thread: verify, flush and rename the upload into place; (digest, its stat)."""
+        upload = self.upload
+        digest = self.part.finish(size, sha1, upload.mtime, upload.mode, replace=upload.force)
+        return digest, self.part.stored
+
+    def _stored(self, stored, size):
+        connection = self.connection
+        digest, st = stored
+        if st is not None:
+            connection.factory.digests.put(st, digest)
+        connection.log_event(
+            "received {path} ({nbytes} bytes{resumed}, {seconds:.3f} s, sha1 {sha1})",
+            path=self.upload.path, nbytes=size,
+            resumed=f", resumed at {self.resumed_from}" if self.resumed_from else "",
+            seconds=time.monotonic() - self.started, sha1=digest,
+        )
+        if not connection.closing:
+            connection.send_control({"type": "stored", "size": size, "sha1": digest})
+        connection.answered()
+        connection.factory.transfer_over()  # out of "storing" now: no longer counted as uploading
+
+    def _not_stored(self, failure):
+        connection = self.connection
+        if failure.check(EketwistError):
+            connection.refuse("put", self.upload.path, failure.value, UPLOAD_END_REFUSAL_CODES)
+        else:
+            connection.internal_failure(failure)
+        connection.factory.transfer_over()
+
+    def abort(self, keep_part, why):
+        """The connection ends before END: keep the partial file for a resume, or remove it.
+        (After END the commit in its thread finishes the upload.)"""
+        if self.part is None:
+            return
+        self.part.abort(keep_part=keep_part)
+        self.connection.factory.transfer_over()
+        self.connection.log_event(
+            "put {path} aborted after {nbytes} bytes ({why}); partial {kept}",
+            path=self.upload.path, nbytes=self.part.size, why=why,
+            kept="kept for a resume" if keep_part else "removed",
+        )
