@@ -169,7 +169,7 @@ class WriteBehind:
     def __init__(self, file):
         self._file = file
         self._error = None
-        self._chunks = queue.SimpleQueue()
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending = 0  # submitted, not yet written (or dropped)
         self._caught_up = None  # the callback waiting for _pending to fall to QUEUE_DEPTH

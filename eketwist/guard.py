@@ -151,10 +151,10 @@ class Guard:
         self._in_flight = {}  # source -> guesses answered and not yet settled
         self._slot_waiters = {}  # source -> callbacks waiting for one of its slots
         self._handshake_due = collections.OrderedDict()  # source -> token bucket's next free time
-        self._per_source = collections.Counter()
+        self._per_source: "collections.Counter[str]" = collections.Counter()
         self.connections = 0
         self.handshakes = 0
-        self.refused = collections.Counter()
+        self.refused: "collections.Counter[str]" = collections.Counter()
 
     # -- connections
 

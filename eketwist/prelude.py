@@ -48,7 +48,7 @@ class Prelude:
 
     def _next_message(self):
         """The server's first message, through the decoder the Protocol will keep using."""
-        frames = []
+        frames: list = []
         while not frames:
             chunk = self.sock.recv(wire.MAX_HANDSHAKE_PAYLOAD)
             if not chunk:

@@ -167,7 +167,7 @@ class Failed:
 
 class Requesting:
     def __init__(self):
-        self.in_flight = deque()
+        self.in_flight: "deque[Exchange]" = deque()
 
     @property
     def name(self):

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from . import files, guard, serving, storage, transfers, tuning, userdb, verifier, wire
+from . import files, guard, realm, serving, storage, transfers, tuning, userdb, verifier, wire
 from .connection import SecureConnection, StopReading
 from .errors import (
     REFUSAL_CODES,
@@ -38,6 +38,7 @@ from .errors import (
     wire_code,
 )
 from .logs import SafeLogger
+from .storage import IStorage
 from .verifier import Verifier
 
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
@@ -69,7 +70,8 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.source = None
         self.username = None
         self.root = None
-        self.storage = None
+        self.storage = None  # the user's avatar (a storage.Root), from key confirmation on
+        self._logout = None
         self.verifier = Verifier(self.factory.server_id, self.factory.users.current)
         self.serving = None  # the request machine, from key confirmation on
         self.upload_in_progress = None  # its transfers.Upload, from PUT to the answer
@@ -149,6 +151,8 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self.factory.guard.stop_waiting(self.source, self._guess_slot_free)
         self.verifier.fail()
         self._abort_upload(keep_part=True, why="connection lost")
+        if self._logout is not None:
+            self._logout()
         super().connectionLost(reason)
         if self._admitted:
             self.factory.connections.discard(self)
@@ -258,19 +262,23 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def _confirmed(self, confirmed):
         user = confirmed.user
-        self.send_handshake(confirmed.reply)
         self.start_records(confirmed.shared_key, is_client=False)
         self._in_handshake = False
         self.factory.guard.authenticated(self.source)
         self.factory.guard.guess_confirmed(self.source, user.name)
-        self.root = user.root or self.factory.root
         self.verifier.forget_keys()
-        # The user's view of the server: their root and their rights, nothing else.
-        self.storage = storage.Root(
-            self.root, protected=self.factory.protected,
-            writable=user.rights == userdb.READ_WRITE, max_upload_size=self.factory.max_upload_size,
-        )
+        # The user's view of the server, their avatar: their root and their rights, nothing
+        # else. OK goes out once it is there (at once with eketwist's realm).
+        login = self.factory.portal.login(realm.KeyConfirmed(user), None, IStorage)
+        login.addCallback(self._logged_in, user, confirmed.reply).addErrback(self.internal_failure)
+
+    def _logged_in(self, avatar, user, reply):
+        _, self.storage, self._logout = avatar
+        if self.closing:
+            return
+        self.root = self.storage.path
         self.serving = serving.Serving()
+        self.send_handshake(reply)
         self.log.info(
             "{user} authenticated from {peer} ({rights}, root {root})",
             user=user.name, peer=self.peer, rights=user.rights, root=self.root,
@@ -394,10 +402,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.send_error(request.error)
 
     def _get(self, request):
-        transfers.Download(self, request).start()
+        transfers.Download.start(self, request)
 
     def _list(self, request):
-        transfers.Listing(self, request).start()
+        transfers.Listing.start(self, request)
 
     def _stat(self, request):
         try:
@@ -416,8 +424,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.send_control({"type": "done"})
 
     def _put(self, request):
-        self.upload_in_progress = transfers.Upload(self, request.upload)
-        self.upload_in_progress.start()
+        self.upload_in_progress = transfers.Upload.open(self, request.upload)
+        if self.upload_in_progress is not None:
+            self.upload_in_progress.start()
 
     def _upload_from(self, step):
         self.upload_in_progress.receive_from(step.offset)
@@ -489,6 +498,8 @@ class ServerFactory(protocol.Factory):
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.max_upload_size = max_upload_size
+        # Who an authenticated user is on the disk: twisted.cred's realm gives their avatar.
+        self.portal = realm.users_portal(self.root, self.protected, max_upload_size)
         self.partial_max_age = partial_max_age
         self.clock = clock or reactor
         self.guard = guard.Guard(policy, self.clock)

@@ -18,6 +18,8 @@ import os
 import stat
 import sys
 
+from zope.interface import Interface, implementer
+
 from .errors import BadPath, EketwistError, Exists, LocalIOError, NotAFile, NotFound, PermissionDenied, TooLarge
 from .files import (
     MODE_MASK, SERVER_PART_PREFIX, PartFile, local_mode, read_part_label, server_part_name, storage_error,
@@ -187,6 +189,12 @@ def _walk_down(fd, names):
     return current
 
 
+class IStorage(Interface):
+    """A user's view of the server's files, the avatar twisted.cred gives an authenticated user
+    (eketwist.realm): every path a request names is resolved, checked and carried out through it."""
+
+
+@implementer(IStorage)
 class Root:
     """One root directory, as a user's requests see it. `protected`: a callable giving the
     (device, inode) pairs never served nor replaced, whatever leads to them (the users file,
@@ -471,7 +479,7 @@ def remove_stale_parts(root, max_age, now):
         top = os.open(root, _DIRECTORY_FLAGS)
     except OSError:
         return 0
-    pending = [()]
+    pending: "list[tuple[str, ...]]" = [()]
     try:
         while pending:
             names = pending.pop()

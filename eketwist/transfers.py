@@ -27,18 +27,23 @@ LISTING_BATCH_BYTES = 48 * 1024
 class Download:
     """A GET: FILE, the file's bytes by FileSender (with its incremental SHA-1), END."""
 
-    def __init__(self, connection, request):
+    def __init__(self, connection, request, handle):
         self.connection = connection
         self.request = request
-        self.handle = None
+        self.handle = handle  # the file, open from the request on
 
-    def start(self):
-        connection, request = self.connection, self.request
+    @classmethod
+    def start(cls, connection, request):
+        """Open the file and start answering; or refuse the request."""
         try:
-            self.handle, st = connection.storage.open_for_sending(request.path)
+            handle, st = connection.storage.open_for_sending(request.path)
         except EketwistError as error:
             connection.refuse("get", request.path, error)
             return
+        cls(connection, request, handle)._begin(st)
+
+    def _begin(self, st):
+        connection, request = self.connection, self.request
         connection.working()
         offset = request.offset
         if not offset or offset > st.st_size:
@@ -123,32 +128,33 @@ class Download:
 class Listing:
     """A LIST: ENTRIES messages in batches, one each time the transport has room for it."""
 
-    def __init__(self, connection, request):
+    def __init__(self, connection, requested, first, rest):
         self.connection = connection
-        self.request = request
-        self.requested = request.path or "."
+        self.requested = requested or "."
+        self.pending = first  # the next entry to send, or None at the end
+        self.rest = rest  # the storage's generator of the entries after it
         self.count = 0
-        self.pending = None
-        self.rest = None
 
-    def start(self):
-        connection, request = self.connection, self.request
+    @classmethod
+    def start(cls, connection, request):
+        """Start the listing; or refuse the request."""
         try:
             partials_of = connection.username if request.partials else None
-            self.rest = connection.storage.listing(request.path, request.recursive, partials_of=partials_of)
+            rest = connection.storage.listing(request.path, request.recursive, partials_of=partials_of)
             # Errors about the path itself come here, before any reply.
-            self.pending = next(self.rest, None)
+            first = next(rest, None)
         except EketwistError as error:
             connection.refuse("list", request.path, error)
             return
         connection.working()
         connection.release_transport()
-        connection.start_sending(self, False)
+        connection.start_sending(cls(connection, request.path, first, rest), False)
 
     def resumeProducing(self):
         connection = self.connection
         connection.resetTimeout()  # the client reads: progress
-        batch, size = [], 0
+        batch: list = []
+        size = 0
         try:
             while self.pending is not None:
                 encoded = len(wire.encode_message(self.pending)) + 1
@@ -176,10 +182,10 @@ class Upload:
     """A PUT: the partial file (resumed when its prefix matches), READY, the DATA written behind,
     then, after END, the commit in a thread (verify, flush, rename) and STORED."""
 
-    def __init__(self, connection, upload):
+    def __init__(self, connection, upload, part):
         self.connection = connection
         self.upload = upload  # the serving machine's record of the PUT
-        self.part = None  # files.PartFile, once opened
+        self.part = part  # files.PartFile, open from the PUT on
         self.prefix_sha1 = None
         self.resumed_from = 0
         self.started = time.monotonic()
@@ -188,13 +194,19 @@ class Upload:
     def size(self):
         return self.upload.size
 
-    def start(self):
-        connection, upload = self.connection, self.upload
+    @classmethod
+    def open(cls, connection, upload):
+        """The upload with its partial file open; or None, the request refused."""
         try:
-            self.part = part = connection.storage.receive(upload.path, connection.username, upload.force, upload.size)
+            part = connection.storage.receive(upload.path, connection.username, upload.force, upload.size)
         except EketwistError as error:
             connection.refuse("put", upload.path, error, WRITE_REFUSAL_CODES)
-            return
+            return None
+        return cls(connection, upload, part)
+
+    def start(self):
+        """READY at once, or once the partial file's prefix is hashed for a resume."""
+        connection, upload, part = self.connection, self.upload, self.part
         if part.size > upload.size:
             part.restart()
         if not part.size:
@@ -274,8 +286,6 @@ class Upload:
     def abort(self, keep_part, why):
         """The connection ends before END: keep the partial file for a resume, or remove it.
         (After END the commit in its thread finishes the upload.)"""
-        if self.part is None:
-            return
         self.part.abort(keep_part=keep_part)
         self.connection.factory.transfer_over()
         self.connection.log_event(

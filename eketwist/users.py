@@ -139,7 +139,7 @@ def _change(args, path):
 
 
 def _apply_account(args, user):
-    changes = {}
+    changes: dict = {}
     if args.root is not None:
         if args.root == "default":
             changes["root"] = None

@@ -10,6 +10,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.test import iosim
+from zope.interface import implementer
 
 from eketwist import errors
 from eketwist.client_protocol import ClientProtocol
@@ -180,3 +181,35 @@ def test_the_client_gives_up_on_a_server_that_says_nothing(world, threads):
     outcome = []
     asked.addBoth(outcome.append)
     assert isinstance(outcome[0].value, errors.Timeout) and client.state == "closed"
+
+
+def test_the_users_view_of_the_disk_comes_from_the_cred_realm(world, threads, tmp_path):
+    """The avatar twisted.cred's realm gives is what every request goes through: another realm
+    (here, a read-only view of another directory) changes what the user sees and may do."""
+    from twisted.cred import portal
+
+    from eketwist import realm, storage
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "only-here.txt").write_bytes(b"x")
+    asked = []
+
+    @implementer(portal.IRealm)
+    class ReadOnlyElsewhere:
+        def requestAvatar(self, user, mind, *interfaces):
+            asked.append((user.name, interfaces))
+            return storage.IStorage, storage.Root(str(elsewhere), writable=False), lambda: asked.append("logout")
+
+    session = Session(world)
+    session.factory.portal = portal.Portal(ReadOnlyElsewhere(), [realm.KeyConfirmationChecker()])
+    session.pump.flush()
+    client = session.result(session.client.authenticated_deferred, threads)
+    assert asked == [("fuzzer", (storage.IStorage,))]
+    assert session.result(client.stat("only-here.txt"), threads)["size"] == 1
+    assert isinstance(session.result(client.stat("hello.txt"), threads).value, errors.NotFound)
+    refused = session.result(client.mkdir("new"), threads)
+    assert isinstance(refused.value, errors.PermissionDenied)
+    client.transport.loseConnection()
+    session.settle(threads)
+    assert asked[-1] == "logout"
