@@ -8,13 +8,14 @@ import hashlib
 import hmac
 import os
 import stat as stat_module
+from collections import deque
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
-from . import errors, files, pbkdf, prover, requesting
+from . import errors, files, pbkdf, prover, requesting, wire
 from .connection import SecureConnection, send_file
 from .errors import ConnectionFailed, EketwistError, LocalIOError, NotAFile, TryLater
 from .prover import Prover
@@ -53,14 +54,28 @@ class _Request:
         self.progress.close()
 
 
+class _Outgoing:
+    """A request not sent yet: the state its answer is awaited in, and its message (None while
+    it is being prepared)."""
+
+    def __init__(self, request, state, message, then):
+        self.request, self.state, self.message, self.then = request, state, message, then
+
+
 class ClientProtocol(SecureConnection, TimeoutMixin):
     log = Logger()
     PEER = "server"
-    def __init__(self, username, password, timeout=None, clock=None, derived=None):
+    # Version 2: files up to this size go with their PUT, without waiting for READY (a refused
+    # one is still sent whole, and the server drops it: cheap at this size). Larger ones wait
+    # for READY, which can resume a partial upload.
+    INLINE_UPLOAD_MAX = 1024 * 1024
+
+    def __init__(self, username, password, timeout=None, clock=None, derived=None, versions=wire.VERSIONS):
         """`timeout`: seconds without progress (no byte from the server while we wait for
         one, no chunk sent while we upload) after which the connection is abandoned.
         `derived`: a prelude.FirstRound when the fast start already sent HELLO and ran scrypt
-        on this connection: its machine and decoder go on here."""
+        on this connection: its machine and decoder go on here. `versions`: the protocol
+        versions HELLO offers."""
         from twisted.internet import reactor
 
         self.timeout = timeout
@@ -73,8 +88,13 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self.server_id = None
         self.requesting = None  # the request machine, from authentication on
         self._first_round = derived
-        self.prover = derived.prover if derived is not None else Prover(username)
+        self.prover = derived.prover if derived is not None else Prover(username, versions)
+        self.version = None  # the protocol version the handshake chose
         self._end_reason = None
+        # Version 2 sends requests without waiting for answers, but an upload's messages and
+        # DATA go out together: while one holds the sending side, later requests wait here.
+        self._sending_upload = None
+        self._unsent = deque()
 
     @property
     def state(self):
@@ -83,6 +103,8 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             return "closed"
         if self.requesting is None:
             return self.prover.name
+        if not self.requesting.in_flight and self._unsent and self._unsent[0].message is None:
+            return "preparing"  # hashing our .part's prefix before the GET goes out
         return self.requesting.name
 
     def __repr__(self):
@@ -168,6 +190,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self.server_id = done.server_id
         self.start_records(done.shared_key, is_client=True)
         self.requesting = requesting.Requesting()
+        self.version = self.prover.version
         self._ready()
         self._settle_authentication(self)
 
@@ -176,25 +199,64 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             self._authentication_settled = True
             self._later(self.authenticated_deferred, outcome)
 
-    # -- requests: the public API; each returns a Deferred, one request at a time
+    # -- requests: the public API; each returns a Deferred. Version 1: one request at a time;
+    # version 2: as many as the caller likes, answered in order.
+
+    @property
+    def pipelined(self):
+        return self.version is not None and self.version >= 2
 
     def _ready(self):
-        self.setTimeout(None)  # nothing is expected from the server until the next request
+        if not (self.requesting is not None and self.requesting.in_flight):
+            self.setTimeout(None)  # nothing is expected from the server until the next request
 
-    def _begin(self, request, state, message):
+    def _begin(self, request, state, message, then=None):
+        """Send `request`'s `message`, to be answered in `state`, once the requests before it
+        have gone (an upload holds the sending side); `then` runs once it has gone.
+        `message` None keeps the request's place until _prepared() gives it."""
         if self.closing:
             # Requests after the end (a multi-file command): fail like the connection did.
             request.cleanup(keep_part=request.part is not None and request.part.size > 0)
-            return fail(self._end_reason or ConnectionFailed("the connection to the server was lost"))
-        if self.requesting.in_flight:
+            self._later(request.deferred, self._end_reason or ConnectionFailed("the connection to the server was lost"))
+            return request.deferred
+        if not self.pipelined and self.requesting.in_flight:
             raise RuntimeError(f"a request while {self.state}")
-        self.requesting.begin(request, state)
-        self._awaiting(request, state, message)
+        self._unsent.append(_Outgoing(request, state, message, then))
+        self._send_queued()
         return request.deferred
+
+    def _prepared(self, request, state, message):
+        """The message of a request _begin() queued without one: it goes in its place."""
+        for outgoing in self._unsent:
+            if outgoing.request is request:
+                outgoing.state, outgoing.message = state, message
+                self._send_queued()
+                return
+
+    def _send_queued(self):
+        while self._unsent and self._sending_upload is None and not self.closing:
+            outgoing = self._unsent[0]
+            if outgoing.message is None:
+                return  # still being prepared: the requests after it wait, so order holds
+            self._unsent.popleft()
+            self.requesting.begin(outgoing.request, outgoing.state)
+            self.setTimeout(self.timeout)
+            self.send_control(outgoing.message)
+            if outgoing.then is not None:
+                outgoing.then()
+
+    def _hold_sending(self, request):
+        """`request`, an upload, sends its messages and DATA before any later request."""
+        self._sending_upload = request
+
+    def _release_sending(self, request):
+        if self._sending_upload is request:
+            self._sending_upload = None
+            self._send_queued()
 
     def _awaiting(self, request, state, message=None):
         """`request` moves to `state`; `message` goes out; the server owes us progress."""
-        self.requesting.move(request, state)
+        self.requesting.step(request, state)
         self.setTimeout(self.timeout)
         if message is not None:
             self.send_control(message)
@@ -213,7 +275,13 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         request = refusal.request
         self.requesting.finish(request)
         self._ready()
-        request.cleanup(keep_part=request.part is not None and request.part.size > 0)
+        if getattr(request, "streaming", False):
+            # An inline upload refused while its DATA goes out: the rest still goes (the
+            # server drops it), and its file closes when it has been sent.
+            request.progress.close()
+        else:
+            request.cleanup(keep_part=request.part is not None and request.part.size > 0)
+            self._release_sending(request)
         self._later(request.deferred, refusal.error)
 
     def _server_failed(self, failed):
@@ -257,20 +325,19 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         if not (resume and part.size):
             part.restart()
             return self._begin(request, requesting.AwaitingFile(0), {"type": "get", "path": remote})
-        deferred = self._begin(request, requesting.Preparing(), None)
-        self.setTimeout(None)  # our own disk: nothing is owed by the server meanwhile
+        # Our .part's prefix is hashed (in a thread: our own disk) before the GET goes out; the
+        # GET keeps its place among the requests meanwhile.
+        deferred = self._begin(request, None, None)
         hashed = threads.deferToThread(part.prefix_hasher())
 
         def ask(sha1):
-            if self.closing or self.requesting.current is None or self.requesting.current.request is not request:
-                return
             request.prefix_sha1 = sha1
             message = {"type": "get", "path": remote}
             offset = 0
             if sha1 is not None:
                 offset = part.size
                 message.update(offset=offset, sha1=sha1.hexdigest())
-            self._awaiting(request, requesting.AwaitingFile(offset), message)
+            self._prepared(request, requesting.AwaitingFile(offset), message)
 
         hashed.addCallback(ask).addErrback(self._internal_failure)
         return deferred
@@ -317,7 +384,43 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             "type": "put", "path": remote, "size": st.st_size, "mtime": st.st_mtime,
             "mode": st.st_mode & files.MODE_MASK, "force": force,
         }
-        return self._begin(request, requesting.AwaitingReady(st.st_size), message)
+        if self.pipelined and st.st_size <= self.INLINE_UPLOAD_MAX:
+            message["inline"] = True
+            state = requesting.SendingInline(st.st_size)
+            return self._begin(request, state, message, then=lambda: self._send_inline(request))
+        # READY comes first, then our UPLOAD and DATA: nothing else goes out meanwhile.
+        return self._begin(request, requesting.AwaitingReady(st.st_size), message, then=lambda: self._hold_sending(request))
+
+    def _send_inline(self, request):
+        """Version 2: the file right behind its PUT, then END; STORED (or a refusal) comes in
+        order with the answers to the requests before it."""
+        self._hold_sending(request)
+        request.streaming = True
+        request.resumed_from = 0
+        request.progress.start(request.remote, request.size)
+        sha1 = hashlib.sha1()
+
+        def sent(nbytes):
+            request.streaming = False
+            if self.closing:
+                return
+            request.sha1 = sha1.hexdigest()
+            self.send_control({"type": "end", "size": nbytes, "sha1": request.sha1})
+            if any(exchange.request is request for exchange in self.requesting.in_flight):
+                self._awaiting(request, requesting.AwaitingStored(request.size, request.sha1))
+            else:  # refused meanwhile: its answer has come
+                request.handle.close()
+                request.handle = None
+            self._release_sending(request)
+
+        send_file(self, request.handle, 0, sha1, self._chunk_sent(request)).addCallbacks(sent, lambda _: None)
+
+    def _chunk_sent(self, request):
+        def chunk_sent(nbytes):
+            self.resetTimeout()  # progress, although the server says nothing while we send
+            request.progress.update(nbytes)
+
+        return chunk_sent
 
     def _offered(self, offer):
         request, offset = offer.request, offer.offset
@@ -342,18 +445,15 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         request.resumed_from = offset
         request.progress.start(request.remote, request.size, initial=offset)
 
-        def chunk_sent(nbytes):
-            self.resetTimeout()  # progress, although the server says nothing while we send
-            request.progress.update(nbytes)
-
         def sent(nbytes):
             if self.closing or self.requesting.current is None or self.requesting.current.request is not request:
                 return
             request.sha1 = sha1.hexdigest()
             end = {"type": "end", "size": offset + nbytes, "sha1": request.sha1}
             self._awaiting(request, requesting.AwaitingStored(request.size, request.sha1), end)
+            self._release_sending(request)
 
-        send_file(self, request.handle, offset, sha1, chunk_sent).addCallbacks(sent, lambda _: None)
+        send_file(self, request.handle, offset, sha1, self._chunk_sent(request)).addCallbacks(sent, lambda _: None)
 
     def _stored(self, stored):
         request = stored.request
@@ -396,7 +496,9 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def _fail_pending(self, error):
         if self._end_reason is None:
             self._end_reason = error
-        for request in self.requesting.abandon() if self.requesting is not None else ():
+        unsent = [outgoing.request for outgoing in self._unsent]
+        self._unsent.clear()
+        for request in [*(self.requesting.abandon() if self.requesting is not None else ()), *unsent]:
             # A cut connection (a server shutting down says so) keeps the .part for a later
             # resume; bad data does not.
             request.cleanup(keep_part=isinstance(error, (ConnectionFailed, TryLater)))

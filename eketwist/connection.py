@@ -264,13 +264,28 @@ class SecureConnection(Protocol):
     def dataReceived(self, data):
         if self.closing:
             return
+        self.guarded(self._feed, data)
+
+    def _feed(self, data):
+        self.decoder.feed(data, self._frame_received)
+        if self.authenticated:
+            expected = self.file_bytes_expected()  # file bytes still owed by the peer
+            self._set_read_size(expected)
+            if self._socket is not None:
+                self._wait_for_whole_records(expected)
+
+    def resume_frames(self):
+        """Go on with the frames after one whose handler returned True (see _frame_received),
+        then read the peer again."""
+        self.guarded(self._feed, self.decoder.take_held())
+        if not self.decoder.stopped:
+            self.release_reading("frames held")
+
+    def guarded(self, work, *args):
+        """Run `work` on what the peer sent: an EketwistError ends the connection with its
+        ERROR, and a bug of ours with an "internal error" (logged here, never sent)."""
         try:
-            self.decoder.feed(data, self._frame_received)
-            if self.authenticated:
-                expected = self.file_bytes_expected()  # file bytes still owed by the peer
-                self._set_read_size(expected)
-                if self._socket is not None:
-                    self._wait_for_whole_records(expected)
+            work(*args)
         except StopReading:
             pass
         except EketwistError as error:
@@ -296,10 +311,15 @@ class SecureConnection(Protocol):
             raise IntegrityError("a record failed authentication: the connection was tampered with") from None
         if kind == wire.DATA:
             self.data_received(plaintext)
-        else:
-            if len(plaintext) > wire.MAX_CONTROL_PLAINTEXT:
-                raise ProtocolError("control message too large")
-            self.control_received(wire.decode_message(plaintext))
+            return False
+        if len(plaintext) > wire.MAX_CONTROL_PLAINTEXT:
+            raise ProtocolError("control message too large")
+        if self.control_received(wire.decode_message(plaintext)):
+            # The handler keeps this message for later (a pipelined request): the frames
+            # after it wait in the decoder, and the peer waits in TCP, until resume_frames().
+            self.hold_reading("frames held")
+            return True
+        return False
 
     # What a subclass's machine is given: decoded messages, and file bytes as a view valid only
     # during the call. Raising an EketwistError ends the connection with that ERROR.

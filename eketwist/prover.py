@@ -115,8 +115,10 @@ def parse_params(message):
 
 
 class Prover:
-    def __init__(self, username):
+    def __init__(self, username, versions=wire.VERSIONS):
         self.username = username
+        self.versions = tuple(versions)  # what HELLO offers
+        self.version = 1  # what PARAMS chose (1 when it says nothing)
         self.state: _Record = Start()
 
     @property
@@ -126,7 +128,10 @@ class Prover:
     def hello(self):
         assert isinstance(self.state, Start), self.state
         self.state = AwaitingParams()
-        return {"type": "hello", "version": wire.PROTOCOL_VERSION, "user": self.username}
+        hello = {"type": "hello", "version": wire.PROTOCOL_VERSION, "user": self.username}
+        if self.versions != (1,):
+            hello["versions"] = list(self.versions)
+        return hello
 
     def receive(self, message):
         """One HANDSHAKE message from the server (not an ERROR: the glue reports those):
@@ -134,6 +139,10 @@ class Prover:
         kind, state = message["type"], self.state
         if kind == "params" and isinstance(state, AwaitingParams):
             server_id, salt, scrypt = parse_params(message)
+            version = wire.int_field(message, "version", 1, 2**31) if "version" in message else 1
+            if version not in self.versions:
+                raise ProtocolError(f"the server chose protocol version {version}, which was not offered")
+            self.version = version
             self.state = Deriving(server_id)
             return Params(server_id, salt, scrypt)
         if kind == "share" and isinstance(state, AwaitingShare):
@@ -161,7 +170,7 @@ class Prover:
         self.state = Failed()  # until the server has proved itself; w0, w1 and x are dropped
         try:
             keys = spake2plus.prover_finish(
-                wire.CONTEXT, self.username.encode("utf-8"), state.server_id.encode("utf-8"),
+                wire.context(self.version), self.username.encode("utf-8"), state.server_id.encode("utf-8"),
                 state.w0, state.w1, state.x, state.share_p, share_v,
             )
         except spake2plus.InvalidPoint as problem:

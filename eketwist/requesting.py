@@ -4,15 +4,17 @@ glue (eketwist.client_protocol) writes files, hashes, streams and fires the call
 
 Every request is an Exchange with a state of its own, kept in order in `in_flight`: the server
 answers requests in the order they were sent, so messages go to the first one. Version 1 keeps
-one request in flight at a time; the shape allows several.
+one request in flight at a time; version 2 (pipelined, docs/protocol.md section 7.9) several.
 
     stat:  AwaitingEntry   --ENTRY-->    (Answered: the entry)
     mkdir: AwaitingDone    --DONE-->     (Answered: None)
     list:  Listing         --ENTRIES-->  Listing ... --last ENTRIES--> (Answered: sorted entries)
-    get:   Preparing (hashing our .part) --asked()--> AwaitingFile --FILE--> ReceivingFile
+    get:   (the glue hashes our .part's prefix before the GET leaves) AwaitingFile --FILE--> ReceivingFile
            --DATA...--> --END--> (FileEnd: the glue verifies and renames)
     put:   AwaitingReady --READY--> (Offered) --Preparing while it hashes-- --sending()-->
            Sending --sent()--> AwaitingStored --STORED--> (Stored)
+    put, inline (version 2): SendingInline (its ERROR may come meanwhile) --sent()-->
+           AwaitingStored --STORED--> (Stored)
 
 receive() reports; the exchange stays current until the glue calls finish() (a file is
 verified and renamed first, and a failure there fails the request with the connection).
@@ -87,6 +89,14 @@ class Sending:
 
 
 @dataclass
+class SendingInline:
+    """Version 2: a PUT whose file follows it at once; a refusal may come while it is sent."""
+
+    name = "put-inline"
+    size: int
+
+
+@dataclass
 class AwaitingStored:
     name = "put-stored"
     size: int
@@ -101,6 +111,7 @@ REFUSALS = {
     AwaitingFile: errors.REFUSAL_CODES,
     AwaitingDone: errors.WRITE_REFUSAL_CODES,
     AwaitingReady: errors.WRITE_REFUSAL_CODES,
+    SendingInline: errors.WRITE_REFUSAL_CODES,
     AwaitingStored: errors.UPLOAD_END_REFUSAL_CODES,
 }
 
@@ -191,6 +202,15 @@ class Requesting:
         """The glue is done with `request` (answered, refused): the next one is current."""
         exchange = self.in_flight.popleft()
         assert exchange.request is request, (exchange, request)
+
+    def step(self, request, state):
+        """`request`, wherever it is in flight, moves to `state` (an inline upload sent while
+        earlier requests are answered)."""
+        for exchange in self.in_flight:
+            if exchange.request is request:
+                exchange.state = state
+                return
+        raise AssertionError(f"{request!r} is not in flight")
 
     def abandon(self):
         """Every request in flight, for the glue to fail (the connection is ending)."""

@@ -75,6 +75,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.verifier = Verifier(self.factory.server_id, self.factory.users.current)
         self.serving = None  # the request machine, from key confirmation on
         self.upload_in_progress = None  # its transfers.Upload, from PUT to the answer
+        self._next_request = None  # version 2: a request that waits for the one before
         self._delayed = None
         self._admitted = False
         self._in_handshake = True
@@ -277,7 +278,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         if self.closing:
             return
         self.root = self.storage.path
-        self.serving = serving.Serving()
+        self.serving = serving.Serving(self.verifier.version)
         self.send_handshake(reply)
         self.log.info(
             "{user} authenticated from {peer} ({rights}, root {root})",
@@ -292,10 +293,18 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self.peer_error(message)
             return
         event = self.serving.receive(message)
+        if isinstance(event, serving.Wait):
+            # Pipelined (version 2): this request waits for the answer to the one before.
+            self._next_request = message
+            return True  # the frames after it wait too (see SecureConnection.resume_frames)
         self._REQUEST_HANDLERS[type(event)](self, event)
+        return False
 
     def data_received(self, chunk):
-        if self.serving.data(len(chunk)) is not None:
+        event = self.serving.data(len(chunk))
+        if isinstance(event, serving.Dropped):
+            return
+        if event is not None:
             self._hold_early_message()
         self.receive_into(self.upload_in_progress.part, chunk)
 
@@ -324,6 +333,20 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self.shut_down()
         else:
             self.setTimeout(self.factory.idle_timeout)
+            if self._next_request is not None:
+                # On a later turn: a client with many requests queued takes its turn with
+                # every other connection, one request at a time.
+                self.callLater(0, self._take_next_request)
+
+    def _take_next_request(self):
+        message, self._next_request = self._next_request, None
+        if self.closing or message is None:
+            return
+        self.guarded(self._next_request_received, message)
+
+    def _next_request_received(self, message):
+        if not self.control_received(message):
+            self.resume_frames()
 
     @property
     def uploading(self):
@@ -423,6 +446,14 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             return
         self.send_control({"type": "done"})
 
+    def receive_inline(self):
+        """An inline upload's partial file is open: its DATA follows the PUT (version 2)."""
+        self.serving.receive_inline()
+        self.setTimeout(self.factory.idle_timeout)
+
+    def _dropped(self, event):
+        pass  # the refused inline upload's END: its refusal was the answer
+
     def _put(self, request):
         self.upload_in_progress = transfers.Upload.open(self, request.upload)
         if self.upload_in_progress is not None:
@@ -455,6 +486,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         serving.UploadFrom: _upload_from,
         serving.Finish: _finish,
         serving.Early: _hold_early_message,
+        serving.Dropped: _dropped,
     }
 
 

@@ -10,15 +10,19 @@ Each state is a class carrying its data (an upload lives in the states of an upl
                    --receive(PUT)-->        Working          (Put: the glue opens the partial file)
                    --receive(other)-->      Ready            (Unknown: refused with unsupported)
     Working        --offer(upload)-->       UploadOffered    (returns READY)
+                   --receive_inline()-->    Receiving        (version 2: an inline PUT's part file is open)
                    --done()-->              Ready            (END sent, listing over, or refused)
+                                            Discarding       (an inline PUT refused: its DATA still comes)
     UploadOffered  --receive(UPLOAD)-->     Receiving        (UploadFrom)
     Receiving      --data(n)-->             Receiving        (IntegrityError past the size)
                    --receive(END)-->        Storing          (Finish)
+    Discarding     --data(n), END-->        Discarding, Ready (Dropped)
     Storing        --receive(anything)-->   Storing          (Early: answered after STORED)
                    --done()-->              Ready            (returns the early message's error)
 
-Messages a state does not list are protocol errors. Requests arrive one at a time in version 1;
-each request is an object of its own, so that a later version can keep several in flight.
+In version 2 (pipelined requests, docs/protocol.md section 7.9) a message in Working or Storing
+is the next request: receive() says Wait, and the glue gives it again once this one is answered.
+Otherwise, messages a state does not list are protocol errors.
 """
 
 from dataclasses import dataclass
@@ -38,6 +42,7 @@ class Upload:
     mtime: Optional[float]
     mode: Optional[int]
     force: bool
+    inline: bool = False  # version 2: DATA and END follow the PUT at once, without READY
     offered: int = 0  # the offset READY offered
 
 
@@ -98,6 +103,17 @@ class Early:
     """A message between END and the upload's answer: held until the answer has gone."""
 
 
+@dataclass(frozen=True)
+class Wait:
+    """Version 2: a request while the previous one is being answered. The glue keeps it (and
+    stops reading) until then, and gives it to receive() again."""
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """DATA or END of a refused inline upload: read and dropped (its refusal has gone)."""
+
+
 # -- states
 
 
@@ -129,16 +145,24 @@ class Storing:
     early: Optional[ProtocolError] = None
 
 
+@dataclass
+class Discarding:
+    """Version 2: an inline upload was refused; its DATA and END still come, and are dropped."""
+
+    upload: Upload
+    owed: int
+
+
 @dataclass(frozen=True)
 class Closed:
     pass
 
 
-State = Union[Ready, Working, UploadOffered, Receiving, Storing, Closed]
+State = Union[Ready, Working, UploadOffered, Receiving, Storing, Discarding, Closed]
 
 STATE_NAMES = {
     Ready: "ready", Working: "working", UploadOffered: "upload-offered", Receiving: "receiving",
-    Storing: "storing", Closed: "closed",
+    Storing: "storing", Discarding: "discarding", Closed: "closed",
 }
 
 
@@ -146,7 +170,7 @@ def _optional(message, name, read, *args):
     return read(message, name, *args) if name in message else None
 
 
-def _request(message):
+def _request(message, version):
     """A request message as its request object."""
     kind = message["type"]
     if kind == "get":
@@ -166,13 +190,17 @@ def _request(message):
             _optional(message, "mtime", wire.mtime_field),
         )
     if kind == "put":
-        return Put(Upload(
+        upload = Upload(
             path=wire.string_field(message, "path"),
             size=wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE),
             mtime=_optional(message, "mtime", wire.mtime_field),
             mode=_optional(message, "mode", wire.int_field, 0, wire.MAX_MODE),
             force=wire.bool_field(message, "force"),
-        ))
+            inline=version >= 2 and wire.bool_field(message, "inline"),  # unknown to version 1
+        )
+        if upload.inline and upload.size > wire.MAX_INLINE_SIZE:
+            raise ProtocolError(f"put: an inline upload is at most {wire.MAX_INLINE_SIZE} bytes")
+        return Put(upload)
     if kind == "error":  # the glue ends the connection on a client's ERROR before this
         raise ProtocolError(f"unexpected {kind!r} message in state 'ready'")
     # Later versions add requests; an old server answers clearly and carries on.
@@ -180,7 +208,8 @@ def _request(message):
 
 
 class Serving:
-    def __init__(self):
+    def __init__(self, version=1):
+        self.version = version  # as the handshake chose it
         self.state: State = Ready()
 
     @property
@@ -197,7 +226,7 @@ class Serving:
         left to the glue (it ends the connection)."""
         state, kind = self.state, message["type"]
         if isinstance(state, Ready):
-            request = _request(message)
+            request = _request(message, self.version)
             if isinstance(request, (Get, List)):
                 self.state = Working(type(request).__name__.lower())
             elif isinstance(request, Put):
@@ -215,6 +244,15 @@ class Serving:
             sha1 = wire.hex_field(message, "sha1", 20)
             self.state = Storing(state.upload)
             return Finish(state.upload, size, sha1)
+        if self.version >= 2 and isinstance(state, (Working, Storing)) and not (
+            isinstance(state, Working) and state.upload is not None and state.upload.inline
+        ):
+            return Wait()  # pipelined: handled in order, once this one is answered
+        if isinstance(state, Discarding) and kind == "end":
+            wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
+            wire.hex_field(message, "sha1", 20)
+            self.state = Ready()
+            return Dropped()
         if isinstance(state, Storing):
             # The answer to the upload still comes first, so that its outcome is never in
             # doubt; the protocol error follows it (see done()).
@@ -226,9 +264,14 @@ class Serving:
     def data(self, length):
         """A DATA record of `length` file bytes from the client."""
         state = self.state
-        if isinstance(state, Storing):
+        if isinstance(state, Storing) and self.version == 1:
             self.receive({"type": "data"})
             return Early()
+        if isinstance(state, Discarding):
+            if length > state.owed:
+                raise ProtocolError(f"{state.upload.path}: the client sent more than the announced size")
+            state.owed -= length
+            return Dropped()
         if not isinstance(state, Receiving):
             raise ProtocolError(f"unexpected 'data' message in state {self.name!r}")
         if length > state.owed:
@@ -238,7 +281,7 @@ class Serving:
 
     def bytes_owed(self):
         """File bytes the client announced and has not sent yet (0 outside an upload's DATA)."""
-        return self.state.owed if isinstance(self.state, Receiving) else 0
+        return self.state.owed if isinstance(self.state, (Receiving, Discarding)) else 0
 
     def offer(self, offset, sha1_hex):
         """READY for the upload in progress: the partial file holds `offset` bytes."""
@@ -252,13 +295,24 @@ class Serving:
             message["sha1"] = sha1_hex
         return message
 
+    def receive_inline(self):
+        """The inline upload's partial file is open: its DATA follows, from offset 0."""
+        state = self.state
+        assert isinstance(state, Working) and state.upload is not None and state.upload.inline, state
+        self.state = Receiving(state.upload, state.upload.size)
+
     def done(self):
-        """The request has been answered (or refused): Ready. Returns the error of a message
-        that came too early, which the glue sends after the answer; else None. Closed stays
-        closed (an upload stored after its connection ended)."""
-        if isinstance(self.state, Closed):
+        """The request has been answered (or refused): Ready, or Discarding for an inline
+        upload refused before its DATA. Returns the error of a message that came too early,
+        which the glue sends after the answer; else None. Closed stays closed (an upload
+        stored after its connection ended)."""
+        state = self.state
+        if isinstance(state, Closed):
             return None
-        early = self.state.early if isinstance(self.state, Storing) else None
+        if isinstance(state, Working) and state.upload is not None and state.upload.inline:
+            self.state = Discarding(state.upload, state.upload.size)
+            return None
+        early = state.early if isinstance(state, Storing) else None
         self.state = Ready()
         return early
 

@@ -207,6 +207,10 @@ class Upload:
     def start(self):
         """READY at once, or once the partial file's prefix is hashed for a resume."""
         connection, upload, part = self.connection, self.upload, self.part
+        if upload.inline:  # version 2: the file follows the PUT, from its first byte
+            part.restart()
+            connection.receive_inline()
+            return
         if part.size > upload.size:
             part.restart()
         if not part.size:

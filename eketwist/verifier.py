@@ -102,6 +102,7 @@ class Verifier:
         self.server_id = server_id
         self._users = users
         self.state: State = AwaitingHello()
+        self.version = None  # chosen at HELLO: the highest the client offered that we speak
 
     @property
     def guessing(self):
@@ -130,8 +131,17 @@ class Verifier:
         version = message.get("version")
         if not isinstance(version, int) or isinstance(version, bool):
             raise ProtocolError("hello: field 'version' missing or of the wrong type")
-        if version != wire.PROTOCOL_VERSION:
-            raise Unsupported(f"protocol version {version} is not supported (this server speaks {wire.PROTOCOL_VERSION})")
+        offered = {version}
+        if "versions" in message:
+            versions = message["versions"]
+            if not isinstance(versions, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
+                raise ProtocolError("hello: field 'versions' must be a list of integers")
+            offered.update(versions[:16])
+        common = offered.intersection(wire.VERSIONS)
+        if not common:
+            spoken = ", ".join(map(str, wire.VERSIONS))
+            raise Unsupported(f"protocol version {version} is not supported (this server speaks {spoken})")
+        self.version = max(common)
         name = wire.string_field(message, "user")
         problem = wire.check_username(name)
         if problem:
@@ -157,12 +167,15 @@ class Verifier:
         state = self.state
         assert isinstance(state, Named) and type(state) in (Named, Delaying), state_name(state)
         self.state = AwaitingShare(state.name, state.user, state.known, state.users)
-        return {
+        params = {
             "type": "params",
             "server": self.server_id,
             "salt": state.user.salt.hex(),
             "scrypt": {key: state.user.scrypt[key] for key in ("n", "r", "p")},
         }
+        if self.version != 1:  # a version 1 client knows no such member
+            params["version"] = self.version
+        return params
 
     def answer(self):
         """Our SHARE and confirmV for the client's share: from here its guess can be checked.
@@ -173,7 +186,7 @@ class Verifier:
             # Every verifier's points were computed when the users file was read, the fake's
             # too: the same work for every name (a cache filled by logins would tell them apart).
             share_v, keys = spake2plus.verifier_respond(
-                wire.CONTEXT, state.name.encode("utf-8"), self.server_id.encode("utf-8"),
+                wire.context(self.version), state.name.encode("utf-8"), self.server_id.encode("utf-8"),
                 state.user.w0, state.user.L, state.share_p, points=state.users.verifier_points(state.user),
             )
         except spake2plus.InvalidPoint as problem:

@@ -20,9 +20,21 @@ CONTROL = 0x01
 DATA = 0x02
 KINDS = (HANDSHAKE, CONTROL, DATA)
 
-PROTOCOL_VERSION = 1
-# The SPAKE2+ Context of the transcript (docs/protocol.md section 4.3).
+# The versions we speak (docs/protocol.md section 3.1): 2 adds pipelined requests (section 7.9).
+PROTOCOL_VERSION = 1  # what HELLO's `version` says, so that a version 1 server answers
+VERSIONS = (1, 2)
+# The SPAKE2+ Context of the transcript (section 4.3): it names the version, so that the
+# version PARAMS chose is bound into the keys and cannot be changed on the way.
 CONTEXT = b"eketwist/1 SPAKE2+-P256-SHA256-HKDF-SHA256-HMAC-SHA256"
+
+
+def context(version):
+    return CONTEXT.replace(b"eketwist/1", b"eketwist/%d" % version)
+
+
+# A PUT whose file follows at once (version 2, `inline`) is at most this large: a refused one
+# is read and dropped, which must stay cheap; larger files wait for READY (and can resume).
+MAX_INLINE_SIZE = 16 * 1024 * 1024
 # Ranges of the fields' formats: outside them a message is malformed (a protocol error).
 MAX_FILE_SIZE = 2**63 - 1
 MTIME_LIMIT = 2**40  # |mtime| < 2^40 seconds: some 34,800 years either side of 1970
@@ -87,6 +99,11 @@ class FrameDecoder:
         self.max_payload = max_payload
         self._split = bytearray()  # the split frame: its header first, then room for the rest
         self._have = 0  # bytes of it received
+        # After a frame whose callback returned True ("not now": a pipelined request while the
+        # previous one is answered), feeding stops, and what came after it is held: at most
+        # one read's worth.
+        self.stopped = False
+        self.held = b""
 
     @property
     def buffered(self):
@@ -106,6 +123,11 @@ class FrameDecoder:
             raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
 
     def feed(self, data, on_frame):
+        """Hand every whole frame in `data` to on_frame(kind, header, payload); if it returns
+        True, stop after that frame and keep the rest in `held`."""
+        if self.stopped:  # more arrived while stopped (a transport's last read): behind the rest
+            self.held += bytes(data)
+            return
         with memoryview(data) as view:
             start = self._complete_split(view, on_frame) if self._have else 0
             if start is None:
@@ -119,7 +141,9 @@ class FrameDecoder:
                     break
                 with view[start : start + HEADER_BYTES] as head, view[start + HEADER_BYTES : frame_end] as payload:
                     start = frame_end
-                    on_frame(kind, head, payload)
+                    if on_frame(kind, head, payload):
+                        self._stop(view[start:])
+                        return
             if start < end:
                 self._begin_split(view[start:])
 
@@ -158,8 +182,20 @@ class FrameDecoder:
         kind = split[HEADER_BYTES - 1]
         self._split, self._have = bytearray(), 0
         with memoryview(split) as whole, whole[:HEADER_BYTES] as head, whole[HEADER_BYTES:] as payload:
-            on_frame(kind, head, payload)
+            if on_frame(kind, head, payload):
+                self._stop(view[taken:])
+                return None
         return taken
+
+    def _stop(self, rest):
+        self.stopped = True
+        self.held = bytes(rest)
+
+    def take_held(self):
+        """Go on after a stop: the bytes after the frame whose callback asked for it, to feed
+        again now."""
+        held, self.held, self.stopped = self.held, b"", False
+        return held
 
 
 def encode_message(message):

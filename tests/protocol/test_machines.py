@@ -79,7 +79,7 @@ def test_a_whole_handshake_message_by_message():
     assert server.username is None and not server.guessing
 
     hello = client.hello()
-    assert hello == {"type": "hello", "version": 1, "user": "alice"}
+    assert hello == {"type": "hello", "version": 1, "versions": [1, 2], "user": "alice"}
     assert client_where(client) == (prover.AwaitingParams, "params")
 
     assert server.receive(trip(hello)) == verifier.Hello("alice")
@@ -87,7 +87,7 @@ def test_a_whole_handshake_message_by_message():
     assert (server.username, server.state.user, server.state.known) == ("alice", ALICE, True)
 
     params = server.params()
-    assert params == {"type": "params", "server": SERVER, "salt": ALICE.salt.hex(), "scrypt": FAST_SCRYPT}
+    assert params == {"type": "params", "server": SERVER, "salt": ALICE.salt.hex(), "scrypt": FAST_SCRYPT, "version": 2}
     assert server_where(server) == (verifier.AwaitingShare, "share")
 
     event = client.receive(trip(params))
@@ -286,14 +286,63 @@ def test_a_user_that_is_not_a_string_is_a_protocol_error(user):
     assert server_where(server) == (verifier.AwaitingHello, "hello")
 
 
-@pytest.mark.parametrize("version", [0, 2, -1, 2**64])
+@pytest.mark.parametrize("version", [0, 3, -1, 2**64])
 def test_another_version_is_unsupported(version):
     server = new_verifier()
     with pytest.raises(Unsupported) as raised:
         server.receive({"type": "hello", "version": version, "user": "alice"})
     assert raised.value.code == "unsupported"
-    assert raised.value.message == f"protocol version {version} is not supported (this server speaks 1)"
+    assert raised.value.message == f"protocol version {version} is not supported (this server speaks 1, 2)"
     assert server_where(server) == (verifier.AwaitingHello, "hello")
+
+
+@pytest.mark.parametrize("hello, chosen", [
+    ({"version": 1}, 1),  # a version 1 client: PARAMS as version 1 has it
+    ({"version": 1, "versions": [1, 2]}, 2),
+    ({"version": 1, "versions": [2, 1, 7]}, 2),  # any order; versions we do not speak ignored
+    ({"version": 2}, 2),
+    ({"version": 1, "versions": [1]}, 1),
+    ({"version": 7, "versions": [1]}, 1),
+])
+def test_params_chooses_the_highest_version_both_speak(hello, chosen):
+    server = new_verifier()
+    server.receive({"type": "hello", "user": "alice", **hello})
+    params = server.params()
+    assert params.get("version", 1) == chosen and ("version" in params) == (chosen != 1)
+    client = prover.Prover("alice", versions=hello.get("versions", [hello["version"]]))
+    client.hello()
+    client.receive(trip(params))
+    assert client.version == chosen
+
+
+@pytest.mark.parametrize("versions", ["2", [1, "2"], [True], {"2": 2}])
+def test_versions_that_are_not_a_list_of_integers_are_a_protocol_error(versions):
+    with pytest.raises(ProtocolError):
+        new_verifier().receive({"type": "hello", "version": 1, "versions": versions, "user": "alice"})
+
+
+def test_a_client_refuses_a_version_it_did_not_offer():
+    client = prover.Prover("alice", versions=[1])
+    client.hello()
+    with pytest.raises(ProtocolError, match="version 2, which was not offered"):
+        client.receive({"type": "params", "server": SERVER, "salt": ALICE.salt.hex(), "scrypt": FAST_SCRYPT, "version": 2})
+
+
+@pytest.mark.parametrize("server_version, client_version", [(1, 2), (2, 1)])
+def test_a_version_changed_on_the_way_fails_the_key_confirmation(server_version, client_version):
+    """The chosen version is in the SPAKE2+ Context: a PARAMS whose version was rewritten in
+    transit (a downgrade) leaves the two sides with different keys, and the client finds out
+    before it reveals its confirmation."""
+    server, client = new_verifier(), prover.Prover("alice")
+    server.receive(trip({"type": "hello", "version": 1, "versions": [server_version], "user": "alice"}))
+    params = server.params()
+    client.hello()
+    params = {**params, "version": client_version} if client_version != 1 else {k: v for k, v in params.items() if k != "version"}
+    event = client.receive(trip(params))
+    share = client.derived(*pbkdf.register(PASSWORD.encode(), event.salt, b"alice", **event.scrypt))
+    server.receive(trip(share))
+    with pytest.raises(ServerNotAuthenticated):
+        client.receive(trip(server.answer()))
 
 
 @pytest.mark.parametrize("version", ["1", 1.0, True, None, [1], "missing"])

@@ -321,7 +321,7 @@ def test_unknown_user_same_shape_then_auth_failed(guarded):
 
 def test_unsupported_version(guarded):
     with spec.Connection(guarded.port) as c:
-        c.send_handshake({"type": "hello", "version": 2, "user": "alice"})
+        c.send_handshake({"type": "hello", "version": 3, "user": "alice"})
         assert_handshake_error_then_close(c, "unsupported")
 
 

@@ -122,7 +122,7 @@ G = spake2plus.encode_point(spake2plus.GENERATOR)
         ([(HANDSHAKE, b"\xff\xfe not json")], "protocol"),
         ([(HANDSHAKE, b'["type"]')], "protocol"),
         ([(HANDSHAKE, b"[" * 3000 + b"]" * 3000)], "protocol"),
-        ([(HANDSHAKE, b'{"type":"hello","version":2,"user":"alice"}')], "unsupported"),
+        ([(HANDSHAKE, b'{"type":"hello","version":3,"user":"alice"}')], "unsupported"),
         # Names no one can register: said plainly (that tells nothing about who exists).
         ([(HANDSHAKE, b'{"type":"hello","version":1,"user":""}')], "auth-failed"),
         ([(HANDSHAKE, b'{"type":"hello","version":1,"user":"' + b"a" * 65 + b'"}')], "auth-failed"),
