@@ -69,6 +69,9 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     # one is still sent whole, and the server drops it: cheap at this size). Larger ones wait
     # for READY, which can resume a partial upload.
     INLINE_UPLOAD_MAX = 1024 * 1024
+    # A download's first bytes, up to this many, are written by the reactor's thread (see
+    # files.PartFile): a client has no other connection that a stalled write would hold up.
+    WRITE_IN_PLACE = 256 * 1024
 
     def __init__(self, username, password, timeout=None, clock=None, derived=None, versions=wire.VERSIONS):
         """`timeout`: seconds without progress (no byte from the server while we wait for
@@ -95,6 +98,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         # DATA go out together: while one holds the sending side, later requests wait here.
         self._sending_upload = None
         self._unsent = deque()
+        self.committer = files.GroupCommit(lambda *args: threads.deferToThread(*args))
 
     @property
     def state(self):
@@ -316,7 +320,8 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         {"remote", "path", "size", "sha1", "resumed_from"}."""
         try:
             part = files.PartFile(
-                local, local + files.CLIENT_PART_SUFFIX, os.path.basename(local), lock=True, private=True
+                local, local + files.CLIENT_PART_SUFFIX, os.path.basename(local), lock=True, private=True,
+                write_in_place=self.WRITE_IN_PLACE,
             )
         except EketwistError as error:
             return fail(error)
@@ -353,14 +358,19 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         request.progress.start(request.remote, request.size, initial=header.offset)
 
     def _file_end(self, end):
+        """The whole file has come: verified here (a mismatch ends the connection), then made
+        durable under its name with the other files verified meanwhile, while the next
+        answers are read."""
         request = end.request
-        digest = request.part.finish(request.size, end.sha1, request.mtime, request.mode)
-        request.part = None
-        self._complete(
-            request,
-            {"remote": request.remote, "path": request.local, "size": request.size,
-             "sha1": digest, "resumed_from": request.resumed_from},
-        )
+        part, request.part = request.part, None
+        digest = part.verify(request.size, end.sha1)
+        self.requesting.finish(request)
+        self._ready()
+        request.progress.close()
+        result = {"remote": request.remote, "path": request.local, "size": request.size, "sha1": digest,
+                  "resumed_from": request.resumed_from}
+        committed = self.committer.commit(part, request.mtime, request.mode)
+        committed.addCallbacks(lambda _: request.deferred.callback(result), request.deferred.errback)
 
     def put(self, local, remote, progress=None, force=False):
         """Upload the file `local` to `remote`, resuming a partial upload the server holds

@@ -11,6 +11,7 @@ import time
 from . import errors
 from .errors import EketwistError, UsageError
 from .files import local_mode
+from .report import InOrder
 from .plan import (
     AlreadyComplete, MakeDirectory, SkipContents, Transfer, get_arguments, get_target, get_tree,
     put_target, put_tree, same_file,
@@ -53,36 +54,39 @@ class Session:
         self.reporter = reporter
         self.first_error = None
 
-    def failed(self, name, error, record):
+    def failed(self, name, error, record, report=None):
+        report = report or self.reporter
         record.update(status="error", error={"code": error.code, "message": error.message})
-        self.reporter.done(record)
-        self.reporter.error(error.message if error.message.startswith(name) else f"{name}: {error.message}")
+        report.done(record)
+        report.error(error.message if error.message.startswith(name) else f"{name}: {error.message}")
         if self.first_error is None:
             self.first_error = error
         if isinstance(error, FATAL) or self.client.closing:
             raise error
 
-    async def transfer(self, direction, source, destination, **options):
-        """One file, get or put; records the outcome; raises only when the connection is gone."""
+    async def transfer(self, direction, source, destination, report=None, **options):
+        """One file, get or put; records the outcome (through `report`, the Reporter or its
+        stand-in); raises only when the connection is gone."""
+        report = report or self.reporter
         remote = source if direction == "get" else destination
         local = destination if direction == "get" else source
         record = {"remote": remote, "local": local}
         started = time.monotonic()
         try:
             if direction == "get":
-                result = await self.client.get(remote, local, self.reporter.progress(), **options)
+                result = await self.client.get(remote, local, report.progress(), **options)
             else:
-                result = await self.client.put(local, remote, self.reporter.progress(), **options)
+                result = await self.client.put(local, remote, report.progress(), **options)
         except errors.Exists as error:
             # Rerunning a put that was cut after the server stored the file: nothing to do.
             theirs = None if self.client.closing else await self.remote_entry(remote)
             if theirs is not None and theirs["kind"] == "file" and same_file(os.stat(local), theirs):
-                self.skipped(local, remote, "already on the server")
+                self.skipped(local, remote, "already on the server", report)
                 return None
-            self.failed(local, error, record)
+            self.failed(local, error, record, report)
             return None
         except EketwistError as error:
-            self.failed(remote if direction == "get" else local, error, record)
+            self.failed(remote if direction == "get" else local, error, record, report)
             return None
         seconds = time.monotonic() - started
         record.update(
@@ -92,13 +96,14 @@ class Session:
         moved = result["size"] - result["resumed_from"]
         rate = moved / seconds / 1e6 if seconds > 0 else 0.0
         resumed = f", resumed at {result['resumed_from']}" if result["resumed_from"] else ""
-        self.reporter.say(f"{local if direction == 'get' else remote}: {result['size']} bytes verified in {seconds:.2f} s ({rate:.1f} MB/s{resumed})")
-        self.reporter.done(record)
+        report.say(f"{local if direction == 'get' else remote}: {result['size']} bytes verified in {seconds:.2f} s ({rate:.1f} MB/s{resumed})")
+        report.done(record)
         return result
 
-    def skipped(self, remote, local, reason):
-        self.reporter.files.append({"remote": remote, "local": local, "status": "skipped", "reason": reason})
-        self.reporter.say(f"{remote}: skipped ({reason})")
+    def skipped(self, remote, local, reason, report=None):
+        report = report or self.reporter
+        report.done({"remote": remote, "local": local, "status": "skipped", "reason": reason})
+        report.say(f"{remote}: skipped ({reason})")
 
     async def remote_entry(self, remote):
         try:
@@ -187,10 +192,16 @@ class Executor:
         # contents, and contents finished before their parents (their mtimes then stay).
         await pipelined(client, [lambda step=step: direction.make_directory(step) for step in self.directories])
         self.session.reporter.overall(direction.total_bytes(self.transfers), len(self.transfers))
-        await pipelined(client, [
-            lambda step=step: self.session.transfer(direction.name, *direction.ends(step), **options)
-            for step in self.transfers
-        ])
+        in_order = InOrder(self.session.reporter)
+
+        async def transfer(step):
+            turn = in_order.turn()  # taken as the transfer starts: in the plan's order
+            try:
+                await self.session.transfer(direction.name, *direction.ends(step), report=turn, **options)
+            finally:
+                in_order.settle(turn)
+
+        await pipelined(client, [lambda step=step: transfer(step) for step in self.transfers])
         await pipelined(client, [
             lambda step=step: direction.finish_directory(step)
             for step in reversed(self.directories) if step.mtime is not None

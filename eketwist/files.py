@@ -6,6 +6,7 @@ the server's disk is eketwist.storage's job.)
 """
 
 import collections
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -261,11 +262,18 @@ class PartFile:
     removed before it takes the destination's name.
     """
 
-    def __init__(self, destination, part, shown_name=None, *, lock=False, private=False, dir_fd=None, label=None):
+    def __init__(self, destination, part, shown_name=None, *, lock=False, private=False, dir_fd=None, label=None,
+                 write_in_place=0):
         """`private`: an existing part file is used only when it is a regular file of ours,
         with no other name (a hard link would make us read and write another file), that no
         one else can write: in a directory others may write to, someone may have put anything
-        under the part file's name."""
+        under the part file's name.
+
+        `write_in_place`: the file's first bytes, up to this many, are written by the caller's
+        thread rather than a worker's: copying a few KiB into the page cache costs less than a
+        thread (measured: a worker per file was most of a 1,000-file tree's time on the
+        client). A client serves no one else; a server leaves it at 0, so that a disk that
+        stalls holds up only its own uploader, never the reactor."""
         self.destination = destination
         self.part = part
         self.shown_name = shown_name or os.path.basename(destination)
@@ -307,6 +315,7 @@ class PartFile:
         self.size = os.fstat(fd).st_size
         self._sha1 = hashlib.sha1()
         self._writer = None
+        self._write_in_place = write_in_place
         self.stored = None  # after finish: the stat of the file under its final name
         self._closing_writer = None  # let go by abort, still writing or closing
 
@@ -349,12 +358,20 @@ class PartFile:
     def write(self, data):
         """Queue `data` (bytes) to be written and hashed; a write error from an earlier chunk
         is raised here or by `finish`. Returns True when the disk is behind: the caller should
-        stop feeding until `when_caught_up` calls back."""
-        if self._writer is None:
-            self._writer = WriteBehind(self._file)
+        stop feeding until `when_caught_up` calls back.
+
+        The first `write_in_place` bytes (see __init__) are written at once."""
         try:
             self._sha1.update(data)
-            behind = self._writer.submit(data)
+            if self._writer is None and self.size + len(data) <= self._write_in_place:
+                view, write = memoryview(data), self._file.write
+                while view:
+                    view = view[write(view):]
+                behind = False
+            else:
+                if self._writer is None:
+                    self._writer = WriteBehind(self._file)
+                behind = self._writer.submit(data)
         except OSError as problem:
             raise storage_error(problem, self.shown_name) from None
         self.size += len(data)
@@ -371,7 +388,15 @@ class PartFile:
         """Verify and rename into place; return the hex SHA-1. On failure nothing is renamed.
 
         With replace=False an existing destination is never overwritten, even one that
-        appeared during the transfer (Exists)."""
+        appeared during the transfer (Exists). (GroupCommit does the same for many files.)"""
+        digest = self.verify(expected_size, expected_sha1)
+        self.commit(mtime, mode, replace)
+        self.sync_directory()
+        return digest
+
+    def verify(self, expected_size, expected_sha1):
+        """The hex SHA-1 once every byte is written and size and digest match; else the part
+        file is removed and IntegrityError raised."""
         try:
             self._drain()
         except EketwistError:
@@ -382,17 +407,40 @@ class PartFile:
             self.abort()
             what = "size" if self.size != expected_size else "SHA-1"
             raise IntegrityError(f"{self.shown_name}: {what} does not match; nothing was written")
-        fd = self._file.fileno()
-        try:
+        return digest.hex()
+
+    def commit(self, mtime=None, mode=None, replace=True):
+        """After verify: flush the file and give it its name. Its directory still needs
+        sync_directory() before the name is durable."""
+        self.settle(mtime, mode)
+        self.flush()
+        self.rename(replace)
+
+    def settle(self, mtime=None, mode=None):
+        """After verify: the file's final mode and mtime, and no label (see commit)."""
+        with self._failing_keeps_part():
+            fd = self._file.fileno()
             if self._labelled:
                 try:
                     os.removexattr(fd, PART_LABEL)
                 except OSError:
                     pass  # never set
-            os.fsync(fd)
             os.fchmod(fd, local_mode(0o666 if mode is None else mode))
             if mtime is not None:
                 os.utime(fd, (mtime, mtime))
+
+    def flush(self):
+        """After settle: the file's bytes on disk (see commit)."""
+        with self._failing_keeps_part():
+            os.fsync(self._file.fileno())
+
+    def fileno(self):
+        return self._file.fileno()
+
+    def rename(self, replace=True):
+        """After flush (or a flush of the whole filesystem since settle): the file under its
+        name. With replace=False an existing name is never overwritten (Exists)."""
+        with self._failing_keeps_part():
             self._file.close()
             at = {"src_dir_fd": self._dir_fd, "dst_dir_fd": self._dir_fd}
             if replace:
@@ -400,16 +448,48 @@ class PartFile:
             else:
                 os.link(self.part, self.destination, follow_symlinks=False, **at)  # no clobbering
                 os.unlink(self.part, dir_fd=self._dir_fd)
-            _fsync_directory(os.path.dirname(os.path.abspath(self.destination)), self._dir_fd)
-            self.stored = os.stat(self.destination, dir_fd=self._dir_fd, follow_symlinks=False)
-            self._close_directory()
+
+    @contextlib.contextmanager
+    def _failing_keeps_part(self):
+        try:
+            yield
         except FileExistsError:
             self.abort(keep_part=True)
             raise Exists(f"{self.shown_name}: already exists (use --force to replace it)") from None
         except OSError as problem:
             self.abort(keep_part=True)
             raise storage_error(problem, self.shown_name) from None
-        return digest.hex()
+
+    def directory_key(self):
+        """What identifies the directory the file is named in (files that share it share one
+        directory flush)."""
+        if self._dir_fd is not None:
+            st = os.fstat(self._dir_fd)
+            return st.st_dev, st.st_ino
+        return os.path.dirname(os.path.abspath(self.destination))
+
+    def sync_filesystem(self, syncfs):
+        """After rename: flush the filesystem holding the file's directory with libc's
+        `syncfs`; True when that succeeded."""
+        if self._dir_fd is not None:
+            return syncfs(self._dir_fd) == 0
+        fd = os.open(os.path.dirname(os.path.abspath(self.destination)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return syncfs(fd) == 0
+        finally:
+            os.close(fd)
+
+    def sync_directory(self, already_synced=False):
+        """After commit: flush the directory holding the new name (unless a flush since the
+        rename has done so), then note the file's stat in `stored`."""
+        try:
+            if not already_synced:
+                _fsync_directory(os.path.dirname(os.path.abspath(self.destination)), self._dir_fd)
+            self.stored = os.stat(self.destination, dir_fd=self._dir_fd, follow_symlinks=False)
+        except OSError as problem:
+            raise storage_error(problem, self.shown_name) from None
+        finally:
+            self._close_directory()
 
     def abort(self, keep_part=False):
         """Give up on the file: nothing is renamed. Does not wait for the disk: the writer
@@ -447,8 +527,8 @@ def local_mode(mode):
 
 
 def _umask():
-    """The process's umask, read without changing it where the system says it (os.umask sets
-    it, and another thread creating a file meanwhile would get the wrong one)."""
+    """The process's umask, read without changing it where the system says it (os.umask sets it, and
+    another thread creating a file meanwhile would get the wrong one)."""
     try:
         with open("/proc/self/status", "rb") as status:
             for line in status:
@@ -459,3 +539,101 @@ def _umask():
     mask = os.umask(0o077)
     os.umask(mask)
     return mask
+
+
+class GroupCommit:
+    """Makes verified part files durable under their names, many at a time.
+
+    One worker thread takes every file waiting: it flushes and renames each, then flushes each
+    of their directories once. A tree's files share a few directories, so a batch costs one
+    directory flush per directory instead of one per file, and files verified while a batch
+    runs form the next. A name still appears only for a whole, verified, flushed file.
+    """
+
+    def __init__(self, defer_to_thread=None):
+        if defer_to_thread is None:
+            from twisted.internet.threads import deferToThread as defer_to_thread
+        self._defer_to_thread = defer_to_thread
+        self._waiting = []
+        self._running = False
+
+    @property
+    def busy(self):
+        return self._running or bool(self._waiting)
+
+    def commit(self, part, mtime=None, mode=None, replace=True):
+        """A Deferred: None once `part` (verified) is durable under its name (its stat in
+        part.stored), or the EketwistError that prevented it (the part file is kept)."""
+        from twisted.internet.defer import Deferred
+
+        done = Deferred()
+        self._waiting.append((part, mtime, mode, replace, done))
+        if not self._running:
+            self._next_batch()
+        return done
+
+    def _next_batch(self):
+        batch, self._waiting = self._waiting, []
+        self._running = True
+        self._defer_to_thread(self._commit_all, batch).addBoth(self._batch_done, batch)
+
+    # From this many files on, a batch flushes the whole filesystem twice (syncfs: the files'
+    # bytes, then the new names) instead of each file and each directory: one journal commit
+    # instead of one per file (measured: 1,000 files of 4 KiB, 0.2 s of fsyncs against 0.02 s,
+    # and creating the next files no longer waits behind them).
+    SYNCFS_FROM = 8
+
+    @classmethod
+    def _commit_all(cls, batch):
+        """In the worker: each file's outcome, None or its EketwistError."""
+        outcomes = [None] * len(batch)
+
+        def each(step, *, only_ok=True):
+            for index, (part, mtime, mode, replace, _) in enumerate(batch):
+                if outcomes[index] is None or not only_ok:
+                    try:
+                        step(part, mtime, mode, replace)
+                    except EketwistError as error:
+                        outcomes[index] = error
+
+        syncfs = _syncfs() if len(batch) >= cls.SYNCFS_FROM else None
+        each(lambda part, mtime, mode, replace: part.settle(mtime, mode))
+        settled = [part for (part, *_), outcome in zip(batch, outcomes) if outcome is None]
+        if not (syncfs and settled and syncfs(settled[0].fileno()) == 0):
+            each(lambda part, *_: part.flush())  # one by one; a failure is then its file's
+        each(lambda part, mtime, mode, replace: part.rename(replace))
+        renamed = [(index, part) for index, (part, *_) in enumerate(batch) if outcomes[index] is None]
+        synced = set()
+        if syncfs and len(renamed) >= cls.SYNCFS_FROM and renamed[0][1].sync_filesystem(syncfs):
+            synced = {part.directory_key() for _, part in renamed}
+        for index, part in renamed:
+            try:
+                key = part.directory_key()
+                part.sync_directory(already_synced=key in synced)
+                synced.add(key)
+            except EketwistError as error:
+                outcomes[index] = error
+        return outcomes
+
+    def _batch_done(self, outcomes, batch):
+        self._running = False
+        if self._waiting:
+            self._next_batch()
+        if not isinstance(outcomes, list):  # a bug in the worker: every file fails with it
+            outcomes = [outcomes] * len(batch)
+        for outcome, (*_, done) in zip(outcomes, batch):
+            if outcome is None:
+                done.callback(None)
+            else:
+                done.errback(outcome)
+
+
+def _syncfs():
+    """libc's syncfs(fd), or None where there is none."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (ImportError, OSError, AttributeError):
+        return None
+

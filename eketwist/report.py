@@ -3,6 +3,7 @@
 import stat
 import sys
 import time
+from collections import deque
 
 from .textsafe import escape, json_text
 
@@ -97,6 +98,49 @@ class Reporter:
                 self.out.write(f"{_mode_string(entry)} {entry['size']:>12} {when} {name}\n")
             else:
                 self.out.write(f"{name}\t{entry['kind']}\t{entry['size']}\t{when}\n")
+
+
+class InOrder:
+    """The reports of transfers that run side by side (pipelined), given in the order the
+    transfers started, whatever finishes first: the output and --json read as the plan does."""
+
+    def __init__(self, reporter):
+        self.reporter = reporter
+        self._turns = deque()
+
+    def turn(self):
+        """A stand-in for the Reporter for the next transfer (take turns in starting order)."""
+        turn = _Turn(self.reporter)
+        self._turns.append(turn)
+        return turn
+
+    def settle(self, turn):
+        """`turn`'s transfer is over: its reports go out once every earlier one's have."""
+        turn.settled = True
+        while self._turns and self._turns[0].settled:
+            self._turns.popleft().replay()
+
+
+class _Turn:
+    """A Reporter's lines and results held until their turn; progress bars stay live."""
+
+    def __init__(self, reporter):
+        self._reporter = reporter
+        self._held = []
+        self.settled = False
+
+    def progress(self):
+        return self._reporter.progress()
+
+    def __getattr__(self, name):
+        if name not in ("say", "warn", "error", "done"):
+            raise AttributeError(name)
+        return lambda *args: self._held.append((name, args))
+
+    def replay(self):
+        for name, args in self._held:
+            getattr(self._reporter, name)(*args)
+        self._held.clear()
 
 
 class _FileBar:

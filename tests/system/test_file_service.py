@@ -355,9 +355,13 @@ def test_interrupted_tree_download_resumes(daemon, tmp_path, root):
     client.send_signal(signal.SIGKILL)
     client.wait(10)
     summary = json.loads(run_client(port, "--json", "get", "-r", "big-tree", str(down)).stdout)
-    statuses = {os.path.basename(f["remote"]): f["status"] for f in summary["files"]}
-    assert statuses == {"f0.bin": "skipped", "f1.bin": "skipped", "f2.bin": "ok", "f3.bin": "ok"}
-    assert [f["resumed_from"] > 0 for f in summary["files"] if f["status"] == "ok"] == [True, False]
+    files = {os.path.basename(f["remote"]): f for f in summary["files"]}
+    # f1 is flushed and named while f2 comes: the kill may find it whole but not yet named,
+    # and then it is resumed from its end (nothing sent again).
+    assert files["f0.bin"]["status"] == "skipped"
+    assert files["f1.bin"]["status"] == "skipped" or files["f1.bin"]["resumed_from"] == 60 * 1024 * 1024
+    assert files["f2.bin"]["status"] == "ok" and files["f2.bin"]["resumed_from"] > 0
+    assert files["f3.bin"]["status"] == "ok" and files["f3.bin"]["resumed_from"] == 0
     for i in range(4):
         assert sha1(down / "big-tree" / "d" / f"f{i}.bin") == sha1(tree / "d" / f"f{i}.bin")
 

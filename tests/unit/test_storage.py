@@ -473,3 +473,64 @@ def test_a_received_file_never_gets_more_than_the_umask_allows(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o750
+
+
+def _verified(tmp_path, name, data, **options):
+    part = _part(tmp_path / name, **options)
+    part.write(data)
+    part.verify(len(data), hashlib.sha1(data).digest())
+    return part
+
+
+def _commit_now(function, *args):
+    """GroupCommit's worker, run in this thread (the batch is whatever waits)."""
+    from twisted.internet import defer
+
+    return defer.maybeDeferred(function, *args)
+
+
+@pytest.mark.parametrize("count", [3, files.GroupCommit.SYNCFS_FROM + 2])  # file by file; syncfs
+def test_a_group_commit_names_each_verified_file_and_fails_only_its_own(tmp_path, count):
+    from twisted.internet import defer
+
+    held = []  # the worker's batches, run when the test says
+    committer = files.GroupCommit(lambda function, *args: held.append((function, args)) or defer.Deferred())
+    (tmp_path / "taken").write_bytes(b"someone else's")
+    parts = [_verified(tmp_path, f"f{i}", b"%d" % i * 100) for i in range(count)]
+    parts.append(_verified(tmp_path, "taken", b"ours"))
+    outcomes = [committer.commit(part, mtime=1_000_000 + i, mode=0o640, replace=False) for i, part in enumerate(parts)]
+    assert len(held) == 1  # the first file started a batch; the others wait for the next
+    assert not (tmp_path / "f0").exists() and committer.busy
+    function, args = held.pop()
+    done = _commit_now(function, *args)
+    committer._batch_done(done.result, args[0])
+    assert len(held) == 1, "the files that waited form one batch"
+    function, args = held.pop()
+    assert len(args[0]) == count  # all but the first
+    committer._batch_done(_commit_now(function, *args).result, args[0])
+    results = []
+    for outcome in outcomes:
+        outcome.addBoth(results.append)
+    assert results[:count] == [None] * count
+    assert isinstance(results[count].value, errors.Exists)
+    for i in range(count):
+        st = (tmp_path / f"f{i}").stat()
+        assert (tmp_path / f"f{i}").read_bytes() == b"%d" % i * 100
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime) == (0o640 & ~files._umask(), 1_000_000 + i)
+        assert parts[i].stored.st_ino == st.st_ino
+        assert not (tmp_path / f"f{i}.part").exists()
+    assert (tmp_path / "taken").read_bytes() == b"someone else's"
+    assert (tmp_path / "taken.part").read_bytes() == b"ours", "kept: the data is not lost"
+    assert not committer.busy
+
+
+def test_a_part_file_writes_its_first_bytes_in_place_then_behind(tmp_path):
+    part = _part(tmp_path / "f", write_in_place=10)
+    part.write(b"12345")
+    part.write(b"67890")
+    assert part._writer is None and (tmp_path / "f.part").read_bytes() == b"1234567890"
+    part.write(b"x")  # past the limit: a worker writes the rest
+    assert part._writer is not None
+    data = b"1234567890x"
+    assert part.finish(len(data), hashlib.sha1(data).digest()) == hashlib.sha1(data).hexdigest()
+    assert (tmp_path / "f").read_bytes() == data
