@@ -54,6 +54,12 @@ class _Request:
         self.progress.close()
 
 
+def _has_data(request):
+    """A part file worth keeping for a resume: not the empty one of a request not yet answered
+    (version 2 opens them as requests are sent, up to a window's worth)."""
+    return request.part is not None and request.part.size > 0
+
+
 class _Outgoing:
     """A request not sent yet: the state its answer is awaited in, and its message (None while
     it is being prepared)."""
@@ -220,7 +226,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         `message` None keeps the request's place until _prepared() gives it."""
         if self.closing:
             # Requests after the end (a multi-file command): fail like the connection did.
-            request.cleanup(keep_part=request.part is not None and request.part.size > 0)
+            request.cleanup(keep_part=_has_data(request))
             self._later(request.deferred, self._end_reason or ConnectionFailed("the connection to the server was lost"))
             return request.deferred
         if not self.pipelined and self.requesting.in_flight:
@@ -282,9 +288,10 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         if getattr(request, "streaming", False):
             # An inline upload refused while its DATA goes out: the rest still goes (the
             # server drops it), and its file closes when it has been sent.
+            request.refused = True
             request.progress.close()
         else:
-            request.cleanup(keep_part=request.part is not None and request.part.size > 0)
+            request.cleanup(keep_part=_has_data(request))
             self._release_sending(request)
         self._later(request.deferred, refusal.error)
 
@@ -405,7 +412,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         """Version 2: the file right behind its PUT, then END; STORED (or a refusal) comes in
         order with the answers to the requests before it."""
         self._hold_sending(request)
-        request.streaming = True
+        request.streaming, request.refused = True, False
         request.resumed_from = 0
         request.progress.start(request.remote, request.size)
         sha1 = hashlib.sha1()
@@ -416,9 +423,9 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
                 return
             request.sha1 = sha1.hexdigest()
             self.send_control({"type": "end", "size": nbytes, "sha1": request.sha1})
-            if any(exchange.request is request for exchange in self.requesting.in_flight):
+            if not request.refused:
                 self._awaiting(request, requesting.AwaitingStored(request.size, request.sha1))
-            else:  # refused meanwhile: its answer has come
+            else:  # its answer has come
                 request.handle.close()
                 request.handle = None
             self._release_sending(request)
@@ -511,7 +518,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         for request in [*(self.requesting.abandon() if self.requesting is not None else ()), *unsent]:
             # A cut connection (a server shutting down says so) keeps the .part for a later
             # resume; bad data does not.
-            request.cleanup(keep_part=isinstance(error, (ConnectionFailed, TryLater)))
+            request.cleanup(keep_part=isinstance(error, (ConnectionFailed, TryLater)) and _has_data(request))
             self._later(request.deferred, error)
         self._settle_authentication(error)
 

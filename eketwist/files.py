@@ -561,13 +561,15 @@ class GroupCommit:
     def busy(self):
         return self._running or bool(self._waiting)
 
-    def commit(self, part, mtime=None, mode=None, replace=True):
-        """A Deferred: None once `part` (verified) is durable under its name (its stat in
-        part.stored), or the EketwistError that prevented it (the part file is kept)."""
+    def commit(self, part, mtime=None, mode=None, replace=True, expected=None):
+        """A Deferred: once `part` is durable under its name (its stat in part.stored), None,
+        or, with `expected` (size, SHA-1 digest) to verify it against first (in the worker: the
+        last writes may still be under way), its hex SHA-1; or the EketwistError that prevented
+        it (the part file is kept, unless it failed verification)."""
         from twisted.internet.defer import Deferred
 
         done = Deferred()
-        self._waiting.append((part, mtime, mode, replace, done))
+        self._waiting.append((part, mtime, mode, replace, expected, done))
         if not self._running:
             self._next_batch()
         return done
@@ -585,24 +587,31 @@ class GroupCommit:
 
     @classmethod
     def _commit_all(cls, batch):
-        """In the worker: each file's outcome, None or its EketwistError."""
+        """In the worker: each file's outcome, its hex SHA-1 (verified here), None, or its
+        EketwistError."""
         outcomes = [None] * len(batch)
+        failed = set()
 
-        def each(step, *, only_ok=True):
-            for index, (part, mtime, mode, replace, _) in enumerate(batch):
-                if outcomes[index] is None or not only_ok:
+        def each(step):
+            for index, (part, mtime, mode, replace, expected, _) in enumerate(batch):
+                if index not in failed:
                     try:
-                        step(part, mtime, mode, replace)
+                        outcome = step(part, mtime, mode, replace, expected)
                     except EketwistError as error:
                         outcomes[index] = error
+                        failed.add(index)
+                    else:
+                        if outcome is not None:
+                            outcomes[index] = outcome
 
+        each(lambda part, mtime, mode, replace, expected: expected and part.verify(*expected))
         syncfs = _syncfs() if len(batch) >= cls.SYNCFS_FROM else None
-        each(lambda part, mtime, mode, replace: part.settle(mtime, mode))
-        settled = [part for (part, *_), outcome in zip(batch, outcomes) if outcome is None]
+        each(lambda part, mtime, mode, replace, expected: part.settle(mtime, mode))
+        settled = [part for index, (part, *_) in enumerate(batch) if index not in failed]
         if not (syncfs and settled and syncfs(settled[0].fileno()) == 0):
             each(lambda part, *_: part.flush())  # one by one; a failure is then its file's
-        each(lambda part, mtime, mode, replace: part.rename(replace))
-        renamed = [(index, part) for index, (part, *_) in enumerate(batch) if outcomes[index] is None]
+        each(lambda part, mtime, mode, replace, expected: part.rename(replace))
+        renamed = [(index, part) for index, (part, *_) in enumerate(batch) if index not in failed]
         synced = set()
         if syncfs and len(renamed) >= cls.SYNCFS_FROM and renamed[0][1].sync_filesystem(syncfs):
             synced = {part.directory_key() for _, part in renamed}
@@ -616,16 +625,18 @@ class GroupCommit:
         return outcomes
 
     def _batch_done(self, outcomes, batch):
+        from twisted.python.failure import Failure
+
         self._running = False
         if self._waiting:
             self._next_batch()
         if not isinstance(outcomes, list):  # a bug in the worker: every file fails with it
             outcomes = [outcomes] * len(batch)
         for outcome, (*_, done) in zip(outcomes, batch):
-            if outcome is None:
-                done.callback(None)
-            else:
+            if isinstance(outcome, (Exception, Failure)):
                 done.errback(outcome)
+            else:
+                done.callback(outcome)
 
 
 def _syncfs():

@@ -206,7 +206,7 @@ class Requesting:
     def step(self, request, state):
         """`request`, wherever it is in flight, moves to `state` (an inline upload sent while
         earlier requests are answered)."""
-        for exchange in self.in_flight:
+        for exchange in reversed(self.in_flight):  # the last sent, most often
             if exchange.request is request:
                 exchange.state = state
                 return

@@ -17,6 +17,7 @@ import gc
 import os
 import socket
 import time
+from collections import deque
 
 from twisted.internet import protocol, threads
 from twisted.internet.interfaces import IPushProducer
@@ -58,6 +59,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     pauses us and we stop reading its requests, so nothing piles up in memory."""
 
     log = SafeLogger()
+    # Version 2: requests served from one read before the rest wait for a later turn of the
+    # reactor (fairness between connections; see control_received).
+    REQUESTS_PER_TURN = 16
     PEER = "client"
 
     def connectionMade(self):
@@ -76,6 +80,11 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.serving = None  # the request machine, from key confirmation on
         self.upload_in_progress = None  # its transfers.Upload, from PUT to the answer
         self._next_request = None  # version 2: a request that waits for the one before
+        self._requests_this_turn = 0
+        # Version 2: answers owed in order while uploads are committed (transfers.Upload
+        # objects, whose `answer` is None until their commit is over, and refusals).
+        self._answers = deque()
+        self.committer = files.GroupCommit(lambda *args: threads.deferToThread(*args))
         self._delayed = None
         self._admitted = False
         self._in_handshake = True
@@ -133,6 +142,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     def dataReceived(self, data):
         if self.serving is not None and isinstance(self.serving.state, (serving.Ready, serving.Receiving)):
             self.resetTimeout()
+        self._requests_this_turn = 0  # a new turn of the reactor (see control_received)
         super().dataReceived(data)
 
     def timeoutConnection(self):
@@ -292,6 +302,14 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         if message["type"] == "error":
             self.peer_error(message)
             return
+        if self.serving.version >= 2 and isinstance(self.serving.state, serving.Ready):
+            self._requests_this_turn += 1
+            if self._requests_this_turn > self.REQUESTS_PER_TURN:
+                # Requests answered at once (STAT, MKDIR, refusals) would otherwise all be
+                # served from one read: the rest wait for a later turn, as other clients do.
+                self._next_request = message
+                self.callLater(0, self._take_next_request)
+                return True
         event = self.serving.receive(message)
         if isinstance(event, serving.Wait):
             # Pipelined (version 2): this request waits for the answer to the one before.
@@ -329,16 +347,18 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             return
         if early is not None:
             self.fail(early)
-        elif self.factory.draining:
+        elif self.factory.draining and not self._answers:
             self.shut_down()
         else:
-            self.setTimeout(self.factory.idle_timeout)
+            # While uploads are committed the client waits for us: no idle timeout then.
+            self.setTimeout(None if self._answers else self.factory.idle_timeout)
             if self._next_request is not None:
                 # On a later turn: a client with many requests queued takes its turn with
                 # every other connection, one request at a time.
                 self.callLater(0, self._take_next_request)
 
     def _take_next_request(self):
+        self._requests_this_turn = 0
         message, self._next_request = self._next_request, None
         if self.closing or message is None:
             return
@@ -351,17 +371,19 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     @property
     def uploading(self):
         """From PUT to STORED, a refusal or the end of the connection."""
-        return self.serving is not None and self.serving.upload is not None
+        return self.serving is not None and (self.serving.upload is not None or self.serving.committing > 0)
 
     @property
     def storing(self):
         """Committing an upload after its END (in a thread): it ends with STORED or an ERROR."""
-        return self.serving is not None and isinstance(self.serving.state, serving.Storing)
+        return self.serving is not None and (isinstance(self.serving.state, serving.Storing) or self.serving.committing > 0)
 
     @property
     def busy(self):
         """In the middle of a transfer or a listing, which a graceful shutdown lets finish."""
-        return self.serving is not None and not isinstance(self.serving.state, (serving.Ready, serving.Closed))
+        return self.serving is not None and (
+            not isinstance(self.serving.state, (serving.Ready, serving.Closed)) or bool(self._answers)
+        )
 
     def shut_down(self):
         """Close for a shutdown, telling the client why (it may come back and resume)."""
@@ -392,8 +414,41 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         if wire_code(error) not in refusals:
             self.fail(error)
         elif not self.closing:
-            self.send_error(error)
+            if self._answers:  # after the answers still owed for uploads being committed
+                self._answers.append(_Refusal(error))
+            else:
+                self.send_error(error)
             self.answered()
+
+    def answer_in_turn(self, upload):
+        """Version 2: `upload` (a transfers.Upload past its END) is committed while the next
+        requests are read; its answer goes out after those owed before it (answers_ready)."""
+        self.upload_in_progress = None
+        self._answers.append(upload)
+        self.setTimeout(None)  # the client waits for our disk, not the reverse
+
+    def answers_ready(self):
+        """An upload's commit is over: send, in order, every answer now known."""
+        answers = self._answers
+        while answers and answers[0].answer is not None:
+            answer = answers.popleft().answer
+            if isinstance(answer, EketwistError):
+                if not self.closing:
+                    self.send_error(answer)
+            else:
+                if not self.closing:
+                    self.send_control(answer)
+                self.serving.committed()
+                self.factory.transfer_over()
+        if self.closing:
+            return
+        if not answers:
+            self.setTimeout(self.factory.idle_timeout)
+            if self.factory.draining and not self.busy:
+                self.shut_down()
+                return
+        if self._next_request is not None:
+            self.callLater(0, self._take_next_request)
 
     def internal_failure(self, failure):
         self.log.failure("internal error serving {user}", failure, user=self.username)
@@ -488,6 +543,13 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         serving.Early: _hold_early_message,
         serving.Dropped: _dropped,
     }
+
+
+class _Refusal:
+    """A refusal owed after the answers of uploads being committed (version 2)."""
+
+    def __init__(self, error):
+        self.answer = error
 
 
 def _describe_peer(address):

@@ -20,8 +20,12 @@ Each state is a class carrying its data (an upload lives in the states of an upl
     Storing        --receive(anything)-->   Storing          (Early: answered after STORED)
                    --done()-->              Ready            (returns the early message's error)
 
-In version 2 (pipelined requests, docs/protocol.md section 7.9) a message in Working or Storing
-is the next request: receive() says Wait, and the glue gives it again once this one is answered.
+Version 2 has no Storing: END leaves the upload to be committed while the next requests are
+read (`committing` counts them, committed() when each is answered), and until every one is
+answered only inline PUTs start; any other request says Wait.
+
+In version 2 (pipelined requests, docs/protocol.md section 7.9) a message in Working is the
+next request: receive() says Wait, and the glue gives it again once this one is answered.
 Otherwise, messages a state does not list are protocol errors.
 """
 
@@ -208,9 +212,14 @@ def _request(message, version):
 
 
 class Serving:
+    # Version 2: uploads past their END whose answers have not gone yet (committed side by
+    # side, answered in order). Each holds a part file open until then.
+    MAX_COMMITTING = 64
+
     def __init__(self, version=1):
         self.version = version  # as the handshake chose it
         self.state: State = Ready()
+        self.committing = 0
 
     @property
     def name(self):
@@ -227,6 +236,12 @@ class Serving:
         state, kind = self.state, message["type"]
         if isinstance(state, Ready):
             request = _request(message, self.version)
+            if self.committing and not (
+                isinstance(request, Put) and request.upload.inline and self.committing < self.MAX_COMMITTING
+            ):
+                # Uploads are being committed: only inline uploads (whose answers are small
+                # and follow theirs in order) start meanwhile; the rest see those files.
+                return Wait()
             if isinstance(request, (Get, List)):
                 self.state = Working(type(request).__name__.lower())
             elif isinstance(request, Put):
@@ -242,9 +257,14 @@ class Serving:
         if isinstance(state, Receiving) and kind == "end":
             size = wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
             sha1 = wire.hex_field(message, "sha1", 20)
-            self.state = Storing(state.upload)
+            if self.version >= 2:
+                # Committed beside the next requests, answered in order (see committed()).
+                self.committing += 1
+                self.state = Ready()
+            else:
+                self.state = Storing(state.upload)
             return Finish(state.upload, size, sha1)
-        if self.version >= 2 and isinstance(state, (Working, Storing)) and not (
+        if self.version >= 2 and isinstance(state, Working) and not (
             isinstance(state, Working) and state.upload is not None and state.upload.inline
         ):
             return Wait()  # pipelined: handled in order, once this one is answered
@@ -294,6 +314,11 @@ class Serving:
         if offset:
             message["sha1"] = sha1_hex
         return message
+
+    def committed(self):
+        """Version 2: an upload past its END has had its answer (STORED or a refusal)."""
+        assert self.committing > 0
+        self.committing -= 1
 
     def receive_inline(self):
         """The inline upload's partial file is open: its DATA follows, from offset 0."""

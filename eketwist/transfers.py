@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from . import files, storage, wire
 from .connection import send_file
-from .errors import UPLOAD_END_REFUSAL_CODES, WRITE_REFUSAL_CODES, EketwistError, IntegrityError
+from .errors import UPLOAD_END_REFUSAL_CODES, WRITE_REFUSAL_CODES, EketwistError, IntegrityError, wire_code
 
 # A listing is sent in CONTROL messages of at most this many bytes of entries.
 LISTING_BATCH_BYTES = 48 * 1024
@@ -251,11 +251,36 @@ class Upload:
             )
             connection.factory.transfer_over()
             return
+        if connection.serving.version >= 2:
+            # Committed with the uploads that end meanwhile (files.GroupCommit); the answer
+            # goes out in its turn (ServerProtocol.answer_in_turn).
+            upload = self.upload
+            self.answer = None
+            connection.answer_in_turn(self)
+            committed = connection.committer.commit(self.part, upload.mtime, upload.mode, upload.force, (size, sha1))
+            committed.addCallbacks(self._committed, self._not_committed, callbackArgs=(size,))
+            return
         # The last writes, fsync and rename take what the disk needs: seconds for a large file
         # on a slow one. In a thread, so that every other client is served meanwhile.
         connection.setTimeout(None)
         stored = threads.deferToThread(self._store, size, sha1)
         stored.addCallbacks(self._stored, self._not_stored, callbackArgs=(size,))
+
+    def _committed(self, digest, size):
+        self._log_stored(digest, size)
+        self.answer = {"type": "stored", "size": size, "sha1": digest}
+        self.connection.answers_ready()
+
+    def _not_committed(self, failure):
+        connection = self.connection
+        if failure.check(EketwistError) and wire_code(failure.value) in UPLOAD_END_REFUSAL_CODES:
+            connection.log_event("put {path} refused: {error}", path=self.upload.path, error=failure.value.message)
+            self.answer = failure.value
+            connection.answers_ready()
+        elif failure.check(EketwistError):
+            connection.fail(failure.value)
+        else:
+            connection.internal_failure(failure)
 
     def _store(self, size, sha1):
         """In a thread: verify, flush and rename the upload into place; (digest, its stat)."""
@@ -265,19 +290,23 @@ class Upload:
 
     def _stored(self, stored, size):
         connection = self.connection
-        digest, st = stored
-        if st is not None:
-            connection.factory.digests.put(st, digest)
+        digest, _ = stored
+        self._log_stored(digest, size)
+        if not connection.closing:
+            connection.send_control({"type": "stored", "size": size, "sha1": digest})
+        connection.answered()
+        connection.factory.transfer_over()  # out of "storing" now: no longer counted as uploading
+
+    def _log_stored(self, digest, size):
+        connection = self.connection
+        if self.part.stored is not None:
+            connection.factory.digests.put(self.part.stored, digest)
         connection.log_event(
             "received {path} ({nbytes} bytes{resumed}, {seconds:.3f} s, sha1 {sha1})",
             path=self.upload.path, nbytes=size,
             resumed=f", resumed at {self.resumed_from}" if self.resumed_from else "",
             seconds=time.monotonic() - self.started, sha1=digest,
         )
-        if not connection.closing:
-            connection.send_control({"type": "stored", "size": size, "sha1": digest})
-        connection.answered()
-        connection.factory.transfer_over()  # out of "storing" now: no longer counted as uploading
 
     def _not_stored(self, failure):
         connection = self.connection

@@ -22,11 +22,11 @@ from ..support.conversation import threads_by_hand
 class Session:
     """A client and a server connected by iosim, with a clock and threads run by hand."""
 
-    def __init__(self, world, password="pw", **factory_options):
+    def __init__(self, world, password="pw", versions=(1, 2), **factory_options):
         root, users, _, _ = world
         self.clock = Clock()
         self.factory = ServerFactory(str(root), str(users), "memory", clock=self.clock, **factory_options)
-        self.client = ClientProtocol("fuzzer", password, timeout=30, clock=self.clock)
+        self.client = ClientProtocol("fuzzer", password, timeout=30, clock=self.clock, versions=versions)
         self.server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         self.pump = iosim.connect(
             self.server, iosim.makeFakeServer(self.server), self.client, iosim.makeFakeClient(self.client),
@@ -139,31 +139,33 @@ def test_a_download_cut_at_shutdown_says_so_and_keeps_what_it_received(world, th
     assert drained.called
 
 
-def test_an_upload_being_stored_at_shutdown_gets_its_answer_first(world, threads, tmp_path):
+@pytest.mark.parametrize("versions", [(1,), (1, 2)])  # version 2: inline, committed beside the next requests
+def test_an_upload_being_stored_at_shutdown_gets_its_answer_first(world, threads, tmp_path, versions):
     """Committing is bounded by the disk: the grace's end spares it, the client hears STORED
     (never a try-later for an upload that was in fact committed), then the close."""
     root = world[0]
     data = os.urandom(100_000)
     (tmp_path / "f.bin").write_bytes(data)
-    session = Session(world)
+    session = Session(world, versions=versions)
     session.pump.flush()
     client = session.result(session.client.authenticated_deferred, threads)
-    upload = client.put(str(tmp_path / "f.bin"), "stored-at-shutdown.bin")
+    name = f"stored-at-shutdown-v{max(versions)}.bin"
+    upload = client.put(str(tmp_path / "f.bin"), name)
     for _ in range(200):  # until the server stores it (its thread not run yet)
         session.pump.pump()
         session.clock.advance(0)
-        if session.server.state == "storing":
+        if session.server.storing:
             break
         if session.server.state == "upload-offered":
             continue
-    assert session.server.state == "storing"
+    assert session.server.storing
     drained = session.factory.drain(grace=1.0)
     session.clock.advance(1.0)
     session.pump.pump()
-    assert session.server.state == "storing" and not upload.called
+    assert session.server.storing and not upload.called
     stored = session.result(upload, threads)  # the store runs: STORED, then try-later
     assert stored["sha1"] == hashlib.sha1(data).hexdigest()
-    assert (root / "stored-at-shutdown.bin").read_bytes() == data
+    assert (root / name).read_bytes() == data
     session.clock.advance(2.0)
     session.settle(threads)
     assert session.server.state == "closed" and drained.called
@@ -213,3 +215,160 @@ def test_the_users_view_of_the_disk_comes_from_the_cred_realm(world, threads, tm
     client.transport.loseConnection()
     session.settle(threads)
     assert asked[-1] == "logout"
+
+
+# -- version 2: pipelined requests (docs/protocol.md section 7.9)
+
+
+def _authenticated(session, threads):
+    session.pump.flush()
+    return session.result(session.client.authenticated_deferred, threads)
+
+
+def _fired(deferreds):
+    outcomes = []
+    for deferred in deferreds:
+        deferred.addBoth(outcomes.append)
+    return outcomes
+
+
+def test_the_versions_are_negotiated_and_a_version_1_client_is_served_one_request_at_a_time(world, threads):
+    newer = Session(world)
+    assert _authenticated(newer, threads).version == 2 and newer.server.serving.version == 2
+    older = Session(world, versions=(1,))
+    client = _authenticated(older, threads)
+    assert client.version == 1 and not client.pipelined and older.server.serving.version == 1
+    client.stat("hello.txt")
+    with pytest.raises(RuntimeError):
+        client.stat("sub")  # version 1: the next request only after the answer
+
+
+def test_pipelined_requests_are_all_in_flight_and_answered_in_order(world, threads, tmp_path):
+    root = world[0]
+    for i in range(30):
+        (root / "sub" / f"f{i}").write_bytes(b"%d" % i * (i + 1))
+    session = Session(world)
+    client = _authenticated(session, threads)
+    asked = []
+    for i in range(30):
+        asked.append(client.stat(f"sub/f{i}"))
+        asked.append(client.get(f"sub/f{i}", str(tmp_path / f"f{i}")))
+    asked.append(client.stat("sub/missing"))  # refused: the others are answered all the same
+    asked.append(client.stat("hello.txt"))
+    assert len(client.requesting.in_flight) == len(asked), "sent without waiting for answers"
+    session.settle(threads)
+    outcomes = _fired(asked)
+    assert len(outcomes) == len(asked)
+    for i in range(30):
+        entry, got = outcomes[2 * i], outcomes[2 * i + 1]
+        assert entry["name"] == f"f{i}" and entry["size"] == len(b"%d" % i * (i + 1))
+        assert got["remote"] == f"sub/f{i}" and (tmp_path / f"f{i}").read_bytes() == b"%d" % i * (i + 1)
+    assert isinstance(outcomes[-2].value, errors.NotFound)
+    assert outcomes[-1]["name"] == "hello.txt"
+    assert client.state == "ready" and session.server.state == "ready"
+
+
+def test_inline_uploads_are_committed_together_and_a_refused_one_is_dropped(world, threads, tmp_path):
+    root = world[0]
+    (root / "sub" / "taken").write_bytes(b"already here")
+    session = Session(world)
+    client = _authenticated(session, threads)
+    contents = {}
+    puts = []
+    for i in range(12):
+        name = "taken" if i == 5 else f"up{i}"
+        contents[name] = os.urandom(1000 * (i + 1))
+        (tmp_path / name).write_bytes(contents[name])
+        puts.append(client.put(str(tmp_path / name), f"sub/{name}"))
+    listed = client.list("sub")  # after the uploads: sees every file stored before it
+    for _ in range(50):  # every PUT, its DATA and END, without a READY, and no commit run yet
+        session.pump.pump()
+        session.clock.advance(0)
+    assert session.server.serving.committing == 11, "the uploads after a commit started were read"
+    assert session.server.state == "ready" and not any(put.called for put in puts)
+    assert not (root / "sub" / "up0").exists(), "no name before the commit"
+    session.settle(threads)
+    outcomes = _fired(puts + [listed])
+    for i, outcome in enumerate(outcomes[:12]):
+        if i == 5:
+            assert isinstance(outcome.value, errors.Exists)
+        else:
+            assert outcome["sha1"] == hashlib.sha1(contents[f"up{i}"]).hexdigest()
+            assert (root / "sub" / f"up{i}").read_bytes() == contents[f"up{i}"]
+    assert (root / "sub" / "taken").read_bytes() == b"already here"
+    assert {entry["name"] for entry in outcomes[12]} >= {f"up{i}" for i in range(12) if i != 5}
+    assert not [path.name for path in (root / "sub").iterdir() if path.name.startswith(".eke-part")]
+    assert session.server.serving.committing == 0 and not session.server.busy
+
+
+def test_a_fatal_error_in_a_pipeline_fails_the_rest_and_keeps_what_was_finished(world, threads, tmp_path):
+    root = world[0]
+    for i in range(6):
+        (root / "sub" / f"big{i}").write_bytes(os.urandom(3 * 1024 * 1024))
+    session = Session(world)
+    client = _authenticated(session, threads)
+    gets = [client.get(f"sub/big{i}", str(tmp_path / f"big{i}")) for i in range(6)]
+    for _ in range(400):  # until the third file flows
+        session.pump.pump()
+        threads.run()
+        session.clock.advance(0)
+        if (tmp_path / "big2.part").exists() and (tmp_path / "big2.part").stat().st_size:
+            break
+    session.factory.drain(grace=0)  # the transfer is cut: a fatal try-later
+    session.settle(threads)
+    outcomes = _fired(gets)
+    finished = [isinstance(outcome, dict) for outcome in outcomes].count(True)
+    assert 2 <= finished < 6
+    assert all(isinstance(outcome, dict) for outcome in outcomes[:finished]), "answered in order"
+    for i in range(finished):
+        assert (tmp_path / f"big{i}").read_bytes() == (root / "sub" / f"big{i}").read_bytes()
+    for i in range(finished, 6):
+        assert isinstance(outcomes[i].value, errors.TryLater) and not (tmp_path / f"big{i}").exists()
+    kept = {path.name: path.stat().st_size for path in tmp_path.glob("*.part")}
+    assert all(0 < size <= 3 * 1024 * 1024 for size in kept.values()), kept  # for a resume; none empty
+
+
+def test_a_connection_with_many_requests_queued_does_not_starve_another(world, threads):
+    """The server takes one connection's next request on a later turn of its loop, so the
+    other connection's request is answered after a few of the flood's, not after all."""
+    flooding = Session(world)
+    flooder = _authenticated(flooding, threads)
+    other = Session(world)
+    other.factory, other.clock = flooding.factory, flooding.clock  # one server, one clock
+    other.server = flooding.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    other.client = ClientProtocol("fuzzer", "pw", timeout=30, clock=flooding.clock)
+    other.pump = iosim.connect(
+        other.server, iosim.makeFakeServer(other.server), other.client, iosim.makeFakeClient(other.client),
+        greet=False,
+    )
+    client = _authenticated(other, threads)
+    flood = [flooder.stat("hello.txt") for _ in range(2000)]
+    flooding.pump.pump()  # every request reaches the server
+    assert session_held(flooding), "the requests after the first wait, unread, in the decoder"
+    answered_first = []
+    asked = client.stat("sub")
+    asked.addCallback(lambda entry: answered_first.append(sum(1 for d in flood if d.called)))
+    for _ in range(100_000):
+        flooding.pump.pump()
+        other.pump.pump()
+        one_turn(flooding.clock)
+        if all(d.called for d in flood) and asked.called:
+            break
+    assert answered_first and answered_first[0] < 50, answered_first
+    assert all(d.called for d in flood)
+
+
+def one_turn(clock):
+    """What a reactor does in one iteration: the calls due now, not those they schedule (a
+    Clock's advance(0) runs those too, which would hide any unfairness)."""
+    due = [call for call in clock.calls if call.getTime() <= clock.seconds()]
+    for call in due:
+        if call in clock.calls:  # not cancelled by an earlier one
+            clock.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
+def session_held(session):
+    """True when the server holds the frames after a waiting request (it reads no more)."""
+    return session.server._next_request is not None and "frames held" in session.server._holds
