@@ -192,6 +192,11 @@ class Executor:
         # contents, and contents finished before their parents (their mtimes then stay).
         await pipelined(client, [lambda step=step: direction.make_directory(step) for step in self.directories])
         self.session.reporter.overall(direction.total_bytes(self.transfers), len(self.transfers))
+        if len(self.transfers) > 1 and not client.pipelined:
+            self.session.reporter.warn(
+                "the server speaks protocol version 1 only: files go one at a time, each costing "
+                "a round trip (an eketwist server of 2026-12 or later sends them back to back)"
+            )
         in_order = InOrder(self.session.reporter)
 
         async def transfer(step):

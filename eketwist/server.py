@@ -76,7 +76,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.root = None
         self.storage = None  # the user's avatar (a storage.Root), from key confirmation on
         self._logout = None
-        self.verifier = Verifier(self.factory.server_id, self.factory.users.current)
+        self.verifier = Verifier(self.factory.server_id, self.factory.users.current, self.factory.versions)
         self.serving = None  # the request machine, from key confirmation on
         self.upload_in_progress = None  # its transfers.Upload, from PUT to the answer
         self._next_request = None  # version 2: a request that waits for the one before
@@ -567,6 +567,9 @@ class ServerFactory(protocol.Factory):
     RECORD_BUDGET = 64 * 1024 * 1024
     MIN_RECORD = 256 * 1024
     QUIET_BEFORE_TRIM = 1.0
+    # The protocol versions this server speaks (a test makes one that speaks only version 1,
+    # as an older eketwist did).
+    versions = wire.VERSIONS
     log = SafeLogger()
 
     def __init__(

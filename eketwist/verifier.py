@@ -97,9 +97,11 @@ class Confirmed:
 
 
 class Verifier:
-    def __init__(self, server_id, users):
-        """`users`: a callable giving the current users snapshot (userdb.Users)."""
+    def __init__(self, server_id, users, versions=wire.VERSIONS):
+        """`users`: a callable giving the current users snapshot (userdb.Users); `versions`:
+        the protocol versions we speak."""
         self.server_id = server_id
+        self.versions = versions
         self._users = users
         self.state: State = AwaitingHello()
         self.version = None  # chosen at HELLO: the highest the client offered that we speak
@@ -137,9 +139,9 @@ class Verifier:
             if not isinstance(versions, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
                 raise ProtocolError("hello: field 'versions' must be a list of integers")
             offered.update(versions[:16])
-        common = offered.intersection(wire.VERSIONS)
+        common = offered.intersection(self.versions)
         if not common:
-            spoken = ", ".join(map(str, wire.VERSIONS))
+            spoken = ", ".join(map(str, self.versions))
             raise Unsupported(f"protocol version {version} is not supported (this server speaks {spoken})")
         self.version = max(common)
         name = wire.string_field(message, "user")

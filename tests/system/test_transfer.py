@@ -469,3 +469,26 @@ async def test_uploads_are_counted_while_they_run(tmp_path, factory, server_port
     await failed
     assert await until(lambda: factory.uploads == 0), "an upload cut short is still counted"
     writer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_says_when_a_server_speaks_only_version_1_and_still_transfers(root, tmp_path, factory, server_port):
+    """An older server (version 1 only): the client falls back to one request at a time, and
+    says so once when that costs a round trip per file."""
+    from tests.support.processes import run_client
+
+    factory.versions = (1,)
+    (root / "old").mkdir()
+    for i in range(3):
+        (root / "old" / f"f{i}").write_bytes(os.urandom(1000 + i))
+    down = tmp_path / "down"
+    down.mkdir()
+    result = await deferToThread(run_client, server_port, "get", "-r", "old", str(down))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("protocol version 1 only") == 1, result.stderr
+    for i in range(3):
+        assert (down / "old" / f"f{i}").read_bytes() == (root / "old" / f"f{i}").read_bytes()
+    factory.versions = (1, 2)
+    (tmp_path / "again").mkdir()
+    again = await deferToThread(run_client, server_port, "get", "-r", "old", str(tmp_path / "again"))
+    assert again.returncode == 0 and "version 1" not in again.stderr, again.stderr
