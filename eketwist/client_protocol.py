@@ -103,7 +103,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         # Version 2 sends requests without waiting for answers, but an upload's messages and
         # DATA go out together: while one holds the sending side, later requests wait here.
         self._sending_upload = None
-        self._unsent = deque()
+        self._unsent: deque = deque()
         self.committer = files.GroupCommit(lambda *args: threads.deferToThread(*args))
 
     @property

@@ -106,7 +106,7 @@ class InOrder:
 
     def __init__(self, reporter):
         self.reporter = reporter
-        self._turns = deque()
+        self._turns: deque = deque()
 
     def turn(self):
         """A stand-in for the Reporter for the next transfer (take turns in starting order)."""

@@ -83,7 +83,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self._requests_this_turn = 0
         # Version 2: answers owed in order while uploads are committed (transfers.Upload
         # objects, whose `answer` is None until their commit is over, and refusals).
-        self._answers = deque()
+        self._answers: deque = deque()
         self.committer = files.GroupCommit(lambda *args: threads.deferToThread(*args))
         self._delayed = None
         self._admitted = False

@@ -534,3 +534,31 @@ def test_a_part_file_writes_its_first_bytes_in_place_then_behind(tmp_path):
     data = b"1234567890x"
     assert part.finish(len(data), hashlib.sha1(data).digest()) == hashlib.sha1(data).hexdigest()
     assert (tmp_path / "f").read_bytes() == data
+
+
+def test_a_large_part_file_is_written_to_disk_as_it_comes(tmp_path, monkeypatch):
+    """The write-behind worker has the kernel write each range out (sync_file_range) as the
+    file grows, so that the fsync before the rename has little left: every range but the
+    last is on its way to the disk before finish()."""
+    calls = []
+    real = files._RangeFlusher._sync_file_range()
+    if real is None:
+        pytest.skip("no sync_file_range on this system")
+
+    def recording(fd, offset, length, flags):
+        calls.append((offset, length, flags))
+        return real(fd, offset, length, flags)
+
+    monkeypatch.setattr(files._RangeFlusher, "FLUSH_EVERY", 64 * 1024)
+    monkeypatch.setattr(files._RangeFlusher, "_call", recording)
+    part = _part(tmp_path / "f")
+    chunks = [os.urandom(40 * 1024) for _ in range(10)]
+    for chunk in chunks:
+        part.write(chunk)
+    data = b"".join(chunks)
+    assert part.finish(len(data), hashlib.sha1(data).digest()) == hashlib.sha1(data).hexdigest()
+    assert (tmp_path / "f").read_bytes() == data
+    started = [(offset, length) for offset, length, flags in calls if flags == 2]
+    assert started == [(offset, 80 * 1024) for offset in range(0, len(data), 80 * 1024)]  # 2 chunks each
+    waited = [(offset, length) for offset, length, flags in calls if flags == 7]
+    assert waited == started[:-1], "each range waited for once the next one is started"
