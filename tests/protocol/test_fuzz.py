@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.logger import globalLogPublisher
 
-from tests.support.conversation import HEADER, STATES, Conversation, threads_by_hand
+from tests.support.conversation import HEADER, STATES, STATES_V2, Conversation, threads_by_hand
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
 FIELDS = ["type", "version", "user", "share", "confirm", "path", "offset", "sha1", "size", "mtime",
           "mode", "force", "recursive", "entries", "more", "scrypt", "salt", "server", "code", "message"]
+FIELDS += ["versions", "inline"]
 TYPES = ["hello", "share", "confirm", "get", "put", "upload", "end", "list", "stat", "mkdir", "error",
          "ok", "params", "file", "entries", "x" * 300, ""]
 
@@ -64,7 +65,7 @@ def encode_input(conv, item):
     return bytes(frame[: item[2] % len(frame)])  # truncate
 
 
-@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("state", STATES + STATES_V2)
 def test_server_survives_anything_in_every_state(world, state, capsys):
     stats = {"examples": 0, "inputs": 0, "internal errors": 0, "states seen": set()}
 
@@ -94,15 +95,17 @@ def test_server_survives_anything_in_every_state(world, state, capsys):
 # Every state of docs/protocol.md section 9.
 KNOWN_STATES = {
     "hello", "delaying", "share", "share-waiting", "confirm", "ready", "working", "upload-offered",
-    "receiving", "storing", "closed",
+    "receiving", "storing", "closed", "discarding",
 }
+STATE_NAMES = {"v2-ready": "ready", "v2-working": "working", "v2-inline": "receiving", "v2-committing": "ready",
+               "v2-discarding": "discarding"}
 
 
 def _run(world, state, sequence, stats):
     with threads_by_hand() as threads:
-        conv = Conversation(world)
+        conv = Conversation(world, version=2 if state in STATES_V2 else 1)
         conv.reach(state)
-        assert conv.proto.state == state
+        assert conv.proto.state == STATE_NAMES.get(state, state)
         conv.frames_out()
         stats["examples"] += 1
         for item in sequence:

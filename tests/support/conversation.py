@@ -15,13 +15,18 @@ from twisted.internet.testing import StringTransport
 
 from eketwist import client_protocol, guard, records, server, spake2plus, transfers, userdb
 from eketwist.server import ServerFactory
-from eketwist.wire import CONTEXT
+from eketwist.wire import context
 
 HEADER = struct.Struct(">IB")
 # Every state of the server (docs/protocol.md section 9), in the order a conversation meets
 # them; Conversation.reach brings a new connection to any of them.
 STATES = ["hello", "delaying", "share", "share-waiting", "confirm", "ready", "working",
           "upload-offered", "receiving", "storing"]
+# On a version 2 connection (pipelined, docs/protocol.md section 7.9): "v2-working" with the
+# next request waiting its turn, "v2-inline" receiving an inline upload's DATA,
+# "v2-committing" ready with an upload's commit (in threads_by_hand's pool) still owed its
+# answer, "v2-discarding" dropping a refused inline upload's DATA.
+STATES_V2 = ["v2-ready", "v2-working", "v2-inline", "v2-committing", "v2-discarding"]
 
 
 class ThreadsByHand:
@@ -71,10 +76,11 @@ def make_world(base, fast_scrypt):
 class Conversation:
     """A well-behaved client, in memory, that brings the server to a state."""
 
-    def __init__(self, world, factory=None, host="127.0.0.1"):
+    def __init__(self, world, factory=None, host="127.0.0.1", version=1):
         """A new connection from `host`: to `factory` (another connection's, for several at once
-        from one address), or to a server of its own."""
+        from one address), or to a server of its own; speaking protocol `version`."""
         self.world = world
+        self.version = version
         root, users, self.w0, self.w1 = world
         self.factory = factory or ServerFactory(
             str(root), str(users), "fuzz", policy=guard.Policy(delay_base=0), clock=Clock()
@@ -115,7 +121,10 @@ class Conversation:
         return self.record(1, json.dumps(message).encode())
 
     def hello(self):
-        self.feed(self.handshake_frame({"type": "hello", "version": 1, "user": "fuzzer"}))
+        hello = {"type": "hello", "version": 1, "user": "fuzzer"}
+        if self.version != 1:
+            hello["versions"] = [1, self.version]
+        self.feed(self.handshake_frame(hello))
 
     def wait_for_answer(self):
         """Run the clock, one scheduled call at a time, until the server has said something."""
@@ -128,6 +137,8 @@ class Conversation:
         address first; "share-waiting" opens a second connection from the same address that
         holds its only guess slot; "working" leaves a download's first record unsent;
         "storing" needs threads_by_hand() (the upload waits in its pool)."""
+        if state in STATES_V2:
+            return self._reach_v2(state)
         assert state in STATES, state
         policy = self.factory.guard.policy
         if state == "hello":
@@ -153,7 +164,7 @@ class Conversation:
             assert self.proto.state == "share-waiting" and not self.frames_out()
             return
         reply = json.loads(self.frames_out()[-1][1])
-        keys = spake2plus.prover_finish(CONTEXT, b"fuzzer", params["server"].encode(), self.w0, self.w1, x,
+        keys = spake2plus.prover_finish(context(self.version), b"fuzzer", params["server"].encode(), self.w0, self.w1, x,
                                         share_p, bytes.fromhex(reply["share"]))
         if state == "confirm":
             return
@@ -181,3 +192,29 @@ class Conversation:
         self.feed(self.record(2, content))
         self.feed(self.message_frame({"type": "end", "size": len(content), "sha1": hashlib.sha1(content).hexdigest()}))
         assert self.proto.state == "storing", "storing needs threads_by_hand()"
+
+    def _reach_v2(self, state):
+        assert self.version == 2, "a version 2 state needs Conversation(version=2)"
+        self.reach("ready")
+        if state == "v2-ready":
+            return
+        if state == "v2-working":
+            self.feed(self.message_frame({"type": "get", "path": "hello.txt"})
+                      + self.message_frame({"type": "stat", "path": "hello.txt"}))
+            assert self.proto.state == "working" and self.proto._next_request is not None
+            return
+        name = f"fuzzed-{os.urandom(8).hex()}.bin"
+        content = os.urandom(100)
+        put = {"type": "put", "path": name, "size": len(content), "force": True, "inline": True}
+        if state == "v2-discarding":
+            put.update(path="hello.txt", force=False)  # exists: refused, its DATA still comes
+            self.feed(self.message_frame(put))
+            assert self.proto.state == "discarding"
+            return
+        self.feed(self.message_frame(put))
+        assert self.proto.state == "receiving"
+        if state == "v2-inline":
+            return
+        self.feed(self.record(2, content))
+        self.feed(self.message_frame({"type": "end", "size": len(content), "sha1": hashlib.sha1(content).hexdigest()}))
+        assert self.proto.state == "ready" and self.proto.storing, "v2-committing needs threads_by_hand()"
