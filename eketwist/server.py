@@ -431,13 +431,13 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         """An upload's commit is over: send, in order, every answer now known."""
         answers = self._answers
         while answers and answers[0].answer is not None:
-            answer = answers.popleft().answer
-            if isinstance(answer, EketwistError):
-                if not self.closing:
-                    self.send_error(answer)
-            else:
-                if not self.closing:
-                    self.send_control(answer)
+            owed = answers.popleft()
+            if not self.closing:
+                if isinstance(owed.answer, EketwistError):
+                    self.send_error(owed.answer)
+                else:
+                    self.send_control(owed.answer)
+            if not isinstance(owed, _Refusal):  # an upload's: it no longer waits for its answer
                 self.serving.committed()
                 self.factory.transfer_over()
         if self.closing:

@@ -244,21 +244,21 @@ class Upload:
     def finish(self, size, sha1):
         """END: commit the file if it is whole and its digest matches."""
         connection, path = self.connection, self.upload.path
-        if size != self.upload.size:
-            self.part.abort()
-            connection.refuse(
-                "put", path, IntegrityError(f"{path}: the file changed size while it was sent"), UPLOAD_END_REFUSAL_CODES,
-            )
-            connection.factory.transfer_over()
-            return
-        if connection.serving.version >= 2:
-            # Committed with the uploads that end meanwhile (files.GroupCommit); the answer
-            # goes out in its turn (ServerProtocol.answer_in_turn).
-            upload = self.upload
+        pipelined = connection.serving.version >= 2
+        if pipelined:
+            # Answered in its turn (ServerProtocol.answer_in_turn), STORED or a refusal, while
+            # the next requests are read.
             self.answer = None
             connection.answer_in_turn(self)
+        if size != self.upload.size:
+            self.part.abort()
+            self._refused(IntegrityError(f"{path}: the file changed size while it was sent"))
+            return
+        if pipelined:
+            # Committed with the uploads that end meanwhile (files.GroupCommit).
+            upload = self.upload
             committed = connection.committer.commit(self.part, upload.mtime, upload.mode, upload.force, (size, sha1))
-            committed.addCallbacks(self._committed, self._not_committed, callbackArgs=(size,))
+            committed.addCallbacks(self._committed, self._not_stored, callbackArgs=(size,))
             return
         # The last writes, fsync and rename take what the disk needs: seconds for a large file
         # on a slow one. In a thread, so that every other client is served meanwhile.
@@ -266,21 +266,21 @@ class Upload:
         stored = threads.deferToThread(self._store, size, sha1)
         stored.addCallbacks(self._stored, self._not_stored, callbackArgs=(size,))
 
+    def _refused(self, error):
+        """The upload fails after END with a refusal (section 7.5): in its turn on version 2."""
+        connection = self.connection
+        if connection.serving.version >= 2:
+            connection.log_event("put {path} refused: {error}", path=self.upload.path, error=error.message)
+            self.answer = error
+            connection.answers_ready()
+        else:
+            connection.refuse("put", self.upload.path, error, UPLOAD_END_REFUSAL_CODES)
+            connection.factory.transfer_over()
+
     def _committed(self, digest, size):
         self._log_stored(digest, size)
         self.answer = {"type": "stored", "size": size, "sha1": digest}
         self.connection.answers_ready()
-
-    def _not_committed(self, failure):
-        connection = self.connection
-        if failure.check(EketwistError) and wire_code(failure.value) in UPLOAD_END_REFUSAL_CODES:
-            connection.log_event("put {path} refused: {error}", path=self.upload.path, error=failure.value.message)
-            self.answer = failure.value
-            connection.answers_ready()
-        elif failure.check(EketwistError):
-            connection.fail(failure.value)
-        else:
-            connection.internal_failure(failure)
 
     def _store(self, size, sha1):
         """In a thread: verify, flush and rename the upload into place; (digest, its stat)."""
@@ -310,8 +310,12 @@ class Upload:
 
     def _not_stored(self, failure):
         connection = self.connection
-        if failure.check(EketwistError):
-            connection.refuse("put", self.upload.path, failure.value, UPLOAD_END_REFUSAL_CODES)
+        if failure.check(EketwistError) and wire_code(failure.value) in UPLOAD_END_REFUSAL_CODES:
+            self._refused(failure.value)
+            return
+        if failure.check(EketwistError):  # the connection ends: the answers owed are moot
+            connection.log_event("put {path} failed: {error}", path=self.upload.path, error=failure.value.message)
+            connection.fail(failure.value)
         else:
             connection.internal_failure(failure)
         connection.factory.transfer_over()

@@ -291,3 +291,37 @@ def test_a_slot_woken_for_a_closing_connection_goes_to_the_next_one_waiting(worl
     factory.clock.advance(0)
     assert second.proto.state == "confirm"
     assert json.loads(second.frames_out()[-1][1])["type"] == "share"
+
+
+@pytest.mark.parametrize("lie", ["sha1", "size"])
+def test_a_pipelined_upload_that_lies_about_its_digest_is_never_named(world, lie):
+    """Version 2 commits uploads while it reads on: an END whose SHA-1 (or size) does not
+    match what came still leaves no file under the name and no partial file; the refusal
+    (integrity, section 7.5) comes first, then the answer to the request behind it."""
+    import hashlib
+    import os
+
+    from tests.support.conversation import threads_by_hand
+
+    root = world[0]
+    with threads_by_hand() as threads:
+        conversation = Conversation(world, version=2)
+        conversation.reach("v2-ready")
+        content = os.urandom(500)
+        end = {"type": "end", "size": len(content), "sha1": hashlib.sha1(content).hexdigest()}
+        if lie == "sha1":
+            end["sha1"] = hashlib.sha1(content + b"x").hexdigest()
+        else:
+            end["size"] = len(content) - 1
+        conversation.feed(
+            conversation.message_frame({"type": "put", "path": "lied.bin", "size": len(content), "inline": True})
+            + conversation.record(2, content) + conversation.message_frame(end)
+            + conversation.message_frame({"type": "mkdir", "path": f"made-after-{lie}"})
+        )
+        threads.run()
+        conversation.factory.clock.advance(0)
+        replies = [json.loads(plaintext) for kind, plaintext in conversation.frames_out() if kind == 1]
+        assert [reply["type"] for reply in replies] == ["error", "done"], replies
+        assert replies[0]["code"] == "integrity" and not conversation.transport.disconnecting
+        assert not (root / "lied.bin").exists() and (root / f"made-after-{lie}").is_dir()
+        assert not [p.name for p in root.iterdir() if p.name.startswith(".eke-part.lied")]
