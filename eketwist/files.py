@@ -400,8 +400,9 @@ class PartFile:
 
     def restart(self):
         self._drain()
-        self._file.seek(0)
-        self._file.truncate(0)
+        if self.size:  # an empty part file (a new one) needs no system call
+            self._file.seek(0)
+            self._file.truncate(0)
         self.size = 0
         self._sha1 = hashlib.sha1()
 
