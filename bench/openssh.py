@@ -1,0 +1,57 @@
+"""A private OpenSSH server for the baselines: sftp, and rsync over ssh."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+
+from bench.tools import run_measured
+from tests.support.processes import free_port, wait_for_port
+
+
+class Sshd:
+    """A private sshd on a loopback port, with keys generated for this run."""
+
+    def __init__(self, workdir):
+        self.dir = pathlib.Path(workdir) / "ssh"
+        self.dir.mkdir()
+        os.chmod(self.dir, 0o700)
+        for name in ("host_key", "user_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / name)], check=True)
+        (self.dir / "authorized_keys").write_text((self.dir / "user_key.pub").read_text())
+        os.chmod(self.dir / "authorized_keys", 0o600)
+        self.port = free_port()
+        sftp_server = next(p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
+                                       "/usr/libexec/sftp-server") if os.path.exists(p))
+        (self.dir / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.dir / 'host_key'}\n"
+            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\nPidFile {self.dir / 'sshd.pid'}\n"
+            f"Subsystem sftp {sftp_server}\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "Ciphers aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com\n"
+        )
+        os.makedirs("/run/sshd", exist_ok=True)
+        self.process = subprocess.Popen([shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f", str(self.dir / "sshd_config")],
+                                        stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, self.process, what="sshd")
+
+    def sftp(self, batch_command, cipher):
+        """One sftp session running `batch_command` (e.g. "get remote local")."""
+        user = os.environ.get("USER") or "root"
+        command = [
+            "sftp", "-q", "-b", "-", "-i", str(self.dir / "user_key"), "-P", str(self.port),
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            "-o", f"Ciphers={cipher}", f"{user}@127.0.0.1",
+        ]
+        return run_measured(command, stdin=batch_command + "\n")
+
+    def sftp_get(self, remote, local, cipher):
+        return self.sftp(f"get {remote} {local}", cipher)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def have_sshd():
+    return shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")
