@@ -35,15 +35,29 @@ class Sshd:
                                         stderr=subprocess.DEVNULL)
         wait_for_port(self.port, self.process, what="sshd")
 
-    def sftp(self, batch_command, cipher):
-        """One sftp session running `batch_command` (e.g. "get remote local")."""
-        user = os.environ.get("USER") or "root"
-        command = [
-            "sftp", "-q", "-b", "-", "-i", str(self.dir / "user_key"), "-P", str(self.port),
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-            "-o", f"Ciphers={cipher}", f"{user}@127.0.0.1",
-        ]
+    def options(self, cipher):
+        """What ssh, sftp and rsync's ssh are given, the port aside."""
+        return ["-i", str(self.dir / "user_key"), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "-o", f"Ciphers={cipher}"]
+
+    @staticmethod
+    def login():
+        return f"{os.environ.get('USER') or 'root'}@127.0.0.1"
+
+    def sftp(self, batch_command, cipher, port=None):
+        """One sftp session running `batch_command` (e.g. "get remote local"); `port` to go
+        through something in front of this sshd (the delaying proxy)."""
+        command = ["sftp", "-q", "-b", "-", "-P", str(port or self.port), *self.options(cipher), self.login()]
         return run_measured(command, stdin=batch_command + "\n")
+
+    def rsync(self, source, destination, cipher, port=None):
+        """`rsync -a` over ssh to this sshd; the remote side's path is given as ("remote", path)."""
+        ssh = " ".join(["ssh", "-p", str(port or self.port), *self.options(cipher)])
+
+        def spelled(path):
+            return f"{self.login()}:{path[1]}" if isinstance(path, tuple) else str(path)
+
+        return run_measured(["rsync", "-a", "-e", ssh, spelled(source), spelled(destination)])
 
     def sftp_get(self, remote, local, cipher):
         return self.sftp(f"get {remote} {local}", cipher)
@@ -55,3 +69,7 @@ class Sshd:
 
 def have_sshd():
     return shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")
+
+
+def have_rsync():
+    return shutil.which("rsync") is not None

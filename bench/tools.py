@@ -2,6 +2,7 @@
 pre-touched before a timed transfer, a process's RSS sampled while a block runs, the raw TCP
 copy that is every throughput's ceiling, and the eketwist client command."""
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 
+from bench.delayproxy import DelayProxy
 from tests.support.processes import BIN, cpu_seconds, rss_bytes
 
 MiB = 1024 * 1024
@@ -106,46 +108,51 @@ with socket.create_connection(("127.0.0.1", port)) as sock, open(path, "rb") as 
 """
 
 
-def raw_tcp(source, destination):
-    """The file over a plain socket: sendfile in one process, recv_into + write in this one."""
+def raw_tcp(source, destination, delay_ms=None):
+    """The file over a plain socket: sendfile in one process, recv_into + write in this one;
+    through the delaying proxy when `delay_ms` is given (started before the clock)."""
     listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    started = time.monotonic()
-    sender = subprocess.Popen([sys.executable, "-c", RAW_SENDER, str(port), str(source)])
-    conn, _ = listener.accept()
-    buffer = bytearray(256 * 1024)
-    view = memoryview(buffer)
-    with conn, open(destination, "wb", buffering=0) as out:
-        while True:
-            got = conn.recv_into(buffer)
-            if not got:
-                break
-            out.write(view[:got])
-        os.fsync(out.fileno())
-    wall = time.monotonic() - started
-    sender.wait()
-    listener.close()
+    with listener, contextlib.ExitStack() as stack:
+        port = listener.getsockname()[1]
+        if delay_ms is not None:
+            port = stack.enter_context(DelayProxy(port, delay_ms)).port
+        started = time.monotonic()
+        sender = subprocess.Popen([sys.executable, "-c", RAW_SENDER, str(port), str(source)])
+        conn, _ = listener.accept()
+        buffer = bytearray(256 * 1024)
+        view = memoryview(buffer)
+        with conn, open(destination, "wb", buffering=0) as out:
+            while True:
+                got = conn.recv_into(buffer)
+                if not got:
+                    break
+                out.write(view[:got])
+            os.fsync(out.fileno())
+        wall = time.monotonic() - started
+        sender.wait()
     return wall
 
 
 # -- eketwist
 
 
-def client_command(daemon, user, *args):
-    return [str(BIN / "eke-client"), "--port", str(daemon.port), "--user", user, "-q", "--no-progress", *args]
+def client_command(port, user, *args):
+    return [str(BIN / "eke-client"), "--port", str(port), "--user", user, "-q", "--no-progress", *args]
 
 
-def eke_transfer(daemon, user, password, *args, sample_server_rss=False):
+def eke_transfer(daemon, user, password, *args, sample_server_rss=False, port=None):
     """One run of the client command. The server's RSS is sampled only when asked: the timed
-    runs leave it out, as the sftp runs do (the memory phase measures it)."""
+    runs leave it out, as the sftp runs do (the memory phase measures it). `port`: to go
+    through something in front of the daemon (the delaying proxy)."""
     env = dict(os.environ, EKE_PASSWORD=password)
+    command = client_command(port or daemon.port, user, *args)
     cpu_before = cpu_seconds(daemon.pid)
     if sample_server_rss:
         with RssSampler(daemon.pid) as sampler:
-            wall, cpu, rss, out = run_measured(client_command(daemon, user, *args), env=env)
+            wall, cpu, rss, out = run_measured(command, env=env)
     else:
         sampler = None
-        wall, cpu, rss, out = run_measured(client_command(daemon, user, *args), env=env)
+        wall, cpu, rss, out = run_measured(command, env=env)
     return {"seconds": wall, "client_cpu": cpu, "client_peak_rss": rss,
             "server_cpu": cpu_seconds(daemon.pid) - cpu_before,
             "server_peak_rss": sampler.peak if sampler else None, "out": out}
