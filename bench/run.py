@@ -1,7 +1,10 @@
-"""`make bench`: eketwist against a raw TCP copy and OpenSSH sftp, in one run on 127.0.0.1.
+"""`make bench`: eketwist against a raw TCP copy, OpenSSH sftp and rsync, in one run.
 
 Every measurement is repeated and its median reported; ratios are against baselines measured
-in the same run. Writes bench/results.json (not committed). Options: --help.
+in the same run. Sections (--only): base, here (a large file on tmpfs, a 1 KiB get, handshakes,
+memory, on 127.0.0.1), and the shapes users have, in bench/shapes.py (trees of small files, a
+20 ms round trip through bench.delayproxy, a tree ten times larger, a large file on the real
+disk). Writes bench/results.json (not committed). Options: --help.
 """
 
 import argparse
@@ -17,6 +20,7 @@ import time
 from eketwist import userdb
 from eketwist.server import ServerFactory
 
+from bench import shapes
 from bench.openssh import Sshd, have_sshd
 from bench.tools import MiB, drop_file, eke_transfer, median, raw_tcp, sha1_of, warm_memory
 from tests.support.processes import Daemon, cpu_seconds, raise_descriptor_limit, rss_bytes, write_random
@@ -24,6 +28,7 @@ from tests.support.processes import Daemon, cpu_seconds, raise_descriptor_limit,
 HERE = pathlib.Path(__file__).parent
 USER_PASSWORD = "bench user password"
 WRITER_PASSWORD = "bench writer password"
+SECTIONS = ("base", *shapes.SECTIONS)
 
 
 def measure_memory(workdir, root, users, out, size):
@@ -53,6 +58,9 @@ def measure_memory(workdir, root, users, out, size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", metavar="SECTIONS",
+                        help=f"comma-separated, of: {', '.join(SECTIONS)} (default: all). base: the large file on tmpfs, "
+                             "the 1 KiB get, handshakes, memory; the others: bench/shapes.py")
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the large file (default: 1024)")
     parser.add_argument("--repeat", type=int, default=5, help="runs of each large transfer (default: 5; the machine this was built on drifts by 10-20%% between runs)")
     parser.add_argument("--small-repeat", type=int, default=10, help="runs of the 1 KiB get (default: 10)")
@@ -61,20 +69,39 @@ def main():
     parser.add_argument("--idle", type=int, default=1000, help="idle authenticated connections for memory")
     parser.add_argument("--workdir", help="where to put the files (default: a temporary directory in /dev/shm)")
     parser.add_argument("--output", default=str(HERE / "results.json"))
+    shapes.add_options(parser)
     args = parser.parse_args()
+    sections = [name.strip() for name in args.only.split(",")] if args.only else list(SECTIONS)
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only: no section {', '.join(sorted(unknown))} (sections: {', '.join(SECTIONS)})")
     raise_descriptor_limit()
     # On tmpfs by default: the disk is then out of the comparison (fsync is free there), and what
-    # is measured is each tool's own cost.
+    # is measured is each tool's own cost. (The shapes of bench/shapes.py use the real disk.)
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="eke-bench-", dir=shm))
+    started, load = time.monotonic(), shapes.loadavg()
+    results = {}
     try:
-        results = measure(args, workdir)
+        if "base" in sections:
+            results.update(measure(args, workdir))
+        chosen = [name for name in shapes.SECTIONS if name in sections]
+        if chosen:
+            results.update(shapes.measure(args, chosen, workdir))
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    results.setdefault("machine", {"cpus": os.cpu_count()})
+    results["machine"].update(loadavg_start=load, loadavg_end=shapes.loadavg())
+    results["sections"] = sections
+    results["bench_seconds"] = time.monotonic() - started
     pathlib.Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results)
-    print(f"\nfigures written to {args.output}")
+    if "raw_tcp" in results:
+        print_table(results)
+    shapes.print_tables(results)
+    print(f"\n{', '.join(sections)} in {results['bench_seconds']:.0f} s; load average (1, 5, 15 min): "
+          f"{load} at the start, {results['machine']['loadavg_end']} at the end, on {os.cpu_count()} cores")
+    print(f"figures written to {args.output}")
 
 
 def measure(args, workdir):
