@@ -85,6 +85,7 @@ def main():
     try:
         if "base" in sections:
             results.update(measure(args, workdir))
+            results["base_seconds"] = time.monotonic() - started
         chosen = [name for name in shapes.SECTIONS if name in sections]
         if chosen:
             results.update(shapes.measure(args, chosen, workdir))
@@ -99,7 +100,9 @@ def main():
     if "raw_tcp" in results:
         print_table(results)
     shapes.print_tables(results)
-    print(f"\n{', '.join(sections)} in {results['bench_seconds']:.0f} s; load average (1, 5, 15 min): "
+    durations = [f"{name} {results[f'{name}_seconds'] if name == 'base' else results[name]['section_seconds']:.0f} s"
+                 for name in sections]
+    print(f"\n{', '.join(durations)}: {results['bench_seconds']:.0f} s in all; load average (1, 5, 15 min): "
           f"{load} at the start, {results['machine']['loadavg_end']} at the end, on {os.cpu_count()} cores")
     print(f"figures written to {args.output}")
 
