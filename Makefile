@@ -39,14 +39,20 @@ TEST_JOBS ?= 2
 test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/python -m pytest -n $(TEST_JOBS)
 
-# Throughput, small files, handshakes and memory against raw TCP and OpenSSH sftp
-# (bench/run.py; options: $(BIN)/python -m bench.run --help). Installs OpenSSH with apt-get
-# when it is missing. Figures: a table, and bench/results.json.
+# Throughput, small files, handshakes and memory against raw TCP and OpenSSH sftp, and the
+# shapes users have (trees, a 20 ms round trip, the real disk) against rsync and sftp
+# (bench/run.py, bench/shapes.py; options: $(BIN)/python -m bench.run --help; one part only:
+# BENCH_ARGS="--only tree,latency"). Installs OpenSSH and rsync with apt-get when they are
+# missing. Figures: a table, and bench/results.json.
 bench: $(STAMP)
 	@command -v sshd >/dev/null || test -x /usr/sbin/sshd || \
 		(echo "installing openssh-server and openssh-client (for the sftp baseline)"; \
 		 apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client) || \
 		echo "could not install OpenSSH: the sftp baseline will be skipped (apt-get install openssh-server)"
+	@command -v rsync >/dev/null || \
+		(echo "installing rsync (for the trees' baseline)"; \
+		 apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync) || \
+		echo "could not install rsync: the rsync baseline will be skipped (apt-get install rsync)"
 	$(BIN)/python -m compileall -q eketwist
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -1,220 +1,34 @@
-"""`make bench`: eketwist against a raw TCP copy and OpenSSH sftp, in one run on 127.0.0.1.
+"""`make bench`: eketwist against a raw TCP copy, OpenSSH sftp and rsync, in one run.
 
 Every measurement is repeated and its median reported; ratios are against baselines measured
-in the same run. Writes bench/results.json (not committed). Options: --help.
+in the same run. Sections (--only): base, here (a large file on tmpfs, a 1 KiB get, handshakes,
+memory, on 127.0.0.1), and the shapes users have, in bench/shapes.py (trees of small files, a
+20 ms round trip through bench.delayproxy, a tree ten times larger, a large file on the real
+disk). Writes bench/results.json (not committed). Options: --help.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import pathlib
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from eketwist import userdb
 from eketwist.server import ServerFactory
 
-from tests.support.processes import (
-    BIN, Daemon, cpu_seconds, free_port, raise_descriptor_limit, rss_bytes, wait_for_port, write_random,
-)
+from bench import shapes
+from bench.openssh import Sshd, have_sshd
+from bench.tools import MiB, drop_file, eke_transfer, median, raw_tcp, sha1_of, warm_memory
+from tests.support.processes import Daemon, cpu_seconds, raise_descriptor_limit, rss_bytes, write_random
 
-MiB = 1024 * 1024
 HERE = pathlib.Path(__file__).parent
 USER_PASSWORD = "bench user password"
 WRITER_PASSWORD = "bench writer password"
-
-
-def sha1_of(path):
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(4 * MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def warm_memory(size):
-    """Touch `size` bytes of fresh memory and give it back, just before a timed transfer.
-
-    On a VM with free-page reporting (virtio-balloon), memory the guest frees is handed back to
-    the host; the next first touch of each page then costs a hypervisor fault. Writing 1 GiB to
-    tmpfs measured 0.3 s with memory backed and 0.6 to 1.9 s without, varying run to run. Every
-    tool's run starts after this, so each finds memory in the same state and what is measured
-    is the tool, not the host's reclaim. In a child process: a child forked from a parent that
-    had touched this much memory would report it as its own peak RSS."""
-    subprocess.run([sys.executable, "-c", WARM, str(size)], check=True)
-
-
-WARM = """
-import mmap, sys
-try:
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
-except AttributeError:  # not Linux: nothing to do
-    sys.exit()
-mmap.mmap(-1, int(sys.argv[1]), flags=flags).close()
-"""
-
-
-def drop_file(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-class RssSampler:
-    """Peak VmRSS of a process while a block runs (sampled every 25 ms: more often slowed
-    the transfers measured by about 2%)."""
-
-    def __init__(self, pid):
-        self.pid = pid
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.peak = rss_bytes(self.pid)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.025):
-            self.peak = max(self.peak, rss_bytes(self.pid))
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-def run_measured(command, env=None, stdin=None):
-    """Run a command; (wall seconds, CPU seconds, peak RSS bytes, stdout)."""
-    started = time.monotonic()
-    process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if stdin:
-        process.stdin.write(stdin.encode())
-        process.stdin.close()
-    out = process.stdout.read()
-    err = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.monotonic() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{command[0]} failed ({process.returncode}): {err.decode(errors='replace')[-500:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, out
-
-
-# -- the raw TCP baseline
-
-
-RAW_SENDER = """
-import socket, sys
-port, path = int(sys.argv[1]), sys.argv[2]
-with socket.create_connection(("127.0.0.1", port)) as sock, open(path, "rb") as handle:
-    sock.sendfile(handle)
-"""
-
-
-def raw_tcp(source, destination):
-    """The file over a plain socket: sendfile in one process, recv_into + write in this one."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    started = time.monotonic()
-    sender = subprocess.Popen([sys.executable, "-c", RAW_SENDER, str(port), str(source)])
-    conn, _ = listener.accept()
-    buffer = bytearray(256 * 1024)
-    view = memoryview(buffer)
-    with conn, open(destination, "wb", buffering=0) as out:
-        while True:
-            got = conn.recv_into(buffer)
-            if not got:
-                break
-            out.write(view[:got])
-        os.fsync(out.fileno())
-    wall = time.monotonic() - started
-    sender.wait()
-    listener.close()
-    return wall
-
-
-# -- OpenSSH
-
-
-class Sshd:
-    """A private sshd on a loopback port, with keys generated for this run."""
-
-    def __init__(self, workdir):
-        self.dir = pathlib.Path(workdir) / "ssh"
-        self.dir.mkdir()
-        os.chmod(self.dir, 0o700)
-        for name in ("host_key", "user_key"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / name)], check=True)
-        (self.dir / "authorized_keys").write_text((self.dir / "user_key.pub").read_text())
-        os.chmod(self.dir / "authorized_keys", 0o600)
-        self.port = free_port()
-        sftp_server = next(p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
-                                       "/usr/libexec/sftp-server") if os.path.exists(p))
-        (self.dir / "sshd_config").write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.dir / 'host_key'}\n"
-            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\nPidFile {self.dir / 'sshd.pid'}\n"
-            f"Subsystem sftp {sftp_server}\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-            "Ciphers aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com\n"
-        )
-        os.makedirs("/run/sshd", exist_ok=True)
-        self.process = subprocess.Popen([shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f", str(self.dir / "sshd_config")],
-                                        stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, self.process, what="sshd")
-
-    def sftp(self, batch_command, cipher):
-        """One sftp session running `batch_command` (e.g. "get remote local")."""
-        user = os.environ.get("USER") or "root"
-        command = [
-            "sftp", "-q", "-b", "-", "-i", str(self.dir / "user_key"), "-P", str(self.port),
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-            "-o", f"Ciphers={cipher}", f"{user}@127.0.0.1",
-        ]
-        return run_measured(command, stdin=batch_command + "\n")
-
-    def sftp_get(self, remote, local, cipher):
-        return self.sftp(f"get {remote} {local}", cipher)
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(10)
-
-
-def have_sshd():
-    return shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")
-
-
-# -- eketwist
-
-
-def client_command(daemon, user, *args):
-    return [str(BIN / "eke-client"), "--port", str(daemon.port), "--user", user, "-q", "--no-progress", *args]
-
-
-def eke_transfer(daemon, user, password, *args, sample_server_rss=False):
-    """One run of the client command. The server's RSS is sampled only when asked: the timed
-    runs leave it out, as the sftp runs do (the memory phase measures it)."""
-    env = dict(os.environ, EKE_PASSWORD=password)
-    cpu_before = cpu_seconds(daemon.pid)
-    if sample_server_rss:
-        with RssSampler(daemon.pid) as sampler:
-            wall, cpu, rss, out = run_measured(client_command(daemon, user, *args), env=env)
-    else:
-        sampler = None
-        wall, cpu, rss, out = run_measured(client_command(daemon, user, *args), env=env)
-    return {"seconds": wall, "client_cpu": cpu, "client_peak_rss": rss,
-            "server_cpu": cpu_seconds(daemon.pid) - cpu_before,
-            "server_peak_rss": sampler.peak if sampler else None, "out": out}
+SECTIONS = ("base", *shapes.SECTIONS)
 
 
 def measure_memory(workdir, root, users, out, size):
@@ -242,12 +56,11 @@ def measure_memory(workdir, root, users, out, size):
     return figures
 
 
-def median(values):
-    return statistics.median(values)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", metavar="SECTIONS",
+                        help=f"comma-separated, of: {', '.join(SECTIONS)} (default: all). base: the large file on tmpfs, "
+                             "the 1 KiB get, handshakes, memory; the others: bench/shapes.py")
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the large file (default: 1024)")
     parser.add_argument("--repeat", type=int, default=5, help="runs of each large transfer (default: 5; the machine this was built on drifts by 10-20%% between runs)")
     parser.add_argument("--small-repeat", type=int, default=10, help="runs of the 1 KiB get (default: 10)")
@@ -256,20 +69,42 @@ def main():
     parser.add_argument("--idle", type=int, default=1000, help="idle authenticated connections for memory")
     parser.add_argument("--workdir", help="where to put the files (default: a temporary directory in /dev/shm)")
     parser.add_argument("--output", default=str(HERE / "results.json"))
+    shapes.add_options(parser)
     args = parser.parse_args()
+    sections = [name.strip() for name in args.only.split(",")] if args.only else list(SECTIONS)
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only: no section {', '.join(sorted(unknown))} (sections: {', '.join(SECTIONS)})")
     raise_descriptor_limit()
     # On tmpfs by default: the disk is then out of the comparison (fsync is free there), and what
-    # is measured is each tool's own cost.
+    # is measured is each tool's own cost. (The shapes of bench/shapes.py use the real disk.)
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="eke-bench-", dir=shm))
+    started, load = time.monotonic(), shapes.loadavg()
+    results = {}
     try:
-        results = measure(args, workdir)
+        if "base" in sections:
+            results.update(measure(args, workdir))
+            results["base_seconds"] = time.monotonic() - started
+        chosen = [name for name in shapes.SECTIONS if name in sections]
+        if chosen:
+            results.update(shapes.measure(args, chosen, workdir))
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    results.setdefault("machine", {"cpus": os.cpu_count()})
+    results["machine"].update(loadavg_start=load, loadavg_end=shapes.loadavg())
+    results["sections"] = sections
+    results["bench_seconds"] = time.monotonic() - started
     pathlib.Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results)
-    print(f"\nfigures written to {args.output}")
+    if "raw_tcp" in results:
+        print_table(results)
+    shapes.print_tables(results)
+    durations = [f"{name} {results[f'{name}_seconds'] if name == 'base' else results[name]['section_seconds']:.0f} s"
+                 for name in sections]
+    print(f"\n{', '.join(durations)}: {results['bench_seconds']:.0f} s in all; load average (1, 5, 15 min): "
+          f"{load} at the start, {results['machine']['loadavg_end']} at the end, on {os.cpu_count()} cores")
+    print(f"figures written to {args.output}")
 
 
 def measure(args, workdir):
