@@ -178,6 +178,8 @@ class WriteBehind:
         self._dropping = False  # let go without writing what is queued
         self._owns_file = False  # let go: the worker closes the file when done
         self.done = threading.Event()  # set when the worker has stopped
+        self._ended = False  # no more chunks: the worker stops once it has written them
+        self._finished = False  # the worker has stopped (under _lock, with _owns_file)
         _WORKERS.run(self._run)
 
     def _run(self):
@@ -206,7 +208,10 @@ class WriteBehind:
                     callback, self._caught_up = self._caught_up, None
             if callback is not None:
                 callback()
-        if self._owns_file:
+        with self._lock:  # let_go() may be deciding who closes the file right now
+            close_here = self._owns_file
+            self._finished = True
+        if close_here:
             self._file.close()  # here: the owner may not close a descriptor this thread writes to
         self.done.set()
 
@@ -232,23 +237,29 @@ class WriteBehind:
                 return
         callback()
 
+    def end(self):
+        """No more chunks: the worker goes back to its pool once it has written them (close()
+        then only waits for that). Does not wait."""
+        if not self._ended:
+            self._ended = True
+            self._chunks.put(None)
+
     def close(self):
         """Wait until every chunk is written; raise the first error, if any."""
-        if not self.done.is_set():
-            self._chunks.put(None)
-            self.done.wait()
+        self.end()
+        self.done.wait()
         self._raise()
 
     def let_go(self, write_rest):
         """Stop using this writer without waiting for it (a slow disk then holds up nobody):
         it writes what is queued (or, without `write_rest`, drops it), then closes the file."""
-        self._dropping = not write_rest
-        self._owns_file = True
-        if not self.done.is_set():
-            self._chunks.put(None)
-        else:  # stopped already: nothing writes to the file any more
+        with self._lock:
+            self._dropping = not write_rest
+            self._owns_file = True
+            finished = self._finished
+        self.end()
+        if finished:  # the worker has stopped without closing it: nothing writes to it any more
             self._file.close()
-            self.done.set()
 
 
 class _Workers:
@@ -257,7 +268,7 @@ class _Workers:
     (measured with py-spy on a 1,000-file put -r: thread start and join were the server's
     largest cost after the writes). At most KEEP_IDLE wait; more are started when needed."""
 
-    KEEP_IDLE = 8
+    KEEP_IDLE = 16
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -475,6 +486,12 @@ class PartFile:
         self.commit(mtime, mode, replace)
         self.sync_directory()
         return digest
+
+    def written(self):
+        """Every byte has come: the write-behind worker, if any, is let go once it has written
+        them (verify() then finds it done), rather than held until verify()."""
+        if self._writer is not None:
+            self._writer.end()
 
     def verify(self, expected_size, expected_sha1):
         """The hex SHA-1 once every byte is written and size and digest match; else the part

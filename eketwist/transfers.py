@@ -250,6 +250,7 @@ class Upload:
             # the next requests are read.
             self.answer = None
             connection.answer_in_turn(self)
+        self.part.written()
         if size != self.upload.size:
             self.part.abort()
             self._refused(IntegrityError(f"{path}: the file changed size while it was sent"))
