@@ -310,7 +310,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
                 self._next_request = message
                 self.callLater(0, self._take_next_request)
                 return True
-        event = self.serving.receive(message)
+        event = self.serving.receive(message, crowded=self.factory.committing >= self.factory.COMMITTING_LIMIT)
         if isinstance(event, serving.Wait):
             # Pipelined (version 2): this request waits for the answer to the one before.
             self._next_request = message
@@ -425,7 +425,14 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         requests are read; its answer goes out after those owed before it (answers_ready)."""
         self.upload_in_progress = None
         self._answers.append(upload)
+        self.factory.committing += 1
         self.setTimeout(None)  # the client waits for our disk, not the reverse
+
+    def commit_over(self, upload):
+        """`upload`'s commit is over (answered, or its connection failed with it)."""
+        if not upload.commit_counted_out:
+            upload.commit_counted_out = True
+            self.factory.committing -= 1
 
     def answers_ready(self):
         """An upload's commit is over: send, in order, every answer now known."""
@@ -439,6 +446,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
                     self.send_control(owed.answer)
             if not isinstance(owed, _Refusal):  # an upload's: it no longer waits for its answer
                 self.serving.committed()
+                self.commit_over(owed)
                 self.factory.transfer_over()
         if self.closing:
             return
@@ -567,6 +575,10 @@ class ServerFactory(protocol.Factory):
     RECORD_BUDGET = 64 * 1024 * 1024
     MIN_RECORD = 256 * 1024
     QUIET_BEFORE_TRIM = 1.0
+    # Version 2: uploads past their END waiting for their commit, in all connections, beyond
+    # which a connection takes no further upload until its own are answered (each holds a
+    # part file's descriptors; see serving.Serving.MAX_COMMITTING for one connection's share).
+    COMMITTING_LIMIT = 256
     # The protocol versions this server speaks (a test makes one that speaks only version 1,
     # as an older eketwist did).
     versions = wire.VERSIONS
@@ -605,6 +617,7 @@ class ServerFactory(protocol.Factory):
         self.downloads = 0
         self._trim_call = None
         self.draining = False
+        self.committing = 0  # uploads past END awaiting their commit, in all connections
         self.log_limiter = guard.LogLimiter(self.clock)
 
     def transfer_over(self):

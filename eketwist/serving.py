@@ -214,7 +214,7 @@ def _request(message, version):
 class Serving:
     # Version 2: uploads past their END whose answers have not gone yet (committed side by
     # side, answered in order). Each holds a part file open until then.
-    MAX_COMMITTING = 64
+    MAX_COMMITTING = 32
 
     def __init__(self, version=1):
         self.version = version  # as the handshake chose it
@@ -230,15 +230,16 @@ class Serving:
         """The upload in progress, from PUT to its answer (or None)."""
         return getattr(self.state, "upload", None)
 
-    def receive(self, message):
+    def receive(self, message, crowded=False):
         """A CONTROL message from the client: the request or step it is. A client's ERROR is
-        left to the glue (it ends the connection)."""
+        left to the glue (it ends the connection). `crowded`: the server as a whole holds as
+        many uploads in commit as it allows, so this connection's next waits for its own."""
         state, kind = self.state, message["type"]
         if isinstance(state, Ready):
             request = _request(message, self.version)
-            if self.committing and not (
+            if self.committing and (crowded or not (
                 isinstance(request, Put) and request.upload.inline and self.committing < self.MAX_COMMITTING
-            ):
+            )):
                 # Uploads are being committed: only inline uploads (whose answers are small
                 # and follow theirs in order) start meanwhile; the rest see those files.
                 return Wait()

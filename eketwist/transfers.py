@@ -189,6 +189,7 @@ class Upload:
         self.prefix_sha1 = None
         self.resumed_from = 0
         self.started = time.monotonic()
+        self.commit_counted_out = True  # version 2 counts it in the server's commits from END
 
     @property
     def size(self):
@@ -249,6 +250,7 @@ class Upload:
             # Answered in its turn (ServerProtocol.answer_in_turn), STORED or a refusal, while
             # the next requests are read.
             self.answer = None
+            self.commit_counted_out = False
             connection.answer_in_turn(self)
         self.part.written()
         if size != self.upload.size:
@@ -319,6 +321,7 @@ class Upload:
             connection.fail(failure.value)
         else:
             connection.internal_failure(failure)
+        connection.commit_over(self)
         connection.factory.transfer_over()
 
     def abort(self, keep_part, why):

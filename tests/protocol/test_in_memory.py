@@ -372,3 +372,31 @@ def one_turn(clock):
 def session_held(session):
     """True when the server holds the frames after a waiting request (it reads no more)."""
     return session.server._next_request is not None and "frames held" in session.server._holds
+
+
+def test_uploads_awaiting_their_commit_are_bounded_per_connection_and_in_all(world, threads, tmp_path):
+    """Each upload past END holds a part file until its commit: one connection keeps at most
+    MAX_COMMITTING of them, and once the server as a whole holds COMMITTING_LIMIT a connection
+    takes no further upload until its own are answered."""
+    from eketwist import serving
+
+    session = Session(world)
+    client = _authenticated(session, threads)
+    session.factory.COMMITTING_LIMIT = 5
+    puts = []
+    for i in range(serving.Serving.MAX_COMMITTING + 10):
+        (tmp_path / f"c{i}").write_bytes(b"%d" % i)
+        puts.append(client.put(str(tmp_path / f"c{i}"), f"sub/c{i}"))
+    for _ in range(200):  # no commit runs: the threads wait
+        session.pump.pump()
+        session.clock.advance(0)
+    assert session.server.serving.committing == 5 == session.factory.committing
+    session.factory.COMMITTING_LIMIT = 256  # now one connection's own bound holds
+    threads.run()
+    for _ in range(200):
+        session.pump.pump()
+        session.clock.advance(0)
+    assert session.server.serving.committing == serving.Serving.MAX_COMMITTING
+    session.settle(threads)
+    assert all(isinstance(outcome, dict) for outcome in _fired(puts))
+    assert session.factory.committing == 0 and session.server.serving.committing == 0
