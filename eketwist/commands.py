@@ -195,7 +195,7 @@ class Executor:
         if len(self.transfers) > 1 and not client.pipelined:
             self.session.reporter.warn(
                 "the server speaks protocol version 1 only: files go one at a time, each costing "
-                "a round trip (an eketwist server of 2026-12 or later sends them back to back)"
+                "a round trip (a server that speaks version 2 takes them back to back)"
             )
         in_order = InOrder(self.session.reporter)
 

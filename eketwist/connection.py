@@ -14,7 +14,7 @@ from twisted.protocols.basic import FileSender
 from zope.interface import implementer
 
 from . import records, wire
-from .errors import ConnectionFailed, EketwistError, IntegrityError, ProtocolError, wire_code
+from .errors import ConnectionFailed, EketwistError, IntegrityError, ProtocolError, error_message
 from .logs import SafeLogger
 
 
@@ -253,7 +253,7 @@ class SecureConnection(Protocol):
         self.transport.writeSequence((head, self._send_cipher.seal(head, plaintext)))
 
     def send_error(self, error):
-        message = {"type": "error", "code": wire_code(error), "message": error.message}
+        message = error_message(error)
         if self.authenticated:
             self.send_control(message)
         else:

@@ -200,6 +200,11 @@ def wire_code(error):
     return error.code if error.code in WIRE_CODES else "internal"
 
 
+def error_message(error):
+    """The ERROR message that tells the peer about `error` (docs/protocol.md section 3.7)."""
+    return {"type": "error", "code": wire_code(error), "message": error.message}
+
+
 def from_wire(code, message):
     """The exception a peer's error message stands for; a code outside section 8 (our own
     local ones included: a server cannot have a local I/O error of ours) is a generic failure."""

@@ -16,7 +16,6 @@ import os
 import queue
 import stat
 import threading
-import typing
 
 from .errors import (
     Busy,
@@ -304,7 +303,6 @@ class _RangeFlusher:
     FLUSH_EVERY = 16 * 1024 * 1024
     _WRITE = 2  # SYNC_FILE_RANGE_WRITE
     _WAIT_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
-    _call: typing.Any = None  # libc's sync_file_range, looked up once a file is large enough to need it
 
     def __init__(self, fd, offset):
         self.fd = fd
@@ -313,30 +311,32 @@ class _RangeFlusher:
         self.previous = None  # (start, length) of the range whose writeback was started
 
     def wrote(self, nbytes):
+        """`nbytes` more are written. Raises the OSError of a failed writeback: waiting for a
+        range consumes its error, which the final fsync would then not see."""
         self.end += nbytes
         if self.end - self.start < self.FLUSH_EVERY:
             return
         call = self._sync_file_range()
         if call is None:
             return
-        call(self.fd, self.start, self.end - self.start, self._WRITE)
+        _check(call(self.fd, self.start, self.end - self.start, self._WRITE))
         if self.previous is not None:
-            call(self.fd, *self.previous, self._WAIT_ALL)
+            _check(call(self.fd, *self.previous, self._WAIT_ALL))
         self.previous = (self.start, self.end - self.start)
         self.start = self.end
 
-    @classmethod
-    def _sync_file_range(cls):
-        if cls._call is None:
-            try:
-                import ctypes
+    @staticmethod
+    def _sync_file_range():
+        return _libc_function("sync_file_range", ("c_int", "c_int64", "c_int64", "c_uint"))
 
-                function = ctypes.CDLL(None, use_errno=True).sync_file_range
-                function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-                cls._call = function
-            except (ImportError, OSError, AttributeError):
-                cls._call = False
-        return cls._call or None
+
+def _check(result):
+    """A libc call's result: its errno as an OSError when it failed."""
+    if result != 0:
+        import ctypes
+
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
 
 
 class PartFile:
@@ -362,9 +362,9 @@ class PartFile:
         under the part file's name.
 
         `write_in_place`: the file's first bytes, up to this many, are written by the caller's
-        thread rather than a worker's: copying a few KiB into the page cache costs less than a
-        thread (measured: a worker per file was most of a 1,000-file tree's time on the
-        client). A client serves no one else; a server leaves it at 0, so that a disk that
+        thread rather than a worker's: copying a few KiB into the page cache costs less than
+        handing them to a worker and waiting for it at the end (measured on the client: that
+        hand-over was most of a 1,000-file tree's time). A client serves no one else; a server leaves it at 0, so that a disk that
         stalls holds up only its own uploader, never the reactor."""
         self.destination = destination
         self.part = part
@@ -563,20 +563,12 @@ class PartFile:
         """What identifies the directory the file is named in (files that share it share one
         directory flush)."""
         if self._dir_fd is not None:
-            st = os.fstat(self._dir_fd)
+            try:
+                st = os.fstat(self._dir_fd)
+            except OSError as problem:
+                raise storage_error(problem, self.shown_name) from None
             return st.st_dev, st.st_ino
         return os.path.dirname(os.path.abspath(self.destination))
-
-    def sync_filesystem(self, syncfs):
-        """After rename: flush the filesystem holding the file's directory with libc's
-        `syncfs`; True when that succeeded."""
-        if self._dir_fd is not None:
-            return syncfs(self._dir_fd) == 0
-        fd = os.open(os.path.dirname(os.path.abspath(self.destination)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            return syncfs(fd) == 0
-        finally:
-            os.close(fd)
 
     def sync_directory(self, already_synced=False):
         """After commit: flush the directory holding the new name (unless a flush since the
@@ -680,16 +672,19 @@ class GroupCommit:
         self._running = True
         self._defer_to_thread(self._commit_all, batch).addBoth(self._batch_done, batch)
 
-    # From this many files on, a batch flushes the whole filesystem twice (syncfs: the files'
-    # bytes, then the new names) instead of each file and each directory: one journal commit
-    # instead of one per file (measured: 1,000 files of 4 KiB, 0.2 s of fsyncs against 0.02 s,
-    # and creating the next files no longer waits behind them).
+    # From this many files on, a batch first has each filesystem holding them write out all
+    # their bytes at once (syncfs: one journal commit instead of one per file; measured on
+    # 1,000 files of 4 KiB: 0.2 s of fsyncs against 0.02 s, and creating the next files no
+    # longer waits behind them). Each file is still fsynced after it, which then costs little
+    # and reports a write error as that file's own (syncfs reports none before Linux 5.8, and
+    # a root may hold other filesystems).
     SYNCFS_FROM = 8
 
     @classmethod
     def _commit_all(cls, batch):
         """In the worker: each file's outcome, its hex SHA-1 (verified here), None, or its
-        EketwistError."""
+        EketwistError. The order is what makes a name durable only for a durable file: every
+        file's bytes flushed, then renamed, then each directory flushed once."""
         outcomes: list = [None] * len(batch)
         failed = set()
 
@@ -706,23 +701,20 @@ class GroupCommit:
                             outcomes[index] = outcome
 
         each(lambda part, mtime, mode, replace, expected: expected and part.verify(*expected))
-        syncfs = _syncfs() if len(batch) >= cls.SYNCFS_FROM else None
         each(lambda part, mtime, mode, replace, expected: part.settle(mtime, mode))
-        settled = [part for index, (part, *_) in enumerate(batch) if index not in failed]
-        if not (syncfs and settled and syncfs(settled[0].fileno()) == 0):
-            each(lambda part, *_: part.flush())  # one by one; a failure is then its file's
+        if len(batch) - len(failed) >= cls.SYNCFS_FROM:
+            _flush_filesystems(part for index, (part, *_) in enumerate(batch) if index not in failed)
+        each(lambda part, *_: part.flush())
         each(lambda part, mtime, mode, replace, expected: part.rename(replace))
-        renamed = [(index, part) for index, (part, *_) in enumerate(batch) if index not in failed]
         synced = set()
-        if syncfs and len(renamed) >= cls.SYNCFS_FROM and renamed[0][1].sync_filesystem(syncfs):
-            synced = {part.directory_key() for _, part in renamed}
-        for index, part in renamed:
-            try:
-                key = part.directory_key()
-                part.sync_directory(already_synced=key in synced)
-                synced.add(key)
-            except EketwistError as error:
-                outcomes[index] = error
+        for index, (part, *_) in enumerate(batch):
+            if index not in failed:
+                try:
+                    key = part.directory_key()
+                    part.sync_directory(already_synced=key in synced)
+                    synced.add(key)
+                except EketwistError as error:
+                    outcomes[index] = error
         return outcomes
 
     def _batch_done(self, outcomes, batch):
@@ -740,12 +732,35 @@ class GroupCommit:
                 done.callback(outcome)
 
 
-def _syncfs():
-    """libc's syncfs(fd), or None where there is none."""
-    try:
-        import ctypes
+def _flush_filesystems(parts):
+    """Have each filesystem holding one of `parts` write out its dirty data (syncfs), where the
+    system has it; errors are left to each file's own fsync after this."""
+    syncfs = _libc_function("syncfs", ("c_int",))
+    if syncfs is None:
+        return
+    devices = {}
+    for part in parts:
+        try:
+            devices.setdefault(os.fstat(part.fileno()).st_dev, part.fileno())
+        except OSError:
+            continue
+    for fd in devices.values():
+        syncfs(fd)
 
-        return ctypes.CDLL(None, use_errno=True).syncfs
-    except (ImportError, OSError, AttributeError):
-        return None
 
+_LIBC_FUNCTIONS: dict = {}
+
+
+def _libc_function(name, argument_types):
+    """libc's function `name` through ctypes (imported only when a transfer needs it), or None
+    where there is none."""
+    if name not in _LIBC_FUNCTIONS:
+        try:
+            import ctypes
+
+            function = getattr(ctypes.CDLL(None, use_errno=True), name)
+            function.argtypes = tuple(getattr(ctypes, kind) for kind in argument_types)
+            _LIBC_FUNCTIONS[name] = function
+        except (ImportError, OSError, AttributeError):
+            _LIBC_FUNCTIONS[name] = None
+    return _LIBC_FUNCTIONS[name]

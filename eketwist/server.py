@@ -11,6 +11,8 @@ What the glue adds to the machines, state by state (docs/protocol.md, section 9)
                    a thread
   upload-offered, receiving   the part file, write-behind and its back-pressure
   storing          the commit in a thread; a message meanwhile is answered after STORED
+  (version 2)      no storing: after END the upload joins files.GroupCommit, its answer owed
+                   in order (answer_in_turn, answers_ready) while the next requests are read
 """
 
 import gc
@@ -36,6 +38,7 @@ from .errors import (
     ProtocolError,
     Timeout,
     TryLater,
+    error_message,
     wire_code,
 )
 from .logs import SafeLogger
@@ -310,7 +313,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
                 self._next_request = message
                 self.callLater(0, self._take_next_request)
                 return True
-        event = self.serving.receive(message, crowded=self.factory.committing >= self.factory.COMMITTING_LIMIT)
+        event = self.serving.receive(message, crowded=self._crowded())
         if isinstance(event, serving.Wait):
             # Pipelined (version 2): this request waits for the answer to the one before.
             self._next_request = message
@@ -415,38 +418,41 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self.fail(error)
         elif not self.closing:
             if self._answers:  # after the answers still owed for uploads being committed
-                self._answers.append(_Refusal(error))
+                self._answers.append(_Refusal(error_message(error)))
             else:
                 self.send_error(error)
             self.answered()
 
+    def _crowded(self):
+        """Version 2: no further upload starts beside those being committed: answers owed are
+        at this connection's bound, the server's are at its own, or the server is draining."""
+        return (
+            len(self._answers) >= self.serving.MAX_COMMITTING
+            or self.factory.committing >= self.factory.COMMITTING_LIMIT
+            or self.factory.draining
+        )
+
     def answer_in_turn(self, upload):
         """Version 2: `upload` (a transfers.Upload past its END) is committed while the next
-        requests are read; its answer goes out after those owed before it (answers_ready)."""
+        requests are read; its answer goes out after those owed before it (answers_ready).
+        Every upload given here gets an answer (its commit's Deferred always fires), which is
+        where it is counted out again."""
         self.upload_in_progress = None
         self._answers.append(upload)
         self.factory.committing += 1
         self.setTimeout(None)  # the client waits for our disk, not the reverse
 
-    def commit_over(self, upload):
-        """`upload`'s commit is over (answered, or its connection failed with it)."""
-        if not upload.commit_counted_out:
-            upload.commit_counted_out = True
-            self.factory.committing -= 1
-
     def answers_ready(self):
-        """An upload's commit is over: send, in order, every answer now known."""
+        """An upload's commit is over: send, in order, every answer now known (none once the
+        connection is closing, but each is still counted out)."""
         answers = self._answers
         while answers and answers[0].answer is not None:
             owed = answers.popleft()
             if not self.closing:
-                if isinstance(owed.answer, EketwistError):
-                    self.send_error(owed.answer)
-                else:
-                    self.send_control(owed.answer)
+                self.send_control(owed.answer)
             if not isinstance(owed, _Refusal):  # an upload's: it no longer waits for its answer
                 self.serving.committed()
-                self.commit_over(owed)
+                self.factory.committing -= 1
                 self.factory.transfer_over()
         if self.closing:
             return
@@ -554,10 +560,11 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
 
 class _Refusal:
-    """A refusal owed after the answers of uploads being committed (version 2)."""
+    """A refusal owed after the answers of uploads being committed (version 2): its ERROR
+    message only (an exception would keep its traceback)."""
 
-    def __init__(self, error):
-        self.answer = error
+    def __init__(self, message):
+        self.answer = message
 
 
 def _describe_peer(address):

@@ -265,10 +265,10 @@ class Serving:
             else:
                 self.state = Storing(state.upload)
             return Finish(state.upload, size, sha1)
-        if self.version >= 2 and isinstance(state, Working) and not (
-            isinstance(state, Working) and state.upload is not None and state.upload.inline
-        ):
-            return Wait()  # pipelined: handled in order, once this one is answered
+        if self.version >= 2 and isinstance(state, Working) and state.upload is None:
+            # Pipelined: the next request, carried out once this GET or LIST is answered. (A PUT
+            # hashing its partial file is followed by nothing until READY: section 7.9, rule 2.)
+            return Wait()
         if isinstance(state, Discarding) and kind == "end":
             wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE)
             wire.hex_field(message, "sha1", 20)

@@ -18,7 +18,14 @@ from zope.interface import implementer
 
 from . import files, storage, wire
 from .connection import send_file
-from .errors import UPLOAD_END_REFUSAL_CODES, WRITE_REFUSAL_CODES, EketwistError, IntegrityError, wire_code
+from .errors import (
+    UPLOAD_END_REFUSAL_CODES,
+    WRITE_REFUSAL_CODES,
+    EketwistError,
+    IntegrityError,
+    error_message,
+    wire_code,
+)
 
 # A listing is sent in CONTROL messages of at most this many bytes of entries.
 LISTING_BATCH_BYTES = 48 * 1024
@@ -189,7 +196,6 @@ class Upload:
         self.prefix_sha1 = None
         self.resumed_from = 0
         self.started = time.monotonic()
-        self.commit_counted_out = True  # version 2 counts it in the server's commits from END
 
     @property
     def size(self):
@@ -250,7 +256,6 @@ class Upload:
             # Answered in its turn (ServerProtocol.answer_in_turn), STORED or a refusal, while
             # the next requests are read.
             self.answer = None
-            self.commit_counted_out = False
             connection.answer_in_turn(self)
         self.part.written()
         if size != self.upload.size:
@@ -274,7 +279,7 @@ class Upload:
         connection = self.connection
         if connection.serving.version >= 2:
             connection.log_event("put {path} refused: {error}", path=self.upload.path, error=error.message)
-            self.answer = error
+            self.answer = error_message(error)
             connection.answers_ready()
         else:
             connection.refuse("put", self.upload.path, error, UPLOAD_END_REFUSAL_CODES)
@@ -321,8 +326,13 @@ class Upload:
             connection.fail(failure.value)
         else:
             connection.internal_failure(failure)
-        connection.commit_over(self)
-        connection.factory.transfer_over()
+        if connection.serving.version >= 2:
+            # Not sent (the connection is closing), but given, so that this upload and those
+            # after it are counted out as their commits end.
+            self.answer = error_message(EketwistError("internal error"))
+            connection.answers_ready()
+        else:
+            connection.factory.transfer_over()
 
     def abort(self, keep_part, why):
         """The connection ends before END: keep the partial file for a resume, or remove it.

@@ -325,3 +325,48 @@ def test_a_pipelined_upload_that_lies_about_its_digest_is_never_named(world, lie
         assert replies[0]["code"] == "integrity" and not conversation.transport.disconnecting
         assert not (root / "lied.bin").exists() and (root / f"made-after-{lie}").is_dir()
         assert not [p.name for p in root.iterdir() if p.name.startswith(".eke-part.lied")]
+
+
+def test_refused_uploads_behind_a_commit_cannot_grow_the_servers_memory(world):
+    """Refusals owed behind an upload being committed are answers like any other: past one
+    connection's bound the server reads no further request until they have gone."""
+    from eketwist import serving
+    from tests.support.conversation import threads_by_hand
+
+    with threads_by_hand() as threads:
+        conversation = Conversation(world, version=2)
+        conversation.reach("v2-committing")  # one upload's commit waits in the pool
+        refused = {"type": "put", "path": "hello.txt", "size": 0, "inline": True}  # exists
+        end = {"type": "end", "size": 0, "sha1": "da39a3ee5e6b4b0d3255bfef95601890afd80709"}
+        conversation.feed(b"".join(conversation.message_frame(m) for _ in range(2000) for m in (refused, end)))
+        assert len(conversation.proto._answers) <= serving.Serving.MAX_COMMITTING
+        assert "frames held" in conversation.proto._holds, "the rest waits unread"
+        for _ in range(200):
+            threads.run()
+            conversation.factory.clock.advance(0)
+        replies = [json.loads(plaintext) for kind, plaintext in conversation.frames_out() if kind == 1]
+        assert replies[0]["type"] == "stored" and len(replies) == 2001
+        assert {reply["code"] for reply in replies[1:]} == {"exists"}
+        assert not conversation.proto._answers and conversation.factory.committing == 0
+
+
+def test_a_put_followed_by_a_request_before_ready_is_a_protocol_error(world, tmp_path):
+    """Rule 2 of section 7.9: after a PUT without `inline`, nothing until READY. The server
+    says so, rather than holding the request until the idle timeout."""
+    from tests.support.conversation import threads_by_hand
+
+    from eketwist.files import server_part_name
+
+    root = world[0]
+    with threads_by_hand():
+        conversation = Conversation(world, version=2)
+        conversation.reach("v2-ready")
+        part = root / server_part_name("resumable.bin", "fuzzer")
+        part.write_bytes(b"abc")  # a partial upload to hash first: the PUT stays working
+        part.chmod(0o600)
+        conversation.feed(conversation.message_frame({"type": "put", "path": "resumable.bin", "size": 10}))
+        assert conversation.proto.state == "working", "hashing the partial upload (its thread waits)"
+        conversation.feed(conversation.message_frame({"type": "stat", "path": "hello.txt"}))
+        replies = [json.loads(plaintext) for kind, plaintext in conversation.frames_out() if kind == 1]
+        assert replies and replies[-1]["type"] == "error" and replies[-1]["code"] == "protocol", replies
+        assert conversation.transport.disconnecting

@@ -400,3 +400,55 @@ def test_uploads_awaiting_their_commit_are_bounded_per_connection_and_in_all(wor
     session.settle(threads)
     assert all(isinstance(outcome, dict) for outcome in _fired(puts))
     assert session.factory.committing == 0 and session.server.serving.committing == 0
+
+
+def test_a_commit_that_fails_the_connection_leaves_no_count_behind(world, threads, tmp_path, monkeypatch):
+    """A disk error renaming one upload ends the connection; the uploads committed with it and
+    after it are still counted out, so the server's bound on uploads in commit does not creep."""
+    import errno
+
+    from eketwist import files
+
+    real_rename = files.PartFile.rename
+
+    def failing_rename(part, replace=True):
+        if part.destination == "bad0":
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(part, replace)
+
+    monkeypatch.setattr(files.PartFile, "rename", failing_rename)
+    session = Session(world)
+    client = _authenticated(session, threads)
+    puts = []
+    for i in range(6):
+        (tmp_path / f"bad{i}").write_bytes(b"%d" % i)
+        puts.append(client.put(str(tmp_path / f"bad{i}"), f"sub/bad{i}"))
+    session.settle(threads)
+    outcomes = _fired(puts)
+    assert all(not isinstance(outcome, dict) for outcome in outcomes[:1])
+    assert session.server.closing
+    assert session.factory.committing == 0 and session.server.serving.committing == 0
+
+
+def test_a_drain_takes_no_new_upload_beside_those_being_committed(world, threads, tmp_path):
+    """Shutting down: the uploads past their END are committed and answered, no further one
+    starts, and the connection closes (try-later) within the grace period."""
+    session = Session(world)
+    client = _authenticated(session, threads)
+    puts = []
+    for i in range(40):
+        (tmp_path / f"d{i}").write_bytes(b"%d" % i)
+        puts.append(client.put(str(tmp_path / f"d{i}"), f"sub/drained{i}"))
+    for _ in range(30):  # some uploads reach END; their commits wait in the pool
+        session.pump.pump()
+        session.clock.advance(0)
+    owed = session.server.serving.committing
+    owed += session.server.upload_in_progress is not None  # a running upload may finish
+    assert owed > 0
+    drained = session.factory.drain(grace=1.0)
+    session.settle(threads)
+    outcomes = _fired(puts)
+    stored = [outcome for outcome in outcomes if isinstance(outcome, dict)]
+    assert len(stored) == owed, "those past END are answered; none started after the drain"
+    assert all(isinstance(outcome.value, errors.TryLater) for outcome in outcomes[owed:])
+    assert drained.called and session.server.closing

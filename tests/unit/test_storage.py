@@ -550,7 +550,7 @@ def test_a_large_part_file_is_written_to_disk_as_it_comes(tmp_path, monkeypatch)
         return real(fd, offset, length, flags)
 
     monkeypatch.setattr(files._RangeFlusher, "FLUSH_EVERY", 64 * 1024)
-    monkeypatch.setattr(files._RangeFlusher, "_call", recording)
+    monkeypatch.setattr(files._RangeFlusher, "_sync_file_range", staticmethod(lambda: recording))
     part = _part(tmp_path / "f")
     chunks = [os.urandom(40 * 1024) for _ in range(10)]
     for chunk in chunks:
@@ -562,3 +562,24 @@ def test_a_large_part_file_is_written_to_disk_as_it_comes(tmp_path, monkeypatch)
     assert started == [(offset, 80 * 1024) for offset in range(0, len(data), 80 * 1024)]  # 2 chunks each
     waited = [(offset, length) for offset, length, flags in calls if flags == 7]
     assert waited == started[:-1], "each range waited for once the next one is started"
+
+
+def test_a_failed_writeback_of_a_range_fails_the_file(tmp_path, monkeypatch):
+    """Waiting for a range's writeback consumes its error: the final fsync would then succeed
+    on bytes that never reached the disk. The error is the file's."""
+    import ctypes
+    import errno
+
+    def failing(fd, offset, length, flags):
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(files._RangeFlusher, "FLUSH_EVERY", 64 * 1024)
+    monkeypatch.setattr(files._RangeFlusher, "_sync_file_range", staticmethod(lambda: failing))
+    part = _part(tmp_path / "f")
+    data = os.urandom(200 * 1024)
+    with pytest.raises(errors.LocalIOError, match="Input/output error"):  # at the next write or at the end
+        for chunk in (data[:100 * 1024], data[100 * 1024:]):
+            part.write(chunk)
+        part.finish(len(data), hashlib.sha1(data).digest())
+    assert not (tmp_path / "f").exists()
