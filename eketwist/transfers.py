@@ -262,17 +262,14 @@ class Upload:
             self.part.abort()
             self._refused(IntegrityError(f"{path}: the file changed size while it was sent"))
             return
-        if pipelined:
-            # Committed with the uploads that end meanwhile (files.GroupCommit).
-            upload = self.upload
-            committed = connection.committer.commit(self.part, upload.mtime, upload.mode, upload.force, (size, sha1))
-            committed.addCallbacks(self._committed, self._not_stored, callbackArgs=(size,))
-            return
-        # The last writes, fsync and rename take what the disk needs: seconds for a large file
-        # on a slow one. In a thread, so that every other client is served meanwhile.
-        connection.setTimeout(None)
-        stored = threads.deferToThread(self._store, size, sha1)
-        stored.addCallbacks(self._stored, self._not_stored, callbackArgs=(size,))
+        # Verified, flushed and renamed in a thread (files.GroupCommit, with the uploads that
+        # end meanwhile on this connection): seconds for a large file on a slow disk, while
+        # every other client is served.
+        if not pipelined:
+            connection.setTimeout(None)
+        upload = self.upload
+        committed = connection.committer.commit(self.part, upload.mtime, upload.mode, upload.force, (size, sha1))
+        committed.addCallbacks(self._stored, self._not_stored, callbackArgs=(size,))
 
     def _refused(self, error):
         """The upload fails after END with a refusal (section 7.5): in its turn on version 2."""
@@ -285,23 +282,16 @@ class Upload:
             connection.refuse("put", self.upload.path, error, UPLOAD_END_REFUSAL_CODES)
             connection.factory.transfer_over()
 
-    def _committed(self, digest, size):
-        self._log_stored(digest, size)
-        self.answer = {"type": "stored", "size": size, "sha1": digest}
-        self.connection.answers_ready()
-
-    def _store(self, size, sha1):
-        """In a thread: verify, flush and rename the upload into place; (digest, its stat)."""
-        upload = self.upload
-        digest = self.part.finish(size, sha1, upload.mtime, upload.mode, replace=upload.force)
-        return digest, self.part.stored
-
-    def _stored(self, stored, size):
+    def _stored(self, digest, size):
         connection = self.connection
-        digest, _ = stored
         self._log_stored(digest, size)
+        stored = {"type": "stored", "size": size, "sha1": digest}
+        if connection.serving.version >= 2:
+            self.answer = stored
+            connection.answers_ready()
+            return
         if not connection.closing:
-            connection.send_control({"type": "stored", "size": size, "sha1": digest})
+            connection.send_control(stored)
         connection.answered()
         connection.factory.transfer_over()  # out of "storing" now: no longer counted as uploading
 
