@@ -225,6 +225,15 @@ def _authenticated(session, threads):
     return session.result(session.client.authenticated_deferred, threads)
 
 
+def _put_many(client, tmp_path, prefix, count):
+    """`count` small files put at once (inline, pipelined) as sub/PREFIX0, sub/PREFIX1, ..."""
+    puts = []
+    for i in range(count):
+        (tmp_path / f"{prefix}{i}").write_bytes(b"%d" % i)
+        puts.append(client.put(str(tmp_path / f"{prefix}{i}"), f"sub/{prefix}{i}"))
+    return puts
+
+
 def _fired(deferreds):
     outcomes = []
     for deferred in deferreds:
@@ -409,23 +418,19 @@ def test_a_commit_that_fails_the_connection_leaves_no_count_behind(world, thread
 
     from eketwist import files
 
-    real_rename = files.PartFile.rename
+    real_link = files.os.link
 
-    def failing_rename(part, replace=True):
-        if part.destination == "bad0":
+    def failing_link(source, destination, **at):  # how a PUT without force names its file
+        if destination == "bad0":  # the server names it in its directory's descriptor
             raise OSError(errno.EIO, "Input/output error")
-        return real_rename(part, replace)
+        return real_link(source, destination, **at)
 
-    monkeypatch.setattr(files.PartFile, "rename", failing_rename)
+    monkeypatch.setattr(files.os, "link", failing_link)
     session = Session(world)
-    client = _authenticated(session, threads)
-    puts = []
-    for i in range(6):
-        (tmp_path / f"bad{i}").write_bytes(b"%d" % i)
-        puts.append(client.put(str(tmp_path / f"bad{i}"), f"sub/bad{i}"))
+    puts = _put_many(_authenticated(session, threads), tmp_path, "bad", 6)
     session.settle(threads)
     outcomes = _fired(puts)
-    assert all(not isinstance(outcome, dict) for outcome in outcomes[:1])
+    assert not isinstance(outcomes[0], dict) and "Input/output error" in outcomes[0].value.message
     assert session.server.closing
     assert session.factory.committing == 0 and session.server.serving.committing == 0
 
@@ -434,11 +439,7 @@ def test_a_drain_takes_no_new_upload_beside_those_being_committed(world, threads
     """Shutting down: the uploads past their END are committed and answered, no further one
     starts, and the connection closes (try-later) within the grace period."""
     session = Session(world)
-    client = _authenticated(session, threads)
-    puts = []
-    for i in range(40):
-        (tmp_path / f"d{i}").write_bytes(b"%d" % i)
-        puts.append(client.put(str(tmp_path / f"d{i}"), f"sub/drained{i}"))
+    puts = _put_many(_authenticated(session, threads), tmp_path, "drained", 40)
     for _ in range(30):  # some uploads reach END; their commits wait in the pool
         session.pump.pump()
         session.clock.advance(0)
