@@ -39,14 +39,15 @@ def test_default_destination_and_directory_destination(twistd_server, root, tmp_
 
 def test_exit_codes_and_messages(twistd_server, tmp_path):
     port, log = twistd_server
-    wrong = run_client(port, "get", "hello.txt", password="wrong", cwd=tmp_path)
-    assert wrong.returncode == 4 and "could not prove it knows your password" in wrong.stderr
-    unknown = run_client(port, "get", "hello.txt", user="nobody", cwd=tmp_path)
-    assert unknown.returncode == 4 and unknown.stderr == wrong.stderr
+    # The failed logins last: each failure delays this address's next answer (0.5 s, 1 s, ...).
     missing = run_client(port, "get", "missing.txt", cwd=tmp_path)
     assert missing.returncode == 5 and "missing.txt: no such file on the server" in missing.stderr
     escape = run_client(port, "get", "../x", cwd=tmp_path)
     assert escape.returncode == 9 and "path refused" in escape.stderr
+    wrong = run_client(port, "get", "hello.txt", password="wrong", cwd=tmp_path)
+    assert wrong.returncode == 4 and "could not prove it knows your password" in wrong.stderr
+    unknown = run_client(port, "get", "hello.txt", user="nobody", cwd=tmp_path)
+    assert unknown.returncode == 4 and unknown.stderr == wrong.stderr
     refused = run_client(free_port(), "get", "hello.txt", cwd=tmp_path)
     assert refused.returncode == 3 and "cannot connect" in refused.stderr
     usage = subprocess.run([*CLIENT, "get", "x"], capture_output=True, text=True)
