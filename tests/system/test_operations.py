@@ -298,12 +298,14 @@ def test_haproxy_with_proxy_protocol_v2_in_front_of_two_instances(root, users_fi
     )
     check = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    proxy = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxy = None
     try:
         for port, (process, output) in zip(ports, daemons):
             wait_for_daemon(output.text, port, process)
+        # HAProxy counts a server up from the start, until checks fail: started once both
+        # instances listen, its first checks pass (no wait for them to run).
+        proxy = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(front, proxy)
-        time.sleep(1.5)  # health checks mark both servers up
         for i in range(4):  # round robin: both instances serve
             result = run_client(front, "get", "sub/data.bin", str(tmp_path / f"got{i}"))
             assert result.returncode == 0, result.stderr
@@ -323,8 +325,9 @@ def test_haproxy_with_proxy_protocol_v2_in_front_of_two_instances(root, users_fi
         assert "alice authenticated from 127.0.0.7" in logs and "alice authenticated from 127.0.0.8" in logs, [l for l in logs.splitlines() if "authent" in l]
         assert all("authenticated from" in output.text() for _, output in daemons)
     finally:
-        proxy.terminate()
-        proxy.wait(10)
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(10)
         for process, _ in daemons:
             process.terminate()
             process.wait(15)
