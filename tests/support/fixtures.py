@@ -27,24 +27,34 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
-@pytest.fixture
-def users_file(tmp_path):
+def make_users_file(directory):
+    """The users file of the tests: alice (read-only) and writer (read-write)."""
     users = userdb.Users.new()
     users.by_name["alice"] = userdb.make_user("alice", PASSWORD, FAST_SCRYPT)
     users.by_name["writer"] = userdb.make_user("writer", WRITER_PASSWORD, FAST_SCRYPT, rights=userdb.READ_WRITE)
-    path = tmp_path / "eke-users"
+    path = directory / "eke-users"
     userdb.save(path, users)
     return path
 
 
-@pytest.fixture
-def root(tmp_path):
-    root = tmp_path / "root"
+def make_root(directory):
+    """The root of the tests: hello.txt, an empty file, sub/data.bin (300,000 random bytes)."""
+    root = directory / "root"
     (root / "sub").mkdir(parents=True)
     (root / "hello.txt").write_bytes(b"hello, world\n")
     (root / "sub" / "data.bin").write_bytes(os.urandom(300_000))
     (root / "empty").write_bytes(b"")
     return root
+
+
+@pytest.fixture
+def users_file(tmp_path):
+    return make_users_file(tmp_path)
+
+
+@pytest.fixture
+def root(tmp_path):
+    return make_root(tmp_path)
 
 
 @pytest.fixture

@@ -10,6 +10,22 @@ import pytest
 from tests.support.processes import CLIENT, PASSWORD, BIN as VENV_BIN, free_port, run_client
 
 
+@pytest.fixture(scope="module")
+def reading_server(tmp_path_factory):
+    """(port, root) of one daemon for this module's tests that only log in with the right
+    password and read, adding files of their own names if any: each daemon start costs about
+    half a second of a core. A test that fails logins (the delays they earn would carry over),
+    changes the users file or reads the log has a daemon of its own (twistd_server)."""
+    from tests.support.fixtures import make_root, make_users_file
+    from tests.support.processes import Daemon
+
+    base = tmp_path_factory.mktemp("reading-server")
+    root = make_root(base)
+    server = Daemon(base, root, make_users_file(base)).start()
+    yield server.port, root
+    server.stop()
+
+
 def test_large_download_through_twistd_and_the_client_command(twistd_server, root, tmp_path):
     port, log = twistd_server
     big = root / "big.bin"
@@ -28,8 +44,8 @@ def test_large_download_through_twistd_and_the_client_command(twistd_server, roo
     assert PASSWORD not in text
 
 
-def test_default_destination_and_directory_destination(twistd_server, root, tmp_path):
-    port, _ = twistd_server
+def test_default_destination_and_directory_destination(reading_server, tmp_path):
+    port, root = reading_server
     assert run_client(port, "get", "hello.txt", cwd=tmp_path).returncode == 0
     assert (tmp_path / "hello.txt").read_bytes() == (root / "hello.txt").read_bytes()
     (tmp_path / "into").mkdir()
@@ -58,8 +74,8 @@ def test_exit_codes_and_messages(twistd_server, tmp_path):
     assert "authentication failed for nobody from 127.0.0.1" in log.read_text()
 
 
-def test_password_file_and_help(twistd_server, tmp_path):
-    port, _ = twistd_server
+def test_password_file_and_help(reading_server, tmp_path):
+    port, _ = reading_server
     (tmp_path / "pw").write_text(PASSWORD + "\n")
     result = subprocess.run(
         [*CLIENT, "--port", str(port), "--user", "alice", "--password-file", str(tmp_path / "pw"), "get", "hello.txt"],
@@ -190,8 +206,8 @@ def run_on_a_terminal(port, *args, cwd):
     return code, process.stdout.read().decode(), shown.decode(errors="replace")
 
 
-def test_progress_bar_on_a_terminal_only(twistd_server, root, tmp_path):
-    port, _ = twistd_server
+def test_progress_bar_on_a_terminal_only(reading_server, tmp_path):
+    port, root = reading_server
     (root / "mid.bin").write_bytes(os.urandom(3 * 1024 * 1024))
     code, out, screen = run_on_a_terminal(port, "get", "mid.bin", cwd=tmp_path)
     assert code == 0 and out.endswith("  mid.bin\n")
@@ -221,10 +237,10 @@ def test_exit_codes_are_documented_everywhere():
             assert f"| {wire_code} " in protocol, wire_code
 
 
-def test_connect_endpoint_and_silent_server_timeout(twistd_server, tmp_path):
+def test_connect_endpoint_and_silent_server_timeout(reading_server, tmp_path):
     import socket
 
-    port, _ = twistd_server
+    port, _ = reading_server
     env = dict(os.environ, EKE_PASSWORD=PASSWORD)
     result = subprocess.run(
         [*CLIENT, "--connect", f"tcp:host=127.0.0.1:port={port}", "--user", "alice", "get", "hello.txt"],
