@@ -10,6 +10,22 @@ import pytest
 from tests.support.processes import CLIENT, PASSWORD, BIN as VENV_BIN, free_port, run_client
 
 
+@pytest.fixture(scope="module")
+def reading_server(tmp_path_factory):
+    """(port, root) of one daemon for this module's tests that only log in with the right
+    password and read, adding files of their own names if any: each daemon start costs about
+    half a second of a core. A test that fails logins (the delays they earn would carry over),
+    changes the users file or reads the log has a daemon of its own (twistd_server)."""
+    from tests.support.fixtures import make_root, make_users_file
+    from tests.support.processes import Daemon
+
+    base = tmp_path_factory.mktemp("reading-server")
+    root = make_root(base)
+    server = Daemon(base, root, make_users_file(base)).start()
+    yield server.port, root
+    server.stop()
+
+
 def test_large_download_through_twistd_and_the_client_command(twistd_server, root, tmp_path):
     port, log = twistd_server
     big = root / "big.bin"
@@ -28,8 +44,8 @@ def test_large_download_through_twistd_and_the_client_command(twistd_server, roo
     assert PASSWORD not in text
 
 
-def test_default_destination_and_directory_destination(twistd_server, root, tmp_path):
-    port, _ = twistd_server
+def test_default_destination_and_directory_destination(reading_server, tmp_path):
+    port, root = reading_server
     assert run_client(port, "get", "hello.txt", cwd=tmp_path).returncode == 0
     assert (tmp_path / "hello.txt").read_bytes() == (root / "hello.txt").read_bytes()
     (tmp_path / "into").mkdir()
@@ -39,14 +55,15 @@ def test_default_destination_and_directory_destination(twistd_server, root, tmp_
 
 def test_exit_codes_and_messages(twistd_server, tmp_path):
     port, log = twistd_server
-    wrong = run_client(port, "get", "hello.txt", password="wrong", cwd=tmp_path)
-    assert wrong.returncode == 4 and "could not prove it knows your password" in wrong.stderr
-    unknown = run_client(port, "get", "hello.txt", user="nobody", cwd=tmp_path)
-    assert unknown.returncode == 4 and unknown.stderr == wrong.stderr
+    # The failed logins last: each failure delays this address's next answer (0.5 s, 1 s, ...).
     missing = run_client(port, "get", "missing.txt", cwd=tmp_path)
     assert missing.returncode == 5 and "missing.txt: no such file on the server" in missing.stderr
     escape = run_client(port, "get", "../x", cwd=tmp_path)
     assert escape.returncode == 9 and "path refused" in escape.stderr
+    wrong = run_client(port, "get", "hello.txt", password="wrong", cwd=tmp_path)
+    assert wrong.returncode == 4 and "could not prove it knows your password" in wrong.stderr
+    unknown = run_client(port, "get", "hello.txt", user="nobody", cwd=tmp_path)
+    assert unknown.returncode == 4 and unknown.stderr == wrong.stderr
     refused = run_client(free_port(), "get", "hello.txt", cwd=tmp_path)
     assert refused.returncode == 3 and "cannot connect" in refused.stderr
     usage = subprocess.run([*CLIENT, "get", "x"], capture_output=True, text=True)
@@ -57,8 +74,8 @@ def test_exit_codes_and_messages(twistd_server, tmp_path):
     assert "authentication failed for nobody from 127.0.0.1" in log.read_text()
 
 
-def test_password_file_and_help(twistd_server, tmp_path):
-    port, _ = twistd_server
+def test_password_file_and_help(reading_server, tmp_path):
+    port, _ = reading_server
     (tmp_path / "pw").write_text(PASSWORD + "\n")
     result = subprocess.run(
         [*CLIENT, "--port", str(port), "--user", "alice", "--password-file", str(tmp_path / "pw"), "get", "hello.txt"],
@@ -89,8 +106,10 @@ def test_users_tool_and_live_reload(twistd_server, users_file, tmp_path):
     assert subprocess.run([*users, "remove", "bob"]).returncode == 0
     assert run_client(port, "get", "hello.txt", user="bob", password="new pw", cwd=tmp_path).returncode == 4
     # A broken file is not loaded: the last good copy keeps serving, and the log says why.
+    # (Asked from another address: bob's two failures delay 127.0.0.1's next answer by 1 s.)
     users_file.write_text(users_file.read_text() + "{not json\n")
-    assert run_client(port, "get", "hello.txt", cwd=tmp_path).returncode == 0
+    elsewhere = f"tcp:host=127.0.0.1:port={port}:bindAddress=127.0.0.2"
+    assert run_client(port, "--connect", elsewhere, "get", "hello.txt", cwd=tmp_path).returncode == 0
     assert "not reloaded" in log.read_text()
 
 
@@ -189,8 +208,8 @@ def run_on_a_terminal(port, *args, cwd):
     return code, process.stdout.read().decode(), shown.decode(errors="replace")
 
 
-def test_progress_bar_on_a_terminal_only(twistd_server, root, tmp_path):
-    port, _ = twistd_server
+def test_progress_bar_on_a_terminal_only(reading_server, tmp_path):
+    port, root = reading_server
     (root / "mid.bin").write_bytes(os.urandom(3 * 1024 * 1024))
     code, out, screen = run_on_a_terminal(port, "get", "mid.bin", cwd=tmp_path)
     assert code == 0 and out.endswith("  mid.bin\n")
@@ -220,10 +239,10 @@ def test_exit_codes_are_documented_everywhere():
             assert f"| {wire_code} " in protocol, wire_code
 
 
-def test_connect_endpoint_and_silent_server_timeout(twistd_server, tmp_path):
+def test_connect_endpoint_and_silent_server_timeout(reading_server, tmp_path):
     import socket
 
-    port, _ = twistd_server
+    port, _ = reading_server
     env = dict(os.environ, EKE_PASSWORD=PASSWORD)
     result = subprocess.run(
         [*CLIENT, "--connect", f"tcp:host=127.0.0.1:port={port}", "--user", "alice", "get", "hello.txt"],
@@ -234,9 +253,9 @@ def test_connect_endpoint_and_silent_server_timeout(twistd_server, tmp_path):
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         started = __import__("time").monotonic()
-        result = run_client(silent.getsockname()[1], "--timeout", "1", "get", "hello.txt", cwd=tmp_path)
+        result = run_client(silent.getsockname()[1], "--timeout", "0.3", "get", "hello.txt", cwd=tmp_path)
         elapsed = __import__("time").monotonic() - started
-    assert result.returncode == 3 and "made no progress for 1 s" in result.stderr
+    assert result.returncode == 3 and "made no progress for 0.3 s" in result.stderr
     assert elapsed < 20
     bad = subprocess.run([*CLIENT, "--connect", "nonsense:x", "--user", "alice", "get", "hello.txt"],
                          capture_output=True, text=True, cwd=tmp_path, env=env)
