@@ -19,7 +19,6 @@ import gc
 import os
 import socket
 import time
-from collections import deque
 
 from twisted.internet import protocol, threads
 from twisted.internet.interfaces import IPushProducer
@@ -38,7 +37,6 @@ from .errors import (
     ProtocolError,
     Timeout,
     TryLater,
-    error_message,
     wire_code,
 )
 from .logs import SafeLogger
@@ -84,9 +82,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.upload_in_progress = None  # its transfers.Upload, from PUT to the answer
         self._next_request = None  # version 2: a request that waits for the one before
         self._requests_this_turn = 0
-        # Version 2: answers owed in order while uploads are committed (transfers.Upload
-        # objects, whose `answer` is None until their commit is over, and refusals).
-        self._answers: deque = deque()
+        self.owed = transfers.OwedAnswers(self)  # version 2: answers owed while uploads commit
         self.committer = files.GroupCommit(lambda *args: threads.deferToThread(*args))
         self._delayed = None
         self._admitted = False
@@ -350,11 +346,11 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             return
         if early is not None:
             self.fail(early)
-        elif self.factory.draining and not self._answers:
+        elif self.factory.draining and not self.owed:
             self.shut_down()
         else:
             # While uploads are committed the client waits for us: no idle timeout then.
-            self.setTimeout(None if self._answers else self.factory.idle_timeout)
+            self.setTimeout(None if self.owed else self.factory.idle_timeout)
             if self._next_request is not None:
                 # On a later turn: a client with many requests queued takes its turn with
                 # every other connection, one request at a time.
@@ -385,7 +381,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
     def busy(self):
         """In the middle of a transfer or a listing, which a graceful shutdown lets finish."""
         return self.serving is not None and (
-            not isinstance(self.serving.state, (serving.Ready, serving.Closed)) or bool(self._answers)
+            not isinstance(self.serving.state, (serving.Ready, serving.Closed)) or bool(self.owed)
         )
 
     def shut_down(self):
@@ -417,8 +413,8 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         if wire_code(error) not in refusals:
             self.fail(error)
         elif not self.closing:
-            if self._answers:  # after the answers still owed for uploads being committed
-                self._answers.append(_Refusal(error_message(error)))
+            if self.owed:  # after the answers still owed for uploads being committed
+                self.owed.refusal(error)
             else:
                 self.send_error(error)
             self.answered()
@@ -427,36 +423,25 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         """Version 2: no further upload starts beside those being committed: answers owed are
         at this connection's bound, the server's are at its own, or the server is draining."""
         return (
-            len(self._answers) >= self.serving.MAX_COMMITTING
+            len(self.owed) >= self.serving.MAX_COMMITTING
             or self.factory.committing >= self.factory.COMMITTING_LIMIT
             or self.factory.draining
         )
 
     def answer_in_turn(self, upload):
         """Version 2: `upload` (a transfers.Upload past its END) is committed while the next
-        requests are read; its answer goes out after those owed before it (answers_ready).
-        Every upload given here gets an answer (its commit's Deferred always fires), which is
-        where it is counted out again."""
+        requests are read; its answer goes out after those owed before it (answers_ready)."""
         self.upload_in_progress = None
-        self._answers.append(upload)
-        self.factory.committing += 1
+        self.owed.upload(upload)
         self.setTimeout(None)  # the client waits for our disk, not the reverse
 
     def answers_ready(self):
-        """An upload's commit is over: send, in order, every answer now known (none once the
-        connection is closing, but each is still counted out)."""
-        answers = self._answers
-        while answers and answers[0].answer is not None:
-            owed = answers.popleft()
-            if not self.closing:
-                self.send_control(owed.answer)
-            if not isinstance(owed, _Refusal):  # an upload's: it no longer waits for its answer
-                self.serving.committed()
-                self.factory.committing -= 1
-                self.factory.transfer_over()
+        """An upload's commit is over: the answers now known go out, and the next request
+        may come in."""
+        self.owed.send_ready()
         if self.closing:
             return
-        if not answers:
+        if not self.owed:
             self.setTimeout(self.factory.idle_timeout)
             if self.factory.draining and not self.busy:
                 self.shut_down()
@@ -557,14 +542,6 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         serving.Early: _hold_early_message,
         serving.Dropped: _dropped,
     }
-
-
-class _Refusal:
-    """A refusal owed after the answers of uploads being committed (version 2): its ERROR
-    message only (an exception would keep its traceback)."""
-
-    def __init__(self, message):
-        self.answer = message
 
 
 def _describe_peer(address):

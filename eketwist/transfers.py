@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import time
+from collections import deque
 
 from twisted.internet import threads
 from twisted.internet.interfaces import IPullProducer
@@ -183,6 +184,49 @@ class Listing:
 
     def stopProducing(self):
         self.rest.close()
+
+
+class OwedAnswers:
+    """Version 2: the answers a connection owes, in order, while uploads are committed beside
+    the next requests (docs/protocol.md section 7.9): Uploads past their END (each `answer`
+    None until its commit is over) and the refusals queued behind them. An upload counts in
+    the server's uploads in commit from here until its answer leaves; every upload gets one,
+    as its commit's Deferred always fires."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self._owed: deque = deque()
+
+    def __len__(self):
+        return len(self._owed)
+
+    def upload(self, upload):
+        self._owed.append(upload)
+        self.connection.factory.committing += 1
+
+    def refusal(self, error):
+        self._owed.append(_Refusal(error_message(error)))
+
+    def send_ready(self):
+        """Send, in order, every answer now known (none once the connection is closing, but
+        each upload is still counted out)."""
+        connection, owed = self.connection, self._owed
+        while owed and owed[0].answer is not None:
+            answered = owed.popleft()
+            if not connection.closing:
+                connection.send_control(answered.answer)
+            if not isinstance(answered, _Refusal):  # an upload: it no longer waits for its answer
+                connection.serving.committed()
+                connection.factory.committing -= 1
+                connection.factory.transfer_over()
+
+
+class _Refusal:
+    """A refusal owed behind uploads being committed: its ERROR message only (an exception
+    would keep its traceback)."""
+
+    def __init__(self, message):
+        self.answer = message
 
 
 class Upload:

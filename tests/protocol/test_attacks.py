@@ -339,7 +339,7 @@ def test_refused_uploads_behind_a_commit_cannot_grow_the_servers_memory(world):
         refused = {"type": "put", "path": "hello.txt", "size": 0, "inline": True}  # exists
         end = {"type": "end", "size": 0, "sha1": "da39a3ee5e6b4b0d3255bfef95601890afd80709"}
         conversation.feed(b"".join(conversation.message_frame(m) for _ in range(2000) for m in (refused, end)))
-        assert len(conversation.proto._answers) <= serving.Serving.MAX_COMMITTING
+        assert len(conversation.proto.owed) <= serving.Serving.MAX_COMMITTING
         assert "frames held" in conversation.proto._holds, "the rest waits unread"
         for _ in range(200):
             threads.run()
@@ -347,7 +347,7 @@ def test_refused_uploads_behind_a_commit_cannot_grow_the_servers_memory(world):
         replies = [json.loads(plaintext) for kind, plaintext in conversation.frames_out() if kind == 1]
         assert replies[0]["type"] == "stored" and len(replies) == 2001
         assert {reply["code"] for reply in replies[1:]} == {"exists"}
-        assert not conversation.proto._answers and conversation.factory.committing == 0
+        assert not conversation.proto.owed and conversation.factory.committing == 0
 
 
 def test_a_put_followed_by_a_request_before_ready_is_a_protocol_error(world, tmp_path):
