@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import os
 import stat as stat_module
-from collections import deque
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail
@@ -60,14 +59,6 @@ def _has_data(request):
     return request.part is not None and request.part.size > 0
 
 
-class _Outgoing:
-    """A request not sent yet: the state its answer is awaited in, and its message (None while
-    it is being prepared)."""
-
-    def __init__(self, request, state, message, then):
-        self.request, self.state, self.message, self.then = request, state, message, then
-
-
 class ClientProtocol(SecureConnection, TimeoutMixin):
     log = Logger()
     PEER = "server"
@@ -102,8 +93,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self._end_reason = None
         # Version 2 sends requests without waiting for answers, but an upload's messages and
         # DATA go out together: while one holds the sending side, later requests wait here.
-        self._sending_upload = None
-        self._unsent: deque = deque()
+        self.outbox = requesting.Outbox()
         self.committer = files.GroupCommit(lambda *args: threads.deferToThread(*args))
 
     @property
@@ -113,7 +103,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             return "closed"
         if self.requesting is None:
             return self.prover.name
-        if not self.requesting.in_flight and self._unsent and self._unsent[0].message is None:
+        if not self.requesting.in_flight and self.outbox.preparing:
             return "preparing"  # hashing our .part's prefix before the GET goes out
         return self.requesting.name
 
@@ -231,24 +221,17 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             return request.deferred
         if not self.pipelined and self.requesting.in_flight:
             raise RuntimeError(f"a request while {self.state}")
-        self._unsent.append(_Outgoing(request, state, message, then))
+        self.outbox.add(request, state, message, then)
         self._send_queued()
         return request.deferred
 
     def _prepared(self, request, state, message):
         """The message of a request _begin() queued without one: it goes in its place."""
-        for outgoing in self._unsent:
-            if outgoing.request is request:
-                outgoing.state, outgoing.message = state, message
-                self._send_queued()
-                return
+        self.outbox.prepared(request, state, message)
+        self._send_queued()
 
     def _send_queued(self):
-        while self._unsent and self._sending_upload is None and not self.closing:
-            outgoing = self._unsent[0]
-            if outgoing.message is None:
-                return  # still being prepared: the requests after it wait, so order holds
-            self._unsent.popleft()
+        while not self.closing and (outgoing := self.outbox.next()) is not None:
             self.requesting.begin(outgoing.request, outgoing.state)
             self.setTimeout(self.timeout)
             self.send_control(outgoing.message)
@@ -257,11 +240,10 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
 
     def _hold_sending(self, request):
         """`request`, an upload, sends its messages and DATA before any later request."""
-        self._sending_upload = request
+        self.outbox.hold(request)
 
     def _release_sending(self, request):
-        if self._sending_upload is request:
-            self._sending_upload = None
+        if self.outbox.release(request):
             self._send_queued()
 
     def _awaiting(self, request, state, message=None):
@@ -513,8 +495,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def _fail_pending(self, error):
         if self._end_reason is None:
             self._end_reason = error
-        unsent = [outgoing.request for outgoing in self._unsent]
-        self._unsent.clear()
+        unsent = self.outbox.abandon()
         for request in [*(self.requesting.abandon() if self.requesting is not None else ()), *unsent]:
             # A cut connection (a server shutting down says so) keeps the .part for a later
             # resume; bad data does not.

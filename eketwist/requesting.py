@@ -25,7 +25,7 @@ An ERROR with a code that refuses in the state awaiting the answer (REFUSALS) fa
 import sys
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import errors, wire
 from .errors import IntegrityError, ProtocolError, Unsupported
@@ -352,3 +352,61 @@ def checked_entry(item):
         # setgid or sticky (nor anything setuid) because the server said so.
         wire.int_field(item, "mode", 0, wire.MAX_MODE) & wire.PERMISSION_BITS,
     )
+
+
+@dataclass
+class Outgoing:
+    """A request not sent yet: the state its answer will be awaited in, its message (None
+    while the glue prepares it), and what the glue does once it has gone."""
+
+    request: object
+    state: object
+    message: Optional[dict]
+    then: Optional[Callable[[], None]]
+
+
+class Outbox:
+    """The requests not sent yet, in the order they were made (version 2 sends them without
+    waiting for answers; section 7.9). Two things hold the ones behind: a request still being
+    prepared (its message None: a resumed GET hashing its part file keeps its place), and an
+    upload sending its messages and DATA (hold() until release())."""
+
+    def __init__(self):
+        self._queue: "deque[Outgoing]" = deque()
+        self._holder = None
+
+    def add(self, request, state, message, then=None):
+        self._queue.append(Outgoing(request, state, message, then))
+
+    def prepared(self, request, state, message):
+        for outgoing in self._queue:
+            if outgoing.request is request:
+                outgoing.state, outgoing.message = state, message
+                return
+
+    @property
+    def preparing(self):
+        """The next request to go is still being prepared."""
+        return bool(self._queue) and self._queue[0].message is None
+
+    def next(self):
+        """The next Outgoing to send now, or None."""
+        if self._holder is not None or not self._queue or self._queue[0].message is None:
+            return None
+        return self._queue.popleft()
+
+    def hold(self, request):
+        self._holder = request
+
+    def release(self, request):
+        """True when `request` held the sending side (the rest may go now)."""
+        if self._holder is not request:
+            return False
+        self._holder = None
+        return True
+
+    def abandon(self):
+        """Every request not sent, for the glue to fail (the connection is ending)."""
+        requests = [outgoing.request for outgoing in self._queue]
+        self._queue.clear()
+        return requests

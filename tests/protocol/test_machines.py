@@ -1586,3 +1586,25 @@ def test_requesting_survives_anything_in_every_state(capsys):
     fuzz()
     _figures(capsys, "Requesting", stats)
     assert {label: figures["examples"] for label, figures in stats.items()} == dict.fromkeys(REQUESTING_STATES, EXAMPLES)
+
+
+def test_the_outbox_keeps_the_order_requests_were_made_in():
+    """A request being prepared keeps its place, and an upload holds the ones behind it until
+    its messages and DATA have gone (docs/protocol.md section 7.9, rule 2)."""
+    outbox = requesting.Outbox()
+    outbox.add("stat", requesting.AwaitingEntry(), {"type": "stat"})
+    outbox.add("resumed get", None, None)  # hashing its part file
+    outbox.add("put", requesting.AwaitingReady(5), {"type": "put"})
+    outbox.add("list", requesting.Listing(), {"type": "list"})
+    assert outbox.next().request == "stat"
+    assert outbox.preparing and outbox.next() is None, "the rest waits for the one being prepared"
+    outbox.prepared("resumed get", requesting.AwaitingFile(10), {"type": "get", "offset": 10})
+    sent = outbox.next()
+    assert (sent.request, sent.state) == ("resumed get", requesting.AwaitingFile(10))
+    assert outbox.next().request == "put"
+    outbox.hold("put")  # READY, then UPLOAD, DATA and END go before anything else
+    assert outbox.next() is None
+    assert not outbox.release("list") and outbox.release("put")
+    assert outbox.next().request == "list" and outbox.next() is None
+    outbox.add("late", requesting.AwaitingEntry(), {"type": "stat"})
+    assert outbox.abandon() == ["late"] and outbox.next() is None
