@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from eketwist import userdb
+from eketwist.server import ServerFactory
 
 from .processes import BIN, MiB, Daemon, descriptors, make_users, raise_descriptor_limit, rss_bytes, write_random
 from .rawclient import HEADER, RawClient
@@ -90,7 +91,12 @@ def hostile_load(workdir, half_open=1000, slow_readers=100, sources=20, legit_mi
     finally:
         for raw in held:
             raw.close()
-    time.sleep(2.0)
+    # Once every connection is gone, the daemon hands back what their records used
+    # QUIET_BEFORE_TRIM seconds after the last transfer ended: measured after both.
+    deadline = time.monotonic() + 10
+    while descriptors(daemon.pid) > figures["before"]["fds"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(ServerFactory.QUIET_BEFORE_TRIM + 0.5)
     figures["after"] = {"fds": descriptors(daemon.pid), "rss_mib": rss_bytes(daemon.pid) / MiB}
     daemon.stop()
     for phase in ("before", "during", "after"):

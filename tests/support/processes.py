@@ -19,6 +19,9 @@ FAST_SCRYPT = {"n": 1024, "r": 8, "p": 1}
 PASSWORD = "alice's secret"
 WRITER_PASSWORD = "writer's secret"
 MiB = 1024 * 1024
+# How often a wait for a process to listen looks again (a connect or a small read): every
+# daemon a test starts, about 70 in a suite run, waits half of it on average for nothing.
+POLL = 0.01
 
 
 def free_port():
@@ -39,7 +42,7 @@ def wait_for_port(port, process=None, timeout=20.0, what="the server"):
                 raise NotStarted(f"{what} exited with {process.returncode}") from None
             if time.monotonic() > deadline:
                 raise NotStarted(f"{what} did not start listening on {port}") from None
-            time.sleep(0.05)
+            time.sleep(POLL)
 
 
 def wait_for_daemon(read_log, port, process, timeout=20.0):
@@ -52,7 +55,7 @@ def wait_for_daemon(read_log, port, process, timeout=20.0):
             raise NotStarted(f"the daemon exited with {process.returncode}")
         if time.monotonic() > deadline:
             raise NotStarted(f"the daemon did not start listening on {port}")
-        time.sleep(0.05)
+        time.sleep(POLL)
 
 
 class NotStarted(AssertionError):

@@ -70,14 +70,14 @@ def one_round(port, per_kind):
         list(pool.map(lambda job: job(port), [kind for kind in KINDS for _ in range(per_kind)]))
 
 
-def settle(daemon, expected_fds=None):
+def settle(daemon, expected_fds):
     """Descriptors and RSS once the connections are gone and the daemon has been quiet long
     enough to hand back the memory its downloads used (ServerFactory.QUIET_BEFORE_TRIM)."""
     deadline = time.monotonic() + 10
     while True:
-        time.sleep(0.3)
+        time.sleep(0.05)
         fds = descriptors(daemon.pid)
-        if expected_fds is None or fds <= expected_fds or time.monotonic() > deadline:
+        if fds <= expected_fds or time.monotonic() > deadline:
             time.sleep(ServerFactory.QUIET_BEFORE_TRIM + 0.5)
             return fds, rss_bytes(daemon.pid)
 
