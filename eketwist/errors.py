@@ -17,6 +17,9 @@ EXIT_REFUSED = 9
 EXIT_EXISTS = 10
 EXIT_NO_SPACE = 11
 EXIT_BUSY = 12
+EXIT_LOCKED_OUT = 13
+# A signal's conventional status (128 + its number): SIGINT 130, SIGTERM 143, SIGPIPE 141.
+EXIT_SIGNAL_BASE = 128
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -33,6 +36,9 @@ exit codes:
   10 the destination exists (use --force to replace it)
   11 no space: the receiving disk is full, or the file is over a size limit
   12 busy: another transfer to the same file is in progress, or the server asks to try later
+  13 locked out: too many failed logins from this address; the server says for how long
+  130, 143  interrupted (SIGINT, e.g. Ctrl-C; SIGTERM): run the same command again to resume
+  141 the output was closed (e.g. piped into head): the command stopped quietly
 """
 
 
@@ -41,6 +47,8 @@ class EketwistError(Exception):
 
     code = "internal"
     exit_code = EXIT_FAILURE
+    # Seconds before trying again is worth it, when the server says (an ERROR's retry_after).
+    retry_after = None
 
     def __init__(self, message=None):
         super().__init__(message or self.__doc__.strip())
@@ -142,6 +150,13 @@ class TryLater(Busy):
     code = "try-later"
 
 
+class LockedOut(TryLater):
+    """Too many failed logins from your address: locked out for a while."""
+
+    code = "locked-out"  # on the wire: try-later, with this reason
+    exit_code = EXIT_LOCKED_OUT
+
+
 class IntegrityError(EketwistError):
     """Integrity check failed: the data was altered or cut short."""
 
@@ -167,6 +182,23 @@ class LocalIOError(EketwistError):
 
     code = "local-io"
     exit_code = EXIT_LOCAL_IO
+
+
+class Interrupted(EketwistError):
+    """Interrupted: run the same command again to resume."""
+
+    code = "interrupted"
+
+    def __init__(self, signum):
+        super().__init__("interrupted: run the same command again to resume")
+        self.exit_code = EXIT_SIGNAL_BASE + signum
+
+
+class OutputClosed(EketwistError):
+    """The output was closed."""
+
+    code = "output-closed"
+    exit_code = EXIT_SIGNAL_BASE + 13  # SIGPIPE's: what a tool killed by it would exit with
 
 
 def _all_subclasses(cls):
@@ -197,16 +229,37 @@ UPLOAD_END_REFUSAL_CODES = WRITE_REFUSAL_CODES | {"integrity"}
 
 
 def wire_code(error):
-    return error.code if error.code in WIRE_CODES else "internal"
+    """The code an ERROR gives `error`: its own, or that of the nearest kind it refines (a
+    LockedOut travels as try-later, with its own code as the reason); else internal."""
+    for cls in type(error).__mro__:
+        if getattr(cls, "code", None) in WIRE_CODES:
+            return cls.code
+    return "internal"
 
 
 def error_message(error):
     """The ERROR message that tells the peer about `error` (docs/protocol.md section 3.7)."""
-    return {"type": "error", "code": wire_code(error), "message": error.message}
+    code = wire_code(error)
+    message = {"type": "error", "code": code, "message": error.message}
+    if code != error.code and code != "internal":
+        message["reason"] = error.code
+    if error.retry_after is not None:
+        message["retry_after"] = round(error.retry_after, 3)
+    return message
 
 
-def from_wire(code, message):
-    """The exception a peer's error message stands for; a code outside section 8 (our own
-    local ones included: a server cannot have a local I/O error of ours) is a generic failure."""
+def from_wire(message):
+    """The exception a peer's ERROR stands for; a code outside section 8 (our own local ones
+    included: a server cannot have a local I/O error of ours) is a generic failure. A
+    `reason` that refines the code (locked-out for try-later) gives the finer kind."""
+    code = str(message.get("code"))
     cls = BY_CODE.get(code, EketwistError) if code in WIRE_CODES else EketwistError
-    return cls(message if isinstance(message, str) and message else None)
+    finer = BY_CODE.get(str(message.get("reason")))
+    if finer is not None and finer is not cls and issubclass(finer, cls):
+        cls = finer
+    text = message.get("message")
+    error = cls(text if isinstance(text, str) and text else None)
+    retry_after = message.get("retry_after")
+    if isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool) and 0 <= retry_after < 1e9:
+        error.retry_after = float(retry_after)
+    return error

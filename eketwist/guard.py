@@ -82,11 +82,13 @@ def source_key(host):
 class Refused(Exception):
     """A connection the guard turns away; `quiet` ones are dropped without a word (floods)."""
 
-    def __init__(self, reason, *, quiet=False, log_key=None):
+    def __init__(self, reason, *, quiet=False, log_key=None, locked_out=False, retry_after=None):
         super().__init__(reason)
         self.reason = reason
         self.quiet = quiet
         self.log_key = log_key
+        self.locked_out = locked_out
+        self.retry_after = retry_after
 
 
 class _Failures:
@@ -216,9 +218,10 @@ class Guard:
         until = self._locked_until.get(source)
         if until is not None and until > self.clock.seconds():
             self.refused["locked-out"] += 1
+            left = until - self.clock.seconds()
             raise Refused(
-                f"too many failed logins from your address; try again in {int(until - self.clock.seconds()) + 1} s",
-                log_key=("locked-out", source),
+                f"too many failed logins from your address; try again in {int(left) + 1} s",
+                log_key=("locked-out", source), locked_out=True, retry_after=left,
             )
 
     def handshake_delay(self, source):
@@ -248,6 +251,14 @@ class Guard:
         return max(
             self._delay(self._by_source.count(source, now), self.policy.max_source_delay),
             self._delay(self._by_user.count(user, now), self.policy.max_user_delay),
+        )
+
+    def delay_after_failure(self, source, user):
+        """What delay_before_answer would be after one more failure of `source` on `user`."""
+        now = self.clock.seconds()
+        return max(
+            self._delay(self._by_source.count(source, now) + 1, self.policy.max_source_delay),
+            self._delay(self._by_user.count(user, now) + 1, self.policy.max_user_delay),
         )
 
     # A guess is answered (the server's share sent) only in one of its address's slots: an

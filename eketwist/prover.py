@@ -85,10 +85,11 @@ STATE_NAMES = {
 class Params(_Record):
     """PARAMS checked: run scrypt over the password with these, then call derived()."""
 
-    __slots__ = ("server_id", "salt", "scrypt")
+    __slots__ = ("server_id", "salt", "scrypt", "retry_delay")
     server_id: str
     salt: bytes
     scrypt: dict
+    retry_delay: float  # seconds the server will make a next login wait if this one fails
 
 
 class Confirm(_Record):
@@ -112,6 +113,15 @@ def parse_params(message):
     if problem:
         raise ProtocolError(f"the server asked for unreasonable password hashing: {problem}")
     return server_id, salt, {key: scrypt[key] for key in ("n", "r", "p")}
+
+
+def _retry_delay(message):
+    """PARAMS' optional retry_delay: only ever shown to the user, so a nonsensical one is
+    taken as absent rather than failing the login."""
+    delay = message.get("retry_delay")
+    if isinstance(delay, (int, float)) and not isinstance(delay, bool) and 0 <= delay < 1e7:
+        return float(delay)
+    return 0.0
 
 
 class Prover:
@@ -144,7 +154,7 @@ class Prover:
                 raise ProtocolError(f"the server chose protocol version {version}, which was not offered")
             self.version = version
             self.state = Deriving(server_id)
-            return Params(server_id, salt, scrypt)
+            return Params(server_id, salt, scrypt, _retry_delay(message))
         if kind == "share" and isinstance(state, AwaitingShare):
             return self._share(state, message)
         if kind == "ok" and isinstance(state, AwaitingOk):

@@ -267,7 +267,7 @@ class Requesting:
 
     def _error(self, exchange, message):
         code = str(message.get("code"))
-        error = errors.from_wire(code, message.get("message"))
+        error = errors.from_wire(message)
         if exchange is not None and code in REFUSALS.get(type(exchange.state), ()):
             return Refused(exchange.request, error)
         return Failed(error)

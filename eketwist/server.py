@@ -33,6 +33,7 @@ from .errors import (
     AuthenticationFailed,
     EketwistError,
     IntegrityError,
+    LockedOut,
     NoSpace,
     ProtocolError,
     Timeout,
@@ -124,7 +125,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         if refusal.quiet:
             self.transport.abortConnection()  # a flood: spend nothing more on it
         else:
-            self.send_error(TryLater(refusal.reason))
+            error = (LockedOut if refusal.locked_out else TryLater)(refusal.reason)
+            error.retry_after = refusal.retry_after
+            self.send_error(error)
             self.transport.loseConnection()
 
     # -- back-pressure on our replies (IPushProducer, registered with our own transport)
@@ -194,6 +197,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
                 source=self.source, seconds=lockout, count=guard_.policy.max_source_failures,
             )
 
+
     # -- handshake: the verifier says what to send, the guard says when
 
     def handshake_received(self, message):
@@ -235,7 +239,10 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self._delayed = None
         if self.closing:  # timed out or shut down while it waited: the ERROR was the answer
             return
-        self.send_handshake(self.verifier.params())
+        # How long this address's next login would wait if this one fails: a client that asks
+        # again for a mistyped password can say so (it would measure it anyway).
+        retry_delay = self.factory.guard.delay_after_failure(self.source, self.username)
+        self.send_handshake(self.verifier.params(retry_delay))
 
     def _share(self):
         guard_ = self.factory.guard

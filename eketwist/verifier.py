@@ -164,8 +164,9 @@ class Verifier:
         elif type(state) not in (Delaying, ShareWaiting):  # waiting again is still waiting
             raise AssertionError(f"nothing to wait for in {state_name(state)}")
 
-    def params(self):
-        """PARAMS for the named user (or the fake)."""
+    def params(self, retry_delay=None):
+        """PARAMS for the named user (or the fake); `retry_delay`, version 2: the seconds the
+        next login from this address will wait if this one fails."""
         state = self.state
         assert isinstance(state, Named) and type(state) in (Named, Delaying), state_name(state)
         self.state = AwaitingShare(state.name, state.user, state.known, state.users)
@@ -175,8 +176,10 @@ class Verifier:
             "salt": state.user.salt.hex(),
             "scrypt": {key: state.user.scrypt[key] for key in ("n", "r", "p")},
         }
-        if self.version != 1:  # a version 1 client knows no such member
+        if self.version != 1:  # a version 1 client knows no such members
             params["version"] = self.version
+            if retry_delay is not None:
+                params["retry_delay"] = round(retry_delay, 3)
         return params
 
     def answer(self):

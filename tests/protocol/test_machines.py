@@ -91,7 +91,7 @@ def test_a_whole_handshake_message_by_message():
     assert server_where(server) == (verifier.AwaitingShare, "share")
 
     event = client.receive(trip(params))
-    assert event == prover.Params(SERVER, ALICE.salt, FAST_SCRYPT)
+    assert event == prover.Params(SERVER, ALICE.salt, FAST_SCRYPT, 0.0)
     assert client_where(client) == (prover.Deriving, "deriving")
     assert client.state.server_id == SERVER
 
@@ -864,7 +864,7 @@ def params(**changes):
 ])
 def test_params_within_bounds_are_accepted(message, server, salt, scrypt):
     client = client_awaiting_params()
-    assert client.receive(message) == prover.Params(server, salt, scrypt)
+    assert client.receive(message) == prover.Params(server, salt, scrypt, 0.0)
     assert client_where(client) == (prover.Deriving, "deriving") and client.state.server_id == server
 
 
