@@ -10,35 +10,63 @@ started scrypt (eketwist.prelude): the two then overlap instead of adding up.
 """
 
 import argparse
+import contextlib
 import gc
-import getpass
 import os
+import signal
 import sys
 
-from . import errors
+from . import __version__, errors
 from .errors import EketwistError, UsageError
 from .prelude import Prelude
 from .tuning import tune_allocator
 
 DEFAULT_PORT = 4000
+# Longer than any link's silence a user would wait out; beyond it the socket calls refuse.
+MAX_TIMEOUT = 365 * 24 * 3600
 
 
-def _environ_default(name, fallback):
-    return os.environ.get(name) or fallback
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in two lines, the problem and where to look, not the whole synopsis."""
+
+    def error(self, message):
+        self.exit(errors.EXIT_USAGE, f"{self.prog}: {message}\nTry '{self.prog} --help' for more information.\n")
+
+
+def port_number(text):
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (1-65535): {text!r}")
+    return port
+
+
+def seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= MAX_TIMEOUT:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {MAX_TIMEOUT} seconds: {text!r}")
+    return value
 
 
 def _add_common_options(parser, suppress):
-    """Options accepted before or after the command (`eke-client -q get x`, `eke-client get -q x`)."""
+    """Options accepted before or after the command (`eke-client -q get x`, `eke-client get -q x`).
+    --host and --port default to None: check_arguments fills them in, from the environment
+    or the defaults, and knows whether they were given."""
 
     def default(value):
         return argparse.SUPPRESS if suppress else value
 
     parser.add_argument(
-        "--host", default=default(_environ_default("EKE_HOST", "127.0.0.1")),
+        "--host", default=default(None),
         help="server host name or address (default: $EKE_HOST or 127.0.0.1)",
     )
     parser.add_argument(
-        "--port", type=int, default=default(int(_environ_default("EKE_PORT", DEFAULT_PORT))),
+        "--port", type=port_number, default=default(None),
         help=f"server TCP port (default: $EKE_PORT or {DEFAULT_PORT})",
     )
     parser.add_argument(
@@ -63,7 +91,7 @@ def _add_common_options(parser, suppress):
         help="read the password from the first line of FILE",
     )
     parser.add_argument(
-        "--timeout", type=float, default=default(30.0),
+        "--timeout", type=seconds, default=default(30.0),
         help="give up when the server makes no progress for this many seconds (default: 30)",
     )
     parser.add_argument("--quiet", "-q", action="store_true", default=default(False), help="print nothing but errors and results")
@@ -74,8 +102,52 @@ def _add_common_options(parser, suppress):
     )
 
 
+def check_arguments(parser, args, environ=os.environ):
+    """What argparse cannot check alone: the environment's defaults and options that
+    contradict each other, all before connecting (a usage error names the option, exit 2)."""
+    if not args.user:
+        parser.error("--user is required (or set EKE_USER)")
+    if args.connect:
+        for option, value in (("--host", args.host), ("--port", args.port), ("--tls", args.tls)):
+            if value:
+                parser.error(f"{option} and --connect do not go together: the endpoint names the host and port (and can say tls: itself)")
+    if args.ca_file and not args.tls:
+        parser.error("--ca-file goes with --tls")
+    if args.host is None:
+        args.host = environ.get("EKE_HOST") or "127.0.0.1"
+    if args.port is None:
+        try:
+            args.port = port_number(environ.get("EKE_PORT") or str(DEFAULT_PORT))
+        except argparse.ArgumentTypeError as problem:
+            parser.error(f"EKE_PORT: {problem}")
+    _check_paths(parser, args)
+    if args.tls:
+        try:
+            args.tls = ssl_options(args)  # read now: a bad --ca-file is a usage error
+        except UsageError as problem:
+            parser.error(problem.message)
+
+
+def _check_paths(parser, args):
+    """The command's local paths, as far as they can be judged before connecting."""
+    if args.command == "put":
+        *sources, last = args.paths
+        sources = sources or [last]
+        if "-" in sources:
+            parser.error("put -: reading from stdin is not supported: save it to a file and put that")
+        if not args.recursive:
+            for local in sources:
+                if os.path.isdir(local):
+                    parser.error(f"{local}: a directory: put -r sends it with its contents")
+    elif args.command == "get" and args.paths[-1] == "-" and len(args.paths) > 1:
+        if len(args.paths) > 2 or args.recursive:
+            parser.error("get REMOTE -: one file only to stdout")
+        if args.json:
+            parser.error("get REMOTE - writes the file to stdout: no room for --json there")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="eke-client",
         description=(
             "Fetch and send files to an eketwist server. Client and server prove to each other "
@@ -88,25 +160,30 @@ def build_parser():
         "  EKE_PASSWORD                  the password (otherwise --password-file or a prompt)\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"eke-client {__version__}")
     _add_common_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     get = commands.add_parser(
         "get", help="download files or directories",
         description="Download REMOTE (a path inside your root on the server) to LOCAL: by default "
-        "its name in the current directory; an existing directory receives it inside. With several "
-        "REMOTEs the last argument must be an existing directory. An interrupted download leaves "
-        "LOCAL.part, and the same command continues from it.",
+        "its name in the current directory; an existing directory receives it inside; - writes it "
+        "to stdout (once verified). With several REMOTEs the last argument must be an existing "
+        "directory. A local file that is the same as the server's (size and modification time) is "
+        "skipped; one that differs is replaced only with --force, as put does. An interrupted "
+        "download leaves LOCAL.part, and the same command continues from it.",
     )
     get.add_argument("paths", nargs="+", metavar="REMOTE... [LOCAL]")
     get.add_argument("-r", "--recursive", action="store_true", help="download directories and their contents")
+    get.add_argument("-f", "--force", action="store_true", help="replace local files that differ from the server's")
     get.add_argument("--no-resume", action="store_true", help="start over instead of continuing a .part file")
 
     put = commands.add_parser(
         "put", help="upload files or directories (needs a read-write account)",
         description="Upload LOCAL to REMOTE: by default its name at the top of your root; an "
         "existing remote directory receives it inside. With several LOCALs the last argument must "
-        "be an existing remote directory. An existing remote file is replaced only with --force. "
+        "be an existing remote directory. A remote file that is the same as LOCAL (size and "
+        "modification time) is skipped; one that differs is replaced only with --force. "
         "An interrupted upload continues when the same command is run again.",
     )
     put.add_argument("paths", nargs="+", metavar="LOCAL... [REMOTE]")
@@ -129,21 +206,46 @@ def build_parser():
     return parser
 
 
-def read_password(args, environ=os.environ):
+# Tries at an interactive prompt: each a new connection, and each counted by the server.
+PASSWORD_TRIES = 3
+
+
+def read_password(args, reporter, environ=os.environ):
+    """The password, and whether it came from the prompt (then a wrong one may be retyped)."""
     if args.password_file:
+        name = args.password_file
         try:
-            with open(args.password_file, encoding="utf-8") as handle:
+            with open(name, encoding="utf-8") as handle:
+                if os.fstat(handle.fileno()).st_mode & 0o077:
+                    reporter.warn(f"{name}: others can read this password file (chmod 600 {name})")
                 password = handle.readline().rstrip("\r\n")
         except OSError as problem:
-            raise UsageError(f"{args.password_file}: cannot read the password: {problem.strerror}") from None
-    elif "EKE_PASSWORD" in environ:
+            raise UsageError(f"--password-file {name}: cannot read it: {problem.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--password-file {name}: not UTF-8 text") from None
+        if not password:
+            raise UsageError(f"--password-file {name}: its first line is empty")
+        return password, False
+    if "EKE_PASSWORD" in environ:
         # Taken out of the environment: os.environ would keep a copy for the process's life.
         password = environ.pop("EKE_PASSWORD")
-    else:
+        if not password:
+            raise UsageError("EKE_PASSWORD is empty")
+        return password, False
+    return prompt_password(args.user), True
+
+
+def prompt_password(user):
+    import getpass
+    import warnings
+
+    # Without a terminal getpass would read stdin with a warning that it may echo: refused.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", getpass.GetPassWarning)
         try:
-            password = getpass.getpass(f"Password for {args.user}: ")
-        except (EOFError, OSError):
-            raise UsageError("no password: use --password-file, EKE_PASSWORD, or a terminal") from None
+            password = getpass.getpass(f"Password for {user}: ")
+        except (EOFError, OSError, getpass.GetPassWarning):
+            raise UsageError("no password: use --password-file, EKE_PASSWORD, or run on a terminal") from None
     if not password:
         raise UsageError("the password is empty")
     return password
@@ -153,40 +255,71 @@ def make_endpoint(reactor, args):
     from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
 
     if args.connect:
-        if args.tls:
-            raise UsageError("--tls goes with --host and --port (a --connect endpoint can say tls: itself)")
         try:
             return clientFromString(reactor, args.connect)
-        except (ValueError, TypeError, KeyError) as problem:
-            raise UsageError(f"bad --connect endpoint: {problem}") from None
+        except Exception as problem:  # a parser's ValueError, KeyError, an unknown plugin...
+            raise UsageError(f"--connect {args.connect}: not a client endpoint: {problem}") from None
     endpoint = HostnameEndpoint(reactor, args.host, args.port, timeout=args.timeout)
     if args.tls:
-        from twisted.internet import ssl
-
-        if args.ca_file:
-            try:
-                with open(args.ca_file, "rb") as handle:
-                    trust = ssl.Certificate.loadPEM(handle.read())
-            except (OSError, ValueError, ssl.SSL.Error) as problem:
-                raise UsageError(f"--ca-file {args.ca_file}: cannot read a PEM certificate: {problem}") from None
-        else:
-            trust = ssl.platformTrust()
         # service_identity checks the certificate's names against --host.
-        endpoint = wrapClientTLS(ssl.optionsForClientTLS(args.host, trustRoot=trust), endpoint)
-    elif args.ca_file:
-        raise UsageError("--ca-file goes with --tls")
+        endpoint = wrapClientTLS(args.tls, endpoint)
     return endpoint
 
 
-async def connect(reactor, args, password, prelude):
+def ssl_options(args):
+    from twisted.internet import ssl
+
+    if not args.ca_file:
+        return ssl.optionsForClientTLS(args.host, trustRoot=ssl.platformTrust())
+    try:
+        with open(args.ca_file, "rb") as handle:
+            pem = handle.read()
+    except OSError as problem:
+        raise UsageError(f"--ca-file {args.ca_file}: {problem.strerror}") from None
+    try:
+        trust = ssl.Certificate.loadPEM(pem)
+    except Exception:  # OpenSSL.crypto.Error, and anything else its parser raises
+        raise UsageError(f"--ca-file {args.ca_file}: not a PEM certificate") from None
+    return ssl.optionsForClientTLS(args.host, trustRoot=trust)
+
+
+def where(args):
+    """The server as the user named it, for messages."""
+    if args.connect:
+        return args.connect
+    return f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+
+
+def _why_not_connected(problem):
+    from twisted.internet import error
+
+    reasons = [
+        (error.ConnectionRefusedError, "connection refused (is the server running, on this port?)"),
+        (error.DNSLookupError, "unknown host name"),
+        (error.TimeoutError, "timed out"),
+        (error.NoRouteError, "no route to the host"),
+    ]
+    for kind, reason in reasons:
+        if isinstance(problem, kind):
+            return reason
+    if isinstance(problem, error.ConnectError) and problem.osError is not None:
+        return getattr(problem.osError, "strerror", None) or str(problem.osError)
+    return str(problem) or type(problem).__name__
+
+
+async def connect(reactor, args, password, prelude, stop, reporter):
     """An authenticating ClientProtocol: on the Prelude's socket when there is one, else
     through the endpoint, taking the password out of `password` (see main)."""
+    from twisted.internet.defer import CancelledError
     from twisted.internet.protocol import Factory
 
     from .client_protocol import ClientProtocol
 
     if prelude is not None:
-        derived = prelude.wait()  # usually done already: scrypt ran while we were importing
+        with stop.blocking():  # usually done already: scrypt ran while we were importing
+            derived = prelude.wait(lambda: reporter.say(
+                "waiting for the server's answer (a server delays logins from an address after failed ones)"
+            ))
         client = ClientProtocol(args.user, None, timeout=args.timeout, derived=derived)
         reactor.adoptStreamConnection(prelude.sock.fileno(), prelude.sock.family, Factory.forProtocol(lambda: client))
         prelude.sock.close()  # Twisted holds its own duplicate
@@ -197,27 +330,110 @@ async def connect(reactor, args, password, prelude):
     endpoint = make_endpoint(reactor, args)
     try:
         return await connectProtocol(endpoint, ClientProtocol(args.user, password.pop(), timeout=args.timeout))
+    except CancelledError:
+        raise
     except Exception as problem:
-        raise errors.ConnectionFailed(f"cannot connect to the server: {problem}") from None
+        raise errors.ConnectionFailed(f"cannot connect to {where(args)}: {_why_not_connected(problem)}") from None
 
 
-async def run(reactor, args, password, reporter, prelude=None):
+async def login(reactor, args, password, prompted, reporter, stop, prelude):
+    """An authenticated ClientProtocol. A password typed at the prompt may be typed again
+    after a failure, PASSWORD_TRIES times in all (each a new login the server counts)."""
+    for attempt in range(1, PASSWORD_TRIES + 1):
+        client = await connect(reactor, args, password, prelude, stop, reporter)
+        stop.client = client
+        try:
+            await client.authenticated_deferred
+            return client
+        except errors.AuthenticationFailed as failure:
+            await close(reactor, client)
+            if not prompted or attempt == PASSWORD_TRIES:
+                raise
+            reporter.error(failure.message)
+            with stop.blocking():
+                password.append(prompt_password(args.user))
+            if client.retry_delay:
+                reporter.say(
+                    f"the server slows down logins from this address after failed ones: its answer "
+                    f"will take {client.retry_delay:g} s"
+                )
+            prelude = None
+        except BaseException:
+            await close(reactor, client)
+            raise
+    raise AssertionError("unreachable")
+
+
+async def close(reactor, client):
+    """Let the last message (a goodbye or an error) reach the server before we exit."""
+    client.close()
+    await client.when_closed.addTimeout(5, reactor).addErrback(lambda _: None)
+
+
+async def run(reactor, args, password, prompted, reporter, stop, prelude=None):
     # Imported here, like Twisted: never for --help or a usage error, and while scrypt runs.
     from .commands import COMMANDS, Session
 
-    client = await connect(reactor, args, password, prelude)
-    session = Session(client, reporter)
+    client = await login(reactor, args, password, prompted, reporter, stop, prelude)
+    session = Session(client, reporter, args.command)
     try:
-        await client.authenticated_deferred
         # Everything is imported: spare the cyclic collector from walking those objects again
         # while data flows (its full passes were 2% of a 1 GiB put's CPU).
         gc.freeze()
         await COMMANDS[args.command](session, args)
     finally:
-        # Let the last message (a goodbye or an error) reach the server before we exit.
-        client.close()
-        await client.when_closed.addTimeout(5, reactor).addErrback(lambda _: None)
+        await close(reactor, client)
     return session.first_error
+
+
+class Interruption:
+    """SIGINT, SIGTERM and a closed output, turned into an orderly end of the command: the
+    connection is cut (what has come is kept for a resume), the command's Deferreds fail with
+    the cause, and it is reported like any failure (exit 128 + the signal). Twisted's own
+    handlers are not installed: they stop the reactor, and the command would end silently."""
+
+    def __init__(self):
+        self.error = None
+        self.reactor = None  # while the reactor runs and nothing blocks it
+        self.client = None
+        self.command = None  # the command's Deferred
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            # Ignored by whoever started us (nohup, a shell's background job): left so.
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, self._signalled)
+
+    def _signalled(self, signum, frame):
+        if self.error is not None:  # a second time: the user means it
+            os._exit(errors.EXIT_SIGNAL_BASE + signum)
+        self.error = errors.Interrupted(signum)
+        if self.reactor is None:
+            raise self.error  # out of whatever blocks: the prompt, the first round, imports
+        self.reactor.callFromThread(self._stop)
+
+    def output_closed(self):
+        """Called on the reactor's thread when stdout or stderr is a closed pipe."""
+        if self.error is None:
+            self.error = errors.OutputClosed()
+            self._stop()
+
+    def _stop(self):
+        if self.client is not None and not self.client.closing:
+            self.client.interrupt(self.error)
+        elif self.command is not None:
+            self.command.cancel()
+
+    @contextlib.contextmanager
+    def blocking(self):
+        """Around a call that blocks the reactor's thread: a signal raises out of it."""
+        reactor, self.reactor = self.reactor, None
+        try:
+            if self.error is not None:
+                raise self.error
+            yield
+        finally:
+            self.reactor = reactor
 
 
 def _load_on_first_use(name):
@@ -244,47 +460,93 @@ def _load_on_first_use(name):
 
 def main(argv=None):
     tune_allocator()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.user:
-        parser.error("--user is required (or set EKE_USER)")
-    # Past --help and usage errors, which do without it (and its escaping's regular expressions).
-    from .report import Reporter
+    stop = Interruption()
+    stop.install()
+    reporter = error = args = None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        check_arguments(parser, args)
+        # Past --help and usage errors, which do without it (and its escaping's regular expressions).
+        from .report import Reporter
 
-    reporter = Reporter(args)
+        reporter = Reporter(args, on_output_closed=stop.output_closed)
+        error = _command(args, reporter, stop)
+    except EketwistError as failure:  # an interrupt before or after the reactor ran
+        error = failure
+    except Exception as unexpected:  # a bug: one line, the traceback only when asked for
+        if os.environ.get("EKE_DEBUG"):
+            raise
+        error = EketwistError(
+            f"unexpected failure (a bug; EKE_DEBUG=1 shows where): {type(unexpected).__name__}: {unexpected}"
+        )
+    sys.exit(_report_end(args, reporter, error))
+
+
+def _command(args, reporter, stop):
+    """Run the command on a reactor; the error that ends it, or None."""
     early = None
+    prompted = False
     # The password in a list that whoever runs scrypt empties (the Prelude, or the protocol
     # machine, which drops it once scrypt has started): no frame of ours keeps it meanwhile.
     password = []
     try:
-        password.append(read_password(args))
+        typed, prompted = read_password(args, reporter)
+        password.append(typed)
+        del typed
         if not (args.connect or args.tls):
             # The imports below (Twisted, with pyOpenSSL, and the curve code) now overlap the
             # first round and scrypt in the prelude's thread: measured, a 1 KiB get takes the
             # same whether or not pyOpenSSL and cffi are kept out (379 ms both, 60 pairs).
             early = Prelude(args.host, args.port, args.user, password.pop(), args.timeout)
+    except errors.Interrupted:
+        raise
     except EketwistError as failure:
         early = failure
 
     _load_on_first_use("http.cookiejar")
-    from twisted.internet import defer, task
+    from twisted.internet import defer, reactor
+    from twisted.python.failure import Failure
 
-    async def react_main(reactor):
-        error = None
-        try:
-            if isinstance(early, EketwistError):
-                raise early
-            error = await run(reactor, args, password, reporter, early)
-        except EketwistError as failure:
-            error = failure
-            if not any(f.get("error", {}).get("message") == failure.message for f in reporter.files):
-                reporter.error(failure.message)
-        if args.command != "ls" or error is not None:
-            reporter.finish(args.command, error)
+    async def command():
+        if isinstance(early, EketwistError):
+            raise early
+        return await run(reactor, args, password, prompted, reporter, stop, early)
+
+    outcome = []
+
+    def start():
+        stop.reactor = reactor
+        stop.command = defer.ensureDeferred(command())
+        stop.command.addBoth(outcome.append)
+        stop.command.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
+    stop.reactor = None
+    result = outcome[0]
+    if not isinstance(result, Failure):
+        return result
+    if stop.error is not None:  # whatever failed once we had cut the connection
+        return stop.error
+    if result.check(EketwistError):
+        return result.value
+    result.raiseException()
+
+
+def _report_end(args, reporter, error):
+    """Say how the command ended (stderr, and --json's document); its exit status."""
+    if reporter is None:  # before the command line was read
         if error is not None:
-            raise SystemExit(error.exit_code)
-
-    task.react(lambda reactor: defer.ensureDeferred(react_main(reactor)))
+            sys.stderr.write(f"eke-client: {error.message}\n")
+        return error.exit_code if error is not None else 0
+    if isinstance(error, errors.OutputClosed):
+        return error.exit_code  # nowhere to say anything, and nothing to say
+    if error is not None and not any(f.get("error", {}).get("message") == error.message for f in reporter.files):
+        reporter.error(error.message)
+    if args.command != "ls" or error is not None:
+        reporter.finish(args.command, error)
+    return error.exit_code if error is not None else 0
 
 
 if __name__ == "__main__":

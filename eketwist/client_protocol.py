@@ -16,7 +16,7 @@ from twisted.protocols.policies import TimeoutMixin
 
 from . import errors, files, pbkdf, prover, requesting, wire
 from .connection import SecureConnection, send_file
-from .errors import ConnectionFailed, EketwistError, LocalIOError, NotAFile, TryLater
+from .errors import ConnectionFailed, EketwistError, LocalIOError, TryLater
 from .prover import Prover
 
 
@@ -59,6 +59,11 @@ def _has_data(request):
     return request.part is not None and request.part.size > 0
 
 
+# A cut connection (a server shutting down says so, a user's interrupt) keeps a .part for a
+# later resume; bad data does not.
+_KEEP_PART = (ConnectionFailed, TryLater, errors.Interrupted, errors.OutputClosed)
+
+
 class ClientProtocol(SecureConnection, TimeoutMixin):
     log = Logger()
     PEER = "server"
@@ -86,6 +91,8 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self.authenticated_deferred = Deferred()
         self._authentication_settled = False
         self.server_id = None
+        # What the server said a failed login here would make the next one wait (PARAMS).
+        self.retry_delay = derived.retry_delay if derived is not None else 0.0
         self.requesting = None  # the request machine, from authentication on
         self._first_round = derived
         self.prover = derived.prover if derived is not None else Prover(username, versions)
@@ -174,6 +181,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
 
     def _derive(self, params):
         self.server_id = params.server_id
+        self.retry_delay = params.retry_delay
         password, self._password = self._password, None
         derived = threads.deferToThread(
             pbkdf.register, password.encode("utf-8"), params.salt, self.username.encode("utf-8"), **params.scrypt
@@ -309,8 +317,8 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         {"remote", "path", "size", "sha1", "resumed_from"}."""
         try:
             part = files.PartFile(
-                local, local + files.CLIENT_PART_SUFFIX, os.path.basename(local), lock=True, private=True,
-                write_in_place=self.WRITE_IN_PLACE,
+                local, local + files.CLIENT_PART_SUFFIX, local, lock=True, private=True,
+                write_in_place=self.WRITE_IN_PLACE, local=True,
             )
         except EketwistError as error:
             return fail(error)
@@ -367,16 +375,12 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         {"remote", "path", "size", "sha1", "resumed_from"}."""
         try:
             handle = open(local, "rb", buffering=0)
-        except FileNotFoundError:
-            return fail(LocalIOError(f"{local}: no such file"))
-        except IsADirectoryError:
-            return fail(NotAFile(f"{local}: is a directory (use -r)"))
         except OSError as problem:
-            return fail(LocalIOError(f"{local}: cannot read: {problem.strerror}"))
+            return fail(LocalIOError(f"local {local}: cannot read it: {problem.strerror}"))
         st = os.fstat(handle.fileno())
         if not stat_module.S_ISREG(st.st_mode):
             handle.close()
-            return fail(NotAFile(f"{local}: not a regular file"))
+            return fail(LocalIOError(f"local {local}: not a regular file"))
         request = _Request(remote, progress, local=local, size=st.st_size, resumed_from=0)
         request.handle = handle
         message = {
@@ -478,7 +482,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
 
     def peer_error(self, message):
         """An ERROR in the handshake: it ends the connection."""
-        self._fail_pending(errors.from_wire(str(message.get("code")), message.get("message")))
+        self._fail_pending(errors.from_wire(message))
         self.close()
 
     def _internal_failure(self, failure):
@@ -492,14 +496,20 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         super().fail(error)
         self._fail_pending(error)
 
+    def interrupt(self, error):
+        """The user stopped the command (a signal, a closed output): what has come is kept
+        for a resume, and the server is told nothing more than a closed connection."""
+        if self.closing:
+            return
+        self._fail_pending(error)
+        self.close()
+
     def _fail_pending(self, error):
         if self._end_reason is None:
             self._end_reason = error
         unsent = self.outbox.abandon()
         for request in [*(self.requesting.abandon() if self.requesting is not None else ()), *unsent]:
-            # A cut connection (a server shutting down says so) keeps the .part for a later
-            # resume; bad data does not.
-            request.cleanup(keep_part=isinstance(error, (ConnectionFailed, TryLater)) and _has_data(request))
+            request.cleanup(keep_part=isinstance(error, _KEEP_PART) and _has_data(request))
             self._later(request.deferred, error)
         self._settle_authentication(error)
 

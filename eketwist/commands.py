@@ -6,6 +6,7 @@ transfer and the side their directories are made on.
 """
 
 import os
+import sys
 import time
 
 from . import errors
@@ -13,11 +14,16 @@ from .errors import EketwistError, UsageError
 from .files import local_mode
 from .report import InOrder
 from .plan import (
-    AlreadyComplete, MakeDirectory, SkipContents, Transfer, get_arguments, get_target, get_tree,
-    put_target, put_tree, same_file,
+    MISSING, SAME, AlreadyComplete, Differs, MakeDirectory, SkipContents, Transfer, get_arguments, get_target,
+    get_tree, local_state, put_target, put_tree, same_file,
 )
 
-FATAL = (errors.ConnectionFailed, errors.ProtocolError, errors.IntegrityError, errors.AuthenticationFailed)
+FATAL = (
+    errors.ConnectionFailed, errors.ProtocolError, errors.IntegrityError, errors.AuthenticationFailed,
+    errors.Interrupted, errors.OutputClosed,
+)
+# Ends of the command itself, said once at its end, not for every file it cut short.
+STOPPED = (errors.Interrupted, errors.OutputClosed)
 # Requests a command keeps unanswered on a version 2 connection: enough to cover a link's
 # round trip with small files (128 of 4 KiB is 512 KiB per round trip), few enough that the
 # open part files and pending results stay small.
@@ -49,28 +55,35 @@ async def pipelined(client, jobs):
 class Session:
     """One authenticated connection and the transfers run over it for one command."""
 
-    def __init__(self, client, reporter):
+    def __init__(self, client, reporter, direction):
         self.client = client
         self.reporter = reporter
+        self.direction = direction  # the command: "get", "put" or "ls"
         self.first_error = None
 
     def failed(self, name, error, record, report=None):
         report = report or self.reporter
+        if isinstance(error, STOPPED):
+            record.update(status="interrupted")
+            report.done(record)
+            raise error
         record.update(status="error", error={"code": error.code, "message": error.message})
         report.done(record)
-        report.error(error.message if error.message.startswith(name) else f"{name}: {error.message}")
+        named = error.message.startswith((name, f"local {name}"))
+        report.error(error.message if named else f"{name}: {error.message}")
         if self.first_error is None:
             self.first_error = error
         if isinstance(error, FATAL) or self.client.closing:
             raise error
 
-    async def transfer(self, direction, source, destination, report=None, **options):
+    async def transfer(self, direction, source, destination, report=None, shown_as=None, **options):
         """One file, get or put; records the outcome (through `report`, the Reporter or its
-        stand-in); raises only when the connection is gone."""
+        stand-in), the local file named `shown_as` if given; raises only when the connection
+        is gone."""
         report = report or self.reporter
         remote = source if direction == "get" else destination
         local = destination if direction == "get" else source
-        record = {"remote": remote, "local": local}
+        record = {"remote": remote, "local": shown_as or local}
         started = time.monotonic()
         try:
             if direction == "get":
@@ -81,29 +94,29 @@ class Session:
             # Rerunning a put that was cut after the server stored the file: nothing to do.
             theirs = None if self.client.closing else await self.remote_entry(remote)
             if theirs is not None and theirs["kind"] == "file" and same_file(os.stat(local), theirs):
-                self.skipped(local, remote, "already on the server", report)
+                self.skipped(remote, local, UP_TO_DATE, report)
                 return None
             self.failed(local, error, record, report)
             return None
         except EketwistError as error:
-            self.failed(remote if direction == "get" else local, error, record, report)
+            # The server's errors name the remote file; ours, the local one.
+            from_server = error.code in errors.WIRE_CODES and not error.message.startswith("local ")
+            self.failed(remote if direction == "get" or from_server else local, error, record, report)
             return None
         seconds = time.monotonic() - started
         record.update(
             status="ok", bytes=result["size"], sha1=result["sha1"], seconds=round(seconds, 6),
             resumed_from=result["resumed_from"],
         )
-        moved = result["size"] - result["resumed_from"]
-        rate = moved / seconds / 1e6 if seconds > 0 else 0.0
-        resumed = f", resumed at {result['resumed_from']}" if result["resumed_from"] else ""
-        report.say(f"{local if direction == 'get' else remote}: {result['size']} bytes verified in {seconds:.2f} s ({rate:.1f} MB/s{resumed})")
+        report.verified(shown_as or local if direction == "get" else remote, result["size"], result["resumed_from"], seconds)
         report.done(record)
         return result
 
     def skipped(self, remote, local, reason, report=None):
+        """A file not transferred, named by its source in the status line."""
         report = report or self.reporter
         report.done({"remote": remote, "local": local, "status": "skipped", "reason": reason})
-        report.say(f"{remote}: skipped ({reason})")
+        report.say(f"{remote if self.direction == 'get' else local}: skipped ({reason})")
 
     async def remote_entry(self, remote):
         try:
@@ -112,21 +125,78 @@ class Session:
             return None
 
 
+UP_TO_DATE = "already up to date"
+
+
 async def run_get(session, args):
     remotes, local = get_arguments(args.paths)
+    if local == "-":
+        await _get_to_stdout(session, remotes[0], args)
+        return
     executor = Executor(session, Download())
     for remote in remotes:
         target = get_target(remote, local)
         if not args.recursive:
-            executor.add([Transfer(remote, target)])
+            step = await _get_step(session, remote, target, args.force)
+            if step is not None:
+                executor.add([step])
             continue
         try:
             entries = await session.client.list(remote, recursive=True)
         except EketwistError as error:
             session.failed(remote, error, {"remote": remote, "local": target})
             continue
-        executor.add(get_tree(remote, target, entries))
+        executor.add(get_tree(remote, target, entries, force=args.force))
     await executor.run(resume=not args.no_resume)
+
+
+async def _get_step(session, remote, target, force):
+    """The step of a plain get, or None when it is reported already: its local directory
+    missing, or its local file already there (the same: skipped; different: refused without
+    --force, like put's)."""
+    record = {"remote": remote, "local": target}
+    problem = _local_directory_problem(target)
+    if problem is not None:
+        session.failed(remote, problem, record)
+        return None
+    if force or local_state(target, None) is MISSING:
+        return Transfer(remote, target)
+    entry = await session.remote_entry(remote)
+    if entry is None or entry["kind"] != "file":
+        return Transfer(remote, target)  # its GET says what is wrong
+    if local_state(target, entry) is SAME:
+        return AlreadyComplete(remote, target)
+    return Differs(remote, target)
+
+
+def _local_directory_problem(target):
+    directory = os.path.dirname(target) or "."
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        return errors.LocalIOError(f"local directory {directory} {what}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return errors.LocalIOError(f"local directory {directory}: permission denied")
+    return None
+
+
+async def _get_to_stdout(session, remote, args):
+    """`get REMOTE -`: the file is verified in a private temporary file, then copied to
+    stdout: nothing unverified is ever written out."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="eke-client-") as scratch:
+        local = os.path.join(scratch, "download")
+        if await session.transfer("get", remote, local, resume=False, shown_as="-") is None:
+            return
+        try:
+            with open(local, "rb") as verified:
+                shutil.copyfileobj(verified, sys.stdout.buffer, 1024 * 1024)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            session.reporter.output_was_closed()
+        except OSError as problem:
+            raise errors.LocalIOError(f"stdout: {problem.strerror}") from None
 
 
 async def run_put(session, args):
@@ -180,7 +250,10 @@ class Executor:
             elif isinstance(step, MakeDirectory):
                 self.directories.append(step)
             elif isinstance(step, AlreadyComplete):
-                self.session.skipped(*self.direction.ends(step), "already complete")
+                self.session.skipped(step.remote_path, step.local_path, UP_TO_DATE)
+            elif isinstance(step, Differs):
+                source, destination = self.direction.ends(step)
+                self.session.failed(source, self.direction.differs(destination), {"remote": step.remote_path, "local": step.local_path})
             elif isinstance(step, SkipContents):
                 reporter.warn(f"{step.path}: skipped its contents: {step.reason}")
             else:  # a Skip
@@ -240,6 +313,10 @@ class Download:
             os.utime(step.local_path, (step.mtime, step.mtime))
         except OSError as problem:
             raise errors.LocalIOError(f"{step.local_path}: cannot set its mode and time: {problem.strerror}") from None
+
+    @staticmethod
+    def differs(local):
+        return errors.Exists(f"local {local}: exists and differs (use --force to replace it)")
 
     @staticmethod
     def total_bytes(transfers):

@@ -95,7 +95,15 @@ def hash_file_prefix(path, length, dir_fd=None):
             return None
 
 
-def storage_error(problem, shown_name):
+def storage_error(problem, shown_name, local=False):
+    """The error a failed file operation reports: on a server, what the client is told; on
+    the client (`local`), one that says the problem is on this machine."""
+    if local:
+        if problem.errno in (errno.ENOSPC, errno.EDQUOT):
+            return NoSpace(f"local {shown_name}: no space left on this disk")
+        if problem.errno == errno.EFBIG:
+            return NoSpace(f"local {shown_name}: file too large for this filesystem")
+        return LocalIOError(f"local {shown_name}: {problem.strerror}")
     if problem.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{shown_name}: no space left on the receiving disk")
     if problem.errno == errno.EFBIG:
@@ -355,7 +363,7 @@ class PartFile:
     """
 
     def __init__(self, destination, part, shown_name=None, *, lock=False, private=False, dir_fd=None, label=None,
-                 write_in_place=0):
+                 write_in_place=0, local=False):
         """`private`: an existing part file is used only when it is a regular file of ours,
         with no other name (a hard link would make us read and write another file), that no
         one else can write: in a directory others may write to, someone may have put anything
@@ -365,8 +373,11 @@ class PartFile:
         thread rather than a worker's: copying a few KiB into the page cache costs less than
         handing them to a worker and waiting for it at the end (measured on the client: that
         hand-over was most of a 1,000-file tree's time). A client serves no one else; a server leaves it at 0, so that a disk that
-        stalls holds up only its own uploader, never the reactor."""
+        stalls holds up only its own uploader, never the reactor.
+
+        `local`: the client's own file; its errors say so (see storage_error)."""
         self.destination = destination
+        self._local = local
         self.part = part
         self.shown_name = shown_name or os.path.basename(destination)
         self._dir_fd = None
@@ -378,7 +389,7 @@ class PartFile:
             fd = os.open(part, flags, 0o600, dir_fd=self._dir_fd)
         except OSError as problem:
             self._close_directory()
-            raise storage_error(problem, self.shown_name) from None
+            raise storage_error(problem, self.shown_name, self._local) from None
         if private:
             # Checked on the descriptor: another user's part file would read our download.
             st = os.fstat(fd)
@@ -396,7 +407,8 @@ class PartFile:
             except OSError:
                 os.close(fd)
                 self._close_directory()
-                raise Busy(f"{self.shown_name}: another transfer to this file is in progress") from None
+                where = "local " if local else ""
+                raise Busy(f"{where}{self.shown_name}: another transfer to this file is in progress") from None
         if label is not None:
             try:
                 os.setxattr(fd, PART_LABEL, label)
@@ -417,7 +429,7 @@ class PartFile:
             try:
                 writer.close()
             except OSError as problem:
-                raise storage_error(problem, self.shown_name) from None
+                raise storage_error(problem, self.shown_name, self._local) from None
 
     def prefix_hasher(self):
         """A function, for a thread, giving the SHA-1 state over what the part file holds now
@@ -466,7 +478,7 @@ class PartFile:
                     self._writer = WriteBehind(self._file)
                 behind = self._writer.submit(data)
         except OSError as problem:
-            raise storage_error(problem, self.shown_name) from None
+            raise storage_error(problem, self.shown_name, self._local) from None
         self.size += len(data)
         return behind
 
@@ -557,7 +569,7 @@ class PartFile:
             raise Exists(f"{self.shown_name}: already exists (use --force to replace it)") from None
         except OSError as problem:
             self.abort(keep_part=True)
-            raise storage_error(problem, self.shown_name) from None
+            raise storage_error(problem, self.shown_name, self._local) from None
 
     def directory_key(self):
         """What identifies the directory the file is named in (files that share it share one
@@ -566,7 +578,7 @@ class PartFile:
             try:
                 st = os.fstat(self._dir_fd)
             except OSError as problem:
-                raise storage_error(problem, self.shown_name) from None
+                raise storage_error(problem, self.shown_name, self._local) from None
             return st.st_dev, st.st_ino
         return os.path.dirname(os.path.abspath(self.destination))
 
@@ -578,7 +590,7 @@ class PartFile:
                 _fsync_directory(os.path.dirname(os.path.abspath(self.destination)), self._dir_fd)
             self.stored = os.stat(self.destination, dir_fd=self._dir_fd, follow_symlinks=False)
         except OSError as problem:
-            raise storage_error(problem, self.shown_name) from None
+            raise storage_error(problem, self.shown_name, self._local) from None
         finally:
             self._close_directory()
 

@@ -74,6 +74,13 @@ class AlreadyComplete(_Named):
     __slots__ = ()
 
 
+class Differs(_Named):
+    """A file of a tree that the destination already has, different (its size or mtime): not
+    replaced without --force, either way (put's are refused by the server)."""
+
+    __slots__ = ()
+
+
 class MakeDirectory(_Named):
     """Made (on the destination's side) before any file is transferred, parents first. Given
     `mode` and `mtime` after every transfer, contents before their parents (whatever is written
@@ -135,9 +142,10 @@ def get_target(remote, local):
     return local
 
 
-def get_tree(remote, target, entries):
+def get_tree(remote, target, entries, force=False):
     """The steps of `get -r` from `remote` to the local `target`, given the remote's recursive
-    listing `entries` (as the server sends them: parents before their contents)."""
+    listing `entries` (as the server sends them: parents before their contents). A local file
+    that differs is replaced only with `force`."""
     if len(entries) == 1 and entries[0]["kind"] == "file" and entries[0]["name"] == remote_basename(remote):
         yield Transfer(remote, target)  # a file named with -r
         return
@@ -148,16 +156,31 @@ def get_tree(remote, target, entries):
             yield MakeDirectory(remote, target, entry["name"], entry["mode"], entry["mtime"])
         elif kind == "file":
             step = Transfer(remote, target, entry["name"])
-            yield AlreadyComplete(remote, target, entry["name"]) if _have_locally(step.local_path, entry) else step
+            here = local_state(step.local_path, entry)
+            if here is SAME:
+                yield AlreadyComplete(remote, target, entry["name"])
+            elif here is DIFFERENT and not force:
+                yield Differs(remote, target, entry["name"])
+            else:
+                yield step
         else:
             yield Skip(remote_join(remote, entry["name"]), f"a {kind}, not a regular file or directory")
 
 
-def _have_locally(path, entry):
+MISSING, SAME, DIFFERENT = "missing", "same", "different"
+
+
+def local_state(path, entry):
+    """Whether the local `path` is MISSING, the SAME file as the listing's `entry`, or a
+    DIFFERENT one (any file, with no `entry`; a directory there is left for the transfer to
+    report)."""
     try:
-        return same_file(os.stat(path), entry)
+        st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):  # not there (a file where a directory goes
-        return False  # is reported when the directory is made)
+        return MISSING  # is reported when the directory is made)
+    if not stat.S_ISREG(st.st_mode):
+        return MISSING
+    return SAME if entry is not None and same_file(st, entry) else DIFFERENT
 
 
 def put_target(local, remote, into_directory):

@@ -18,13 +18,18 @@ from .prover import Prover
 class FirstRound:
     """What the Protocol takes over: the machine in Deriving, scrypt's result, the decoder."""
 
-    __slots__ = ("prover", "decoder", "w0", "w1")
+    __slots__ = ("prover", "decoder", "w0", "w1", "retry_delay")
 
-    def __init__(self, prover, decoder, w0, w1):
+    def __init__(self, prover, decoder, w0, w1, retry_delay):
         self.prover, self.decoder, self.w0, self.w1 = prover, decoder, w0, w1
+        self.retry_delay = retry_delay
 
     def __repr__(self):
         return "<FirstRound>"  # not w0 or w1
+
+
+def _host_port(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Prelude:
@@ -34,12 +39,13 @@ class Prelude:
         try:
             self.sock = socket.create_connection((host, port), timeout)
         except OSError as problem:
-            raise errors.ConnectionFailed(f"cannot connect to the server: {problem.strerror or problem}") from None
+            raise errors.ConnectionFailed(f"cannot connect to {_host_port(host, port)}: {problem.strerror or problem}") from None
         # Small frames leave at once (see connection.send_small_frames_at_once).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._timeout = timeout
         self._password = password
         self._outcome = None
+        self._answered = threading.Event()  # PARAMS, an ERROR or a failure: not waiting
         self.prover = Prover(username)
         self.decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_PAYLOAD)
         self.sock.sendall(wire.handshake_frame(self.prover.hello()))
@@ -64,14 +70,17 @@ class Prelude:
     def _run(self):
         password, self._password = self._password, None  # this frame's, until scrypt is done
         try:
-            message = self._next_message()
+            try:
+                message = self._next_message()
+            finally:
+                self._answered.set()
             if message["type"] == "error":
-                raise errors.from_wire(str(message.get("code")), message.get("message"))
+                raise errors.from_wire(message)
             params = self.prover.receive(message)
             w0, w1 = pbkdf.register(
                 password.encode("utf-8"), params.salt, self.prover.username.encode("utf-8"), **params.scrypt
             )
-            self._outcome = FirstRound(self.prover, self.decoder, w0, w1)
+            self._outcome = FirstRound(self.prover, self.decoder, w0, w1, params.retry_delay)
         except errors.EketwistError as error:
             self._outcome = error
         except socket.timeout:
@@ -81,8 +90,14 @@ class Prelude:
         except (ValueError, MemoryError) as problem:  # scrypt could not run at this cost here
             self._outcome = errors.EketwistError(f"password hashing failed: {problem}")
 
-    def wait(self):
-        """The FirstRound; raises the failure as an EketwistError. Blocking."""
+    # Past this, an answer is late enough to say why it may be (see wait).
+    SLOW_ANSWER = 2.0
+
+    def wait(self, slow=None):
+        """The FirstRound; raises the failure as an EketwistError. Blocking; calls `slow()`
+        if that takes longer than SLOW_ANSWER seconds."""
+        if slow is not None and not self._answered.wait(self.SLOW_ANSWER):
+            slow()
         self._thread.join()
         if isinstance(self._outcome, Exception):
             raise self._outcome

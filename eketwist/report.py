@@ -1,10 +1,12 @@
 """The client command's output: status lines, progress bars, results, listings (see Reporter)."""
 
+import os
 import stat
 import sys
 import time
 from collections import deque
 
+from .errors import Interrupted
 from .textsafe import escape, json_text
 
 
@@ -16,8 +18,9 @@ class Reporter:
     them): every text line goes through textsafe.escape, every JSON document through
     json_text, so that no control character reaches a terminal raw."""
 
-    def __init__(self, args, out=sys.stdout, err=sys.stderr):
+    def __init__(self, args, out=sys.stdout, err=sys.stderr, on_output_closed=None):
         self.quiet = args.quiet
+        self.path = getattr(args, "path", None)  # ls's
         self.json = args.json
         self.out = out
         self.err = err
@@ -25,10 +28,46 @@ class Reporter:
         self.files = []
         self.started = time.monotonic()
         self._overall = None
+        self._on_output_closed = on_output_closed
+        self.output_closed = False
+
+    def _put(self, stream, text, flush=True):
+        """Write to stdout or stderr; a closed pipe (`| head`) ends the command quietly."""
+        if self.output_closed:
+            return
+        try:
+            stream.write(text)
+            if flush:
+                stream.flush()
+        except BrokenPipeError:
+            self.output_was_closed()
+
+    def output_was_closed(self):
+        self.output_closed = True
+        # Python would complain again when it flushes at exit: the descriptors now lead nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (self.out, self.err):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError):
+                pass
+        os.close(devnull)
+        if self._on_output_closed is not None:
+            self._on_output_closed()
 
     def say(self, text):
         if not self.quiet:
             self._write(text)
+
+    def verified(self, name, size, resumed_from, seconds):
+        """The status line of a file transferred and verified."""
+        details = []
+        if seconds >= 0.1:  # below, a rate says more about timers than about the link
+            details.append(f"{human_size((size - resumed_from) / seconds)}/s")
+        if resumed_from:
+            details.append(f"resumed at {human_size(resumed_from)} ({100 * resumed_from // max(size, 1)}%)")
+        extra = f" ({', '.join(details)})" if details else ""
+        self.say(f"{name}: {human_size(size)} verified in {seconds:.2f} s{extra}")
 
     def warn(self, text):
         self._write(f"eke-client: warning: {text}")
@@ -41,10 +80,12 @@ class Reporter:
         if self.bars:
             from tqdm import tqdm
 
-            tqdm.write(text, file=self.err)
+            try:
+                tqdm.write(text, file=self.err)
+            except BrokenPipeError:
+                self.output_was_closed()
         else:
-            self.err.write(text + "\n")
-            self.err.flush()
+            self._put(self.err, text + "\n")
 
     def overall(self, total_bytes, count):
         if self.bars and count > 1:
@@ -63,41 +104,57 @@ class Reporter:
     def done(self, record):
         self.files.append(record)
         if record["status"] == "ok" and not self.json:
-            self.out.write(f"{record['sha1']}  {escape(record['local'])}\n")
-            self.out.flush()
+            # A file written to stdout (get REMOTE -) has its digest on stderr.
+            stream = self.err if record["local"] == "-" else self.out
+            self._put(stream, f"{record['sha1']}  {escape(record['local'])}\n")
 
     def finish(self, command, error=None):
+        """The end: --json's document (for ls, only when it failed: a listing is its own)."""
         if self._overall is not None:
             self._overall.close()
-        if self.json:
+        if not self.json:
+            return
+        status = "ok"
+        if isinstance(error, Interrupted):
+            status = "interrupted"
+        elif error is not None or any(f["status"] == "error" for f in self.files):
+            status = "error"
+        if command == "ls":
+            summary = {"command": command, "status": status, "path": self.path, "entries": []}
+        else:
             summary = {
-                "command": command,
-                "status": "error" if error or any(f["status"] == "error" for f in self.files) else "ok",
-                "files": self.files,
+                "command": command, "status": status, "files": self.files,
                 "bytes": sum(f.get("bytes", 0) for f in self.files),
                 "seconds": round(time.monotonic() - self.started, 6),
             }
-            if error is not None:
-                summary["error"] = {"code": error.code, "message": error.message, "exit": error.exit_code}
-            self.out.write(json_text(summary) + "\n")
-            self.out.flush()
+        if error is not None:
+            summary["error"] = {"code": error.code, "message": error.message, "exit": error.exit_code}
+        self._put(self.out, json_text(summary) + "\n")
 
     def listing(self, path, entries, long=False):
         """The result of `ls`: one line per entry, or one JSON document."""
+        try:
+            self._listing(path, entries, long)
+            self.out.flush()
+        except BrokenPipeError:
+            self.output_was_closed()
+
+    def _listing(self, path, entries, long):
+        out = self.out
         if self.json:
             # Entry by entry: the whole listing as dicts at once would cost more than the listing.
-            self.out.write(f'{{"command": "ls", "status": "ok", "path": {json_text(path)}, "entries": [')
+            out.write(f'{{"command": "ls", "status": "ok", "path": {json_text(path)}, "entries": [')
             for index, entry in enumerate(entries):
-                self.out.write((", " if index else "") + json_text(entry.to_json()))
-            self.out.write("]}\n")
+                out.write((", " if index else "") + json_text(entry.to_json()))
+            out.write("]}\n")
             return
         for entry in entries:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["mtime"]))
             name = escape(entry["name"])
             if long:
-                self.out.write(f"{_mode_string(entry)} {entry['size']:>12} {when} {name}\n")
+                out.write(f"{_mode_string(entry)} {entry['size']:>12} {when} {name}\n")
             else:
-                self.out.write(f"{name}\t{entry['kind']}\t{entry['size']}\t{when}\n")
+                out.write(f"{name}\t{entry['kind']}\t{entry['size']}\t{when}\n")
 
 
 class InOrder:
@@ -133,7 +190,7 @@ class _Turn:
         return self._reporter.progress()
 
     def __getattr__(self, name):
-        if name not in ("say", "warn", "error", "done"):
+        if name not in ("say", "warn", "error", "done", "verified"):
             raise AttributeError(name)
         return lambda *args: self._held.append((name, args))
 
@@ -171,6 +228,17 @@ class _FileBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def human_size(count):
+    """Bytes in binary units (KiB = 1024), as the progress bars show them."""
+    if count < 1024:
+        return f"{count:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        count /= 1024
+        if count < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def _mode_string(entry):

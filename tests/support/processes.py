@@ -137,15 +137,20 @@ def run_client(port, *args, password=PASSWORD, user="alice", cwd=None, extra_env
     """The real client command; returns the CompletedProcess."""
     env = dict(os.environ, EKE_PASSWORD=password, **(extra_env or {}))
     return subprocess.run(
-        [*CLIENT, "--port", str(port), "--user", user, *args],
+        [*CLIENT, *server_options(port, args), "--user", user, *args],
         capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
     )
+
+
+def server_options(port, args):
+    """--port, unless the arguments name the server with --connect (the client refuses both)."""
+    return [] if "--connect" in args else ["--port", str(port)]
 
 
 def start_client(port, *args, password=PASSWORD, user="alice", cwd=None):
     env = dict(os.environ, EKE_PASSWORD=password)
     return subprocess.Popen(
-        [*CLIENT, "--port", str(port), "--user", user, "-q", *args],
+        [*CLIENT, *server_options(port, args), "--user", user, "-q", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
     )
 

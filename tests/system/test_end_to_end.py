@@ -235,7 +235,7 @@ def test_exit_codes_are_documented_everywhere():
         assert f"\n| {code} |" in readme
         assert f"\n  {code} " in errors.EXIT_CODES_HELP
     for wire_code, cls in errors.BY_CODE.items():
-        if wire_code not in ("usage", "connection", "local-io"):
+        if wire_code not in ("usage", "connection", "local-io", "interrupted", "output-closed"):
             assert f"| {wire_code} " in protocol, wire_code
 
 
@@ -259,7 +259,7 @@ def test_connect_endpoint_and_silent_server_timeout(reading_server, tmp_path):
     assert elapsed < 20
     bad = subprocess.run([*CLIENT, "--connect", "nonsense:x", "--user", "alice", "get", "hello.txt"],
                          capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert bad.returncode == 2 and "bad --connect endpoint" in bad.stderr
+    assert bad.returncode == 2 and "--connect nonsense:x: not a client endpoint" in bad.stderr
 
 
 def test_client_defers_modules_it_does_not_use():

@@ -15,6 +15,7 @@ import pytest
 from eketwist.requesting import MAX_LISTING_BYTES
 
 from tests.support.hostileserver import HostileServer, Tree, entry, make_alice
+from tests.support.processes import server_options
 from tests.support.rawclient import CONTROL, HEADER
 
 PASSWORD = "alice's secret on a hostile server"
@@ -30,7 +31,7 @@ def run_client(server, *args, cwd=None, extra_env=None, command=None):
     """The real client command against `server`; (exit code, stdout, stderr) as text."""
     env = dict(os.environ, EKE_PASSWORD=PASSWORD, **(extra_env or {}))
     process = subprocess.run(
-        [*(command or [sys.executable, "-m", "eketwist.client"]), "--port", str(server.port), "--user", "alice", *args],
+        [*(command or [sys.executable, "-m", "eketwist.client"]), *server_options(server.port, args), "--user", "alice", *args],
         capture_output=True, env=env, cwd=cwd, timeout=120,
     )
     server.stop()

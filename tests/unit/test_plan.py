@@ -10,7 +10,7 @@ import pytest
 
 from eketwist import plan
 from eketwist.errors import UsageError
-from eketwist.plan import AlreadyComplete, MakeDirectory, Skip, SkipContents, Transfer
+from eketwist.plan import AlreadyComplete, Differs, MakeDirectory, Skip, SkipContents, Transfer
 
 
 def entry(name, kind="file", size=0, mtime=1_500_000_000.0, mode=0o644):
@@ -126,13 +126,20 @@ def test_get_tree_in_listing_order_with_directory_modes_and_times(tmp_path):
     assert steps[4].local_path == os.path.join(target, "a", "y", "z.bin")
 
 
-def test_get_tree_skips_files_already_complete_here(tmp_path):
+def test_get_tree_skips_files_up_to_date_here_and_replaces_others_only_with_force(tmp_path):
     target = tmp_path / "tree"
     write(target / "done.bin", b"abc")
     write(target / "changed.bin", b"abd", mtime=1_600_000_000.0)
     write(target / "short.bin", b"ab")
     listing = [entry(name, size=3) for name in ("changed.bin", "done.bin", "missing.bin", "short.bin")]
     assert list(plan.get_tree("tree", str(target), listing))[1:] == [
+        Differs("tree", str(target), "changed.bin"),
+        AlreadyComplete("tree", str(target), "done.bin"),
+        Transfer("tree", str(target), "missing.bin"),
+        Differs("tree", str(target), "short.bin"),
+    ]
+    # --force: what differs is replaced; what is the same still is not sent again.
+    assert list(plan.get_tree("tree", str(target), listing, force=True))[1:] == [
         Transfer("tree", str(target), "changed.bin"),
         AlreadyComplete("tree", str(target), "done.bin"),
         Transfer("tree", str(target), "missing.bin"),
