@@ -353,8 +353,9 @@ class PartFile:
     The part file may already hold the start of the file from an interrupted transfer: `size`
     says how much, `prefix_sha1()` hashes it, and `resume(sha1)` continues after it (or
     `restart()` empties it). `finish` checks size and SHA-1, fsyncs, renames into place;
-    `abort` closes and, unless asked to keep it, removes the part file. The destination name is
-    never created or replaced by an incomplete file.
+    `abort` removes the part file, unless asked to keep it, and closes it. The destination name is
+    never created or replaced by an incomplete file. With `lock`, the part file is locked (flock)
+    from its opening until it is closed, and its name is renamed or removed only meanwhile.
 
     With `dir_fd`, `destination` and `part` are names in that directory (the server's way: no
     path string is resolved again); the PartFile keeps its own descriptor of it. `label`, if
@@ -384,12 +385,13 @@ class PartFile:
         try:
             if dir_fd is not None:
                 self._dir_fd = os.dup(dir_fd)
-            # O_NONBLOCK: a FIFO under that name must not hang us (it is refused below).
-            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-            fd = os.open(part, flags, 0o600, dir_fd=self._dir_fd)
+            fd = self._open_part(lock)
         except OSError as problem:
             self._close_directory()
             raise storage_error(problem, self.shown_name, self._local) from None
+        except Busy:
+            self._close_directory()
+            raise
         if private:
             # Checked on the descriptor: another user's part file would read our download.
             st = os.fstat(fd)
@@ -401,14 +403,6 @@ class PartFile:
                     "name for the same file, or writable by others); remove it"
                 )
         os.set_blocking(fd, True)
-        if lock:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                self._close_directory()
-                where = "local " if local else ""
-                raise Busy(f"{where}{self.shown_name}: another transfer to this file is in progress") from None
         if label is not None:
             try:
                 os.setxattr(fd, PART_LABEL, label)
@@ -416,12 +410,55 @@ class PartFile:
                 pass  # a filesystem without user attributes: the part file is just not labelled
         self._labelled = label is not None
         self._file = os.fdopen(fd, "r+b", buffering=0)
+        self._named = True  # the part file's name is ours: renamed or removed by us alone
         self.size = os.fstat(fd).st_size
         self._sha1 = hashlib.sha1()
         self._writer = None
         self._write_in_place = write_in_place
         self.stored = None  # after finish: the stat of the file under its final name
         self._closing_writer = None  # let go by abort, still writing or closing
+
+    # Attempts at locking the part file while its holders keep giving it up (each attempt that
+    # fails means another transfer has finished with it meanwhile).
+    LOCK_ATTEMPTS = 8
+
+    def _open_part(self, lock):
+        """The part file's descriptor, created if need be; with `lock`, locked (flock), and
+        still under its name once locked.
+
+        Whoever holds the lock owns the name: it is renamed into place or removed only by its
+        holder, before the lock goes (see rename and abort). A descriptor opened just before
+        that, and locked just after, is a file that is no longer the part file: the final
+        file, or one removed. Locking it would have us empty and rewrite the final file in
+        place, then fail to rename a name that is gone. So the name is looked up again once
+        the lock is held, and the part file opened again (or created) if it is not ours."""
+        # O_NONBLOCK: a FIFO under that name must not hang us (it is refused by the caller).
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        for _ in range(self.LOCK_ATTEMPTS if lock else 1):
+            fd = os.open(self.part, flags, 0o600, dir_fd=self._dir_fd)
+            if not lock:
+                return fd
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise self._busy() from None
+            try:
+                held = os.fstat(fd)
+                named = os.stat(self.part, dir_fd=self._dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                named = None
+            except BaseException:
+                os.close(fd)
+                raise
+            if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+            os.close(fd)  # renamed or removed by the transfer that held it: open the name again
+        raise self._busy()
+
+    def _busy(self):
+        where = "local " if self._local else ""
+        return Busy(f"{where}{self.shown_name}: another transfer to this file is in progress")
 
     def _drain(self):
         writer, self._writer = self._writer, None
@@ -552,13 +589,16 @@ class PartFile:
         """After flush (or a flush of the whole filesystem since settle): the file under its
         name. With replace=False an existing name is never overwritten (Exists)."""
         with self._failing_keeps_part():
-            self._file.close()
+            # Renamed before the file is closed, which releases its lock: the part file's name
+            # is ours until it is gone (see _open_part).
             at = {"src_dir_fd": self._dir_fd, "dst_dir_fd": self._dir_fd}
             if replace:
                 os.replace(self.part, self.destination, **at)
             else:
                 os.link(self.part, self.destination, follow_symlinks=False, **at)  # no clobbering
                 os.unlink(self.part, dir_fd=self._dir_fd)
+            self._named = False
+            self._file.close()
 
     @contextlib.contextmanager
     def _failing_keeps_part(self):
@@ -598,17 +638,20 @@ class PartFile:
         """Give up on the file: nothing is renamed. Does not wait for the disk: the writer
         finishes what is queued (kept for a resume) or drops it, then closes the file, which
         releases its lock; `wait_until_closed` waits for that."""
+        if not keep_part and self._named:
+            # Removed while the lock is still held (see _open_part): once it is released, the
+            # name may be another transfer's part file.
+            try:
+                os.unlink(self.part, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                pass
+        self._named = False
         writer, self._writer = self._writer, None
         if writer is not None:
             self._closing_writer = writer
             writer.let_go(write_rest=keep_part)
         elif not self._file.closed:
             self._file.close()
-        if not keep_part:
-            try:
-                os.unlink(self.part, dir_fd=self._dir_fd)
-            except FileNotFoundError:
-                pass
         self._close_directory()
 
     def _close_directory(self):

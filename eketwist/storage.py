@@ -515,6 +515,13 @@ def _remove_if_stale(directory, name, max_age, now):
         import fcntl
 
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while an upload holds it
+        # Between the open and the lock, an upload may have resumed the file and renamed it
+        # into place, or removed it: the name may now be another upload's part file (see
+        # files.PartFile._open_part). Only the file locked here, still stale, is removed.
+        st = os.fstat(fd)
+        named = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        if (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino) or now - st.st_mtime < max_age:
+            return 0
         os.unlink(name, dir_fd=directory)
         return 1
     except OSError:

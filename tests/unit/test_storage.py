@@ -1,5 +1,6 @@
 """The users file and the file service, as plain functions on real files."""
 
+import fcntl
 import hashlib
 import os
 import pathlib
@@ -318,6 +319,73 @@ def test_part_file_lock_refuses_a_second_writer(tmp_path):
     _part(tmp_path / "f", lock=True).abort()
 
 
+def _give_up(part, ending, content):
+    """The first transfer ends: renamed into place (replacing, or not) or removed (its digest
+    did not match: the removal then waits for nothing, as the writer is drained to verify)."""
+    if ending == "remove":
+        with pytest.raises(errors.IntegrityError):
+            part.verify(len(content), hashlib.sha1(b"not " + content).digest())
+    else:
+        part.finish(len(content), hashlib.sha1(content).digest(), replace=ending == "replace")
+
+
+@pytest.mark.parametrize("ending", ["replace", "link", "remove"])
+def test_a_part_file_is_renamed_or_removed_before_its_lock_goes(tmp_path, monkeypatch, ending):
+    """The lock on a part file is its holder's until its name is gone: a transfer that opens
+    the name while the first renames it into place (or removes it) is told to wait, rather
+    than taking a file whose name is about to go (test_racing_uploads_never_mix saw that: the
+    second upload then failed to rename it, "No such file or directory")."""
+    served = storage.Root(str(tmp_path))
+    first = served.receive("race.bin", "writer", force=True, size=5)
+    first.write(b"first")
+    system_call = {"replace": "replace", "link": "link", "remove": "unlink"}[ending]
+    real = getattr(os, system_call)
+    meanwhile = []
+
+    def open_again_meanwhile(*args, **kwargs):
+        monkeypatch.setattr(os, system_call, real)
+        try:
+            meanwhile.append(served.receive("race.bin", "writer", force=True, size=7))
+        except errors.Busy:
+            meanwhile.append("busy")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, system_call, open_again_meanwhile)
+    _give_up(first, ending, b"first")
+    monkeypatch.undo()
+    assert meanwhile == ["busy"]
+    assert (tmp_path / "race.bin").exists() == (ending != "remove")
+
+
+@pytest.mark.parametrize("ending", ["replace", "link", "remove"])
+def test_a_part_file_given_up_between_its_opening_and_locking_is_opened_again(tmp_path, monkeypatch, ending):
+    """A second transfer opens the part file, the first renames it into place (or removes it)
+    and lets its lock go, then the second locks what it opened: no longer the part file, but
+    the file just stored (which it would empty and write over in place) or a removed one
+    (which it could never rename). It must notice, and start a part file of its own."""
+    served = storage.Root(str(tmp_path))
+    first = served.receive("race.bin", "writer", force=True, size=5)
+    first.write(b"first")
+    real_flock = fcntl.flock
+
+    def first_gives_up_then_flock(fd, operation):
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        _give_up(first, ending, b"first")
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", first_gives_up_then_flock)
+    second = served.receive("race.bin", "writer", force=True, size=7)
+    monkeypatch.undo()
+    assert second.size == 0, "a part file of its own, empty"
+    second.restart()  # what an upload not resumed does
+    if ending != "remove":
+        assert (tmp_path / "race.bin").read_bytes() == b"first", "the stored file is left alone"
+    second.write(b"second!")
+    second.finish(7, hashlib.sha1(b"second!").digest())
+    assert (tmp_path / "race.bin").read_bytes() == b"second!"
+    assert [name for name in os.listdir(tmp_path) if name.startswith(files.SERVER_PART_PREFIX)] == []
+
+
 def test_no_clobber_finish_refuses_an_existing_destination(tmp_path):
     (tmp_path / "f").write_bytes(b"theirs")
     part = _part(tmp_path / "f")
@@ -372,6 +440,38 @@ def test_stale_partials_are_removed_unless_in_use(tmp_path):
     assert storage.remove_stale_parts(str(tmp_path), max_age=3600, now=time.time()) == 1
     assert not old.exists() and busy.exists() and fresh.exists()
     holder.abort(keep_part=True)
+
+
+def test_the_sweep_removes_only_the_stale_file_it_locked(tmp_path, monkeypatch):
+    """The sweep opens a stale part file; before it locks it, an upload resumes that file and
+    stores it, and the next upload starts a part file under the same name. The sweep's lock
+    then succeeds on the stored file: the name it would remove is the new upload's."""
+    import time
+
+    served = storage.Root(str(tmp_path))
+    stale = served.receive("up.bin", "writer", force=True, size=10)
+    stale.write(b"hello")
+    stale.abort(keep_part=True)  # a connection lost: kept for a resume
+    assert stale.wait_until_closed(10)
+    os.utime(tmp_path / files.server_part_name("up.bin", "writer"), (0, 0))
+    real_flock = fcntl.flock
+    later = []
+
+    def uploads_meanwhile(fd, operation):
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        resumed = served.receive("up.bin", "writer", force=True, size=10)
+        resumed.resume(resumed.prefix_hasher()())
+        resumed.write(b"world")
+        resumed.finish(10, hashlib.sha1(b"helloworld").digest())
+        later.append(served.receive("up.bin", "writer", force=True, size=3))
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", uploads_meanwhile)
+    assert storage.remove_stale_parts(str(tmp_path), max_age=3600, now=time.time()) == 0
+    monkeypatch.undo()
+    later[0].write(b"new")
+    later[0].finish(3, hashlib.sha1(b"new").digest())
+    assert (tmp_path / "up.bin").read_bytes() == b"new"
 
 
 def test_listing_skips_names_that_are_not_utf8(tmp_path):
