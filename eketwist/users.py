@@ -11,9 +11,22 @@ import getpass
 import os
 import sys
 
-from . import userdb, wire
+from . import __version__, userdb, wire
 
 EXIT_OK, EXIT_FAILURE = 0, 1
+DEFAULT_USERS = "./eke-users"
+
+
+def _add_common_options(parser, suppress):
+    """Options accepted before or after the command (`eke-users --users F add x`, `eke-users add x --users F`).
+    On a command's parser the default is SUPPRESS, so that it does not undo a value given before."""
+
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--users", default=default(DEFAULT_USERS), metavar="FILE", help=f"the users file (default: {DEFAULT_USERS})",
+    )
 
 
 def build_parser():
@@ -23,8 +36,10 @@ def build_parser():
         "per user (SPAKE2+ verifiers), never a password.",
         epilog="exit codes: 0 success, 1 failure (e.g. no such user, unreadable file), 2 usage error",
     )
-    parser.add_argument("--users", default="./eke-users", metavar="FILE", help="the users file (default: %(default)s)")
+    parser.add_argument("--version", action="version", version=f"eke-users {__version__}")
+    _add_common_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = []
     for name, text in (("add", "add a user"), ("passwd", "change a user's password")):
         sub = commands.add_parser(name, help=text, description=text + ". The password is asked twice without echo.")
         sub.add_argument("name", metavar="NAME")
@@ -37,12 +52,15 @@ def build_parser():
         )
         if name == "add":
             _account_options(sub)
+        subparsers.append(sub)
     modify = commands.add_parser("modify", help="change a user's root or rights", description="Change a user's root or rights; the password stays.")
     modify.add_argument("name", metavar="NAME")
     _account_options(modify)
     remove = commands.add_parser("remove", help="remove a user")
     remove.add_argument("name", metavar="NAME")
-    commands.add_parser("list", help="list the users")
+    listing = commands.add_parser("list", help="list the users")
+    for sub in (*subparsers, modify, remove, listing):
+        _add_common_options(sub, suppress=True)
     return parser
 
 

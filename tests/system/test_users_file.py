@@ -12,11 +12,13 @@ import time
 import pytest
 from twisted.logger import Logger, LogLevel, formatEvent
 
+import eketwist
 from eketwist import userdb
 
 from tests.support.processes import FAST_SCRYPT
 
 USERS = [sys.executable, "-m", "eketwist.users"]
+PASSWORD = "a password long enough\n"
 
 
 def start_users(path, *args):
@@ -232,3 +234,36 @@ def test_a_file_without_users_is_reported(tmp_path):
     userdb.save(path, users)
     assert store.current().by_name == {}
     assert ["nobody can log in" in text for text in daemon_warnings(events)] == [True]
+
+
+# -- the command line: options, confirmations, passwords, errors --------------------------------
+
+def users_command(*args, password=None, **options):
+    """eke-users with exactly these arguments (no --users put first)."""
+    return subprocess.run([*USERS, *args], input=password, capture_output=True, text=True, timeout=60, **options)
+
+
+def fast(*args):
+    return (*args, "--scrypt-n", str(FAST_SCRYPT["n"]))
+
+
+@pytest.mark.parametrize("command", [
+    fast("add", "carol", "--password-stdin"), fast("passwd", "alice", "--password-stdin"), ("modify", "alice", "--rights", "read-write"),
+    ("remove", "alice"), ("list",),
+])
+def test_global_options_go_after_the_command_too(tmp_path, command):
+    path = tmp_path / "users"
+    saved(path, "alice")
+    result = users_command(*command, "--users", str(path), password=PASSWORD)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert (tmp_path / "eke-users").exists() is False  # not the default file
+    # Given twice, the later one wins, as with every option.
+    other = tmp_path / "other"
+    saved(other, "alice")
+    assert users_command("--users", str(tmp_path / "unused"), *command, "--users", str(other), password=PASSWORD).returncode == 0
+
+
+def test_version():
+    result = users_command("--version")
+    assert (result.returncode, result.stdout) == (0, f"eke-users {eketwist.__version__}\n")
