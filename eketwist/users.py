@@ -3,6 +3,9 @@
 Adds, changes and removes users in the users file, which holds verifiers only. Every change
 rewrites the file atomically, keeping its mode, owner and group (0600 for a new file), under a
 lock so that concurrent changes all land; a running server picks it up at its next handshake.
+
+What was done (one line per change) and the list are the command's result: stdout. Warnings
+and errors go to stderr.
 """
 
 import argparse
@@ -12,6 +15,7 @@ import os
 import sys
 
 from . import __version__, userdb, wire
+from .errors import EketwistError, UsageError
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 DEFAULT_USERS = "./eke-users"
@@ -33,7 +37,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="eke-users",
         description="Manage eketwist users. The file stores a salt, scrypt cost, w0 and L = w1*P "
-        "per user (SPAKE2+ verifiers), never a password.",
+        "per user (SPAKE2+ verifiers), never a password. Each change is confirmed by one line on "
+        "standard output.",
         epilog="exit codes: 0 success, 1 failure (e.g. no such user, unreadable file), 2 usage error",
     )
     parser.add_argument("--version", action="version", version=f"eke-users {__version__}")
@@ -53,7 +58,10 @@ def build_parser():
         if name == "add":
             _account_options(sub)
         subparsers.append(sub)
-    modify = commands.add_parser("modify", help="change a user's root or rights", description="Change a user's root or rights; the password stays.")
+    modify = commands.add_parser(
+        "modify", help="change a user's root or rights",
+        description="Change a user's root or rights (at least one); the password stays.",
+    )
     modify.add_argument("name", metavar="NAME")
     _account_options(modify)
     remove = commands.add_parser("remove", help="remove a user")
@@ -70,6 +78,15 @@ def _account_options(parser):
         help="the user's own root directory (default: the server's --root); 'default' to go back to it",
     )
     parser.add_argument("--rights", choices=userdb.RIGHTS, help="read (the default for new users) or read-write")
+
+
+def check_args(args):
+    """Usage errors that need no users file: found before taking the lock or asking a password."""
+    if args.command == "modify" and args.root is None and args.rights is None:
+        raise UsageError(
+            f"modify {args.name}: nothing to change: give --root DIR (or --root default) and/or "
+            f"--rights {'|'.join(userdb.RIGHTS)}"
+        )
 
 
 def read_new_password(args, stdin=sys.stdin):
@@ -90,7 +107,14 @@ def _load_or_new(path, create):
     return userdb.load(path)
 
 
-def run(args, out=sys.stdout):
+def describe(user):
+    """What the users file records about a user's account, as the confirmations show it."""
+    return f"{user.rights}, {'root ' + user.root if user.root else 'server root'}"
+
+
+def run(args, out=None):
+    out = sys.stdout if out is None else out
+    check_args(args)
     path = args.users
     problem = userdb.exposure(path)
     if problem:
@@ -106,7 +130,9 @@ def run(args, out=sys.stdout):
             _warn(f"{path} has no users: nobody can log in")
         return EXIT_OK
     with userdb.writer_lock(path, on_wait=_say_waiting):
-        return _change(args, path)
+        done = _change(args, path)
+    out.write(done + "\n")
+    return EXIT_OK
 
 
 def _warn(text):
@@ -118,6 +144,7 @@ def _say_waiting(lock_path):
 
 
 def _change(args, path):
+    """Make the change; return the line that confirms it."""
     users = _load_or_new(path, create=args.command == "add")
     if users.by_name and not users.secret_is_stored:
         # The header was most likely lost in a hand edit. A new secret would change the answers
@@ -130,30 +157,36 @@ def _change(args, path):
     problem = wire.check_username(args.name)
     if problem:
         raise ValueError(problem)
-    exists = args.name in users.by_name
-    if args.command == "add" and exists:
+    previous = users.by_name.get(args.name)
+    if args.command == "add" and previous is not None:
         raise ValueError(f"user {args.name!r} already exists (use passwd to change the password)")
-    if args.command in ("passwd", "remove", "modify") and not exists:
+    if args.command != "add" and previous is None:
         raise ValueError(f"no user {args.name!r} in {path}")
     if args.command == "remove":
         del users.by_name[args.name]
+        done = f"removed {args.name} (was {describe(previous)})"
     elif args.command == "modify":
-        users.by_name[args.name] = _apply_account(args, users.by_name[args.name])
+        user = _apply_account(args, previous)
+        if user == previous:
+            return f"{args.name} unchanged ({describe(user)})"
+        users.by_name[args.name] = user
+        done = f"modified {args.name} ({describe(user)})"
     else:
         scrypt = dict(userdb.DEFAULT_SCRYPT, n=args.scrypt_n)
         problem = userdb.check_scrypt(scrypt)
         if problem:
             raise ValueError(problem)
         password = read_new_password(args)
-        previous = users.by_name.get(args.name)
         user = userdb.make_user(args.name, password, scrypt)
         if previous is not None:
             user = dataclasses.replace(user, root=previous.root, rights=previous.rights, extra=previous.extra)
+            done = f"changed the password of {args.name} (scrypt n={args.scrypt_n})"
         else:
             user = _apply_account(args, user)
+            done = f"added {args.name} ({describe(user)})"
         users.by_name[args.name] = user
     userdb.save(path, users)
-    return EXIT_OK
+    return done
 
 
 def _apply_account(args, user):
@@ -175,6 +208,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return run(args)
+    except EketwistError as failure:
+        sys.stderr.write(f"eke-users: {failure.message}\n")
+        return failure.exit_code
     except (ValueError, userdb.UsersFileError, OSError) as problem:
         message = getattr(problem, "strerror", None) or str(problem)
         sys.stderr.write(f"eke-users: {message}\n")

@@ -267,3 +267,39 @@ def test_global_options_go_after_the_command_too(tmp_path, command):
 def test_version():
     result = users_command("--version")
     assert (result.returncode, result.stdout) == (0, f"eke-users {eketwist.__version__}\n")
+
+
+def assert_one_line_error(result, code, *fragments):
+    """The failure the CLI promises: its exit code, one line on stderr, no traceback, no warning."""
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert result.stderr.startswith("eke-users: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_each_change_is_confirmed_in_one_line(tmp_path):
+    path = tmp_path / "users"
+    own = tmp_path / "alices-root"
+    own.mkdir()
+    steps = [
+        (fast("add", "alice", "--password-stdin", "--rights", "read-write", "--root", str(own)), f"added alice (read-write, root {own})"),
+        (fast("add", "bob", "--password-stdin"), "added bob (read, server root)"),
+        (("modify", "bob", "--rights", "read-write"), "modified bob (read-write, server root)"),
+        (("modify", "bob", "--rights", "read-write"), "bob unchanged (read-write, server root)"),
+        (("modify", "alice", "--root", "default", "--rights", "read"), "modified alice (read, server root)"),
+        (fast("passwd", "bob", "--password-stdin"), f"changed the password of bob (scrypt n={FAST_SCRYPT['n']})"),
+        (("remove", "bob"), "removed bob (was read-write, server root)"),
+    ]
+    for args, line in steps:
+        result = eke_users(path, *args, password=PASSWORD)
+        assert (result.returncode, result.stdout, result.stderr) == (0, line + "\n", ""), args
+    assert eke_users(path, "list").stdout == f"alice\tread\t(server root)\tscrypt n={FAST_SCRYPT['n']} r=8 p=1\n"
+
+
+def test_modify_with_nothing_to_change_is_a_usage_error(tmp_path):
+    path = tmp_path / "users"
+    saved(path, "bob")
+    before = path.read_bytes()
+    assert_one_line_error(eke_users(path, "modify", "bob"), 2, "nothing to change", "--root", "--rights")
+    assert path.read_bytes() == before
