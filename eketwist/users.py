@@ -13,12 +13,22 @@ import dataclasses
 import getpass
 import os
 import sys
+import warnings
 
 from . import __version__, userdb, wire
-from .errors import EketwistError, UsageError
+from .errors import EketwistError, LocalIOError, UsageError
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 DEFAULT_USERS = "./eke-users"
+# A stolen users file lets anyone guess passwords offline at scrypt's pace: short ones fall.
+MIN_PASSWORD_LENGTH = 8
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+PASSWORD_HELP = (
+    f"On a terminal the password is asked twice without echo; otherwise (or with "
+    f"--password-stdin) it is the first line of standard input. It must have at least "
+    f"{MIN_PASSWORD_LENGTH} characters unless --allow-short-password is given."
+)
 
 
 def _add_common_options(parser, suppress):
@@ -39,16 +49,25 @@ def build_parser():
         description="Manage eketwist users. The file stores a salt, scrypt cost, w0 and L = w1*P "
         "per user (SPAKE2+ verifiers), never a password. Each change is confirmed by one line on "
         "standard output.",
-        epilog="exit codes: 0 success, 1 failure (e.g. no such user, unreadable file), 2 usage error",
+        epilog=f"exit codes: 0 success, 1 failure (e.g. no such user, unreadable file), 2 usage error (also an "
+        f"unacceptable password), {EXIT_INTERRUPTED} interrupted",
     )
     parser.add_argument("--version", action="version", version=f"eke-users {__version__}")
     _add_common_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     subparsers = []
     for name, text in (("add", "add a user"), ("passwd", "change a user's password")):
-        sub = commands.add_parser(name, help=text, description=text + ". The password is asked twice without echo.")
+        sub = commands.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}. {PASSWORD_HELP}")
         sub.add_argument("name", metavar="NAME")
-        sub.add_argument("--password-stdin", action="store_true", help="read the password from the first line of standard input")
+        sub.add_argument(
+            "--password-stdin", action="store_true",
+            help="read the password from the first line of standard input even on a terminal",
+        )
+        sub.add_argument(
+            "--allow-short-password", action="store_true",
+            help=f"accept a password shorter than {MIN_PASSWORD_LENGTH} characters (with a stolen "
+            "users file, short passwords are found quickly)",
+        )
         sub.add_argument(
             "--scrypt-n",
             type=int,
@@ -89,16 +108,54 @@ def check_args(args):
         )
 
 
-def read_new_password(args, stdin=sys.stdin):
-    if args.password_stdin:
-        password = stdin.readline().rstrip("\r\n")
+def read_new_password(args, stdin=None):
+    stdin = sys.stdin if stdin is None else stdin
+    if stdin is None:
+        raise UsageError("no password: standard input is closed")
+    if args.password_stdin or not stdin.isatty():
+        password = _read_line(stdin)
     else:
-        password = getpass.getpass(f"New password for {args.name}: ")
-        if getpass.getpass("Again: ") != password:
-            raise ValueError("the passwords do not match")
+        password = _prompt(f"New password for {args.name}: ")
+        if _prompt("Again: ") != password:
+            raise UsageError("the passwords do not match; nothing changed")
     if not password:
-        raise ValueError("the password is empty")
+        raise UsageError("the password is empty")
+    if len(password) < MIN_PASSWORD_LENGTH and not args.allow_short_password:
+        raise UsageError(
+            f"the password is shorter than {MIN_PASSWORD_LENGTH} characters: choose a longer one "
+            f"(or give --allow-short-password)"
+        )
     return password
+
+
+def _read_line(stdin):
+    # Bytes, decoded here: the same UTF-8 whatever the locale says.
+    try:
+        line = stdin.buffer.readline()
+    except OSError as problem:
+        raise LocalIOError(f"standard input: cannot read the password: {problem.strerror}") from None
+    if not line:
+        raise UsageError("no password: standard input is empty")
+    try:
+        return line.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise UsageError("the password on standard input is not UTF-8 text") from None
+
+
+def _prompt(text):
+    try:
+        with warnings.catch_warnings():
+            # getpass falls back to echoing the password, with a warning: refuse instead.
+            warnings.simplefilter("error", getpass.GetPassWarning)
+            return getpass.getpass(text)
+    except getpass.GetPassWarning:
+        raise UsageError("cannot turn off echo on this terminal: use --password-stdin") from None
+    except (EOFError, KeyboardInterrupt) as stop:
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")  # the prompt's line is still open
+        if isinstance(stop, EOFError):
+            raise UsageError("no password: end of input at the prompt") from None
+        raise
 
 
 def _load_or_new(path, create):
@@ -208,6 +265,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return run(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("eke-users: interrupted\n")
+        return EXIT_INTERRUPTED
     except EketwistError as failure:
         sys.stderr.write(f"eke-users: {failure.message}\n")
         return failure.exit_code

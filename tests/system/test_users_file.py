@@ -4,6 +4,9 @@ import ctypes
 import json
 import os
 import pathlib
+import pty
+import select
+import signal
 import stat
 import subprocess
 import sys
@@ -14,6 +17,7 @@ from twisted.logger import Logger, LogLevel, formatEvent
 
 import eketwist
 from eketwist import userdb
+from eketwist.users import MIN_PASSWORD_LENGTH
 
 from tests.support.processes import FAST_SCRYPT
 
@@ -104,14 +108,14 @@ def test_a_removal_racing_an_add_stays_removed(tmp_path):
 
 def test_a_rewrite_keeps_mode_owner_and_group(tmp_path):
     path = tmp_path / "users"
-    assert eke_users(path, *add_args("alice"), password="pw\n").returncode == 0
+    assert eke_users(path, *add_args("alice"), password=PASSWORD).returncode == 0
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # a new file
     # README's set-up for a dynamic service user: readable through the group.
     if os.geteuid() == 0:
         os.chown(path, 65534, 65534)
     path.chmod(0o640)
     before = path.stat()
-    result = eke_users(path, *add_args("bob"), password="pw\n")
+    result = eke_users(path, *add_args("bob"), password=PASSWORD)
     assert result.returncode == 0, result.stderr
     after = path.stat()
     assert after.st_ino != before.st_ino  # really rewritten
@@ -133,7 +137,7 @@ def test_a_rewrite_that_cannot_keep_the_owner_is_refused(tmp_path, owner):
     path.chmod(0o640)
     before = path.read_bytes()
     result = subprocess.run(
-        [*USERS, "--users", str(path), *add_args("bob")], input="pw\n", capture_output=True, text=True,
+        [*USERS, "--users", str(path), *add_args("bob")], input=PASSWORD, capture_output=True, text=True,
         timeout=60, preexec_fn=_without_cap_chown,
     )
     assert result.returncode == 1
@@ -151,7 +155,7 @@ def test_eke_users_warns_about_a_file_others_can_read(tmp_path):
     path.chmod(0o640)  # group-readable is README's advice, not a problem
     assert eke_users(path, "list").stderr == ""
     path.chmod(0o644)
-    for result in (eke_users(path, "list"), eke_users(path, *add_args("bob"), password="pw\n")):
+    for result in (eke_users(path, "list"), eke_users(path, *add_args("bob"), password=PASSWORD)):
         assert result.returncode == 0
         assert result.stderr.startswith("eke-users: warning: ") and result.stderr.count("\n") == 1
         assert "mode 0644" in result.stderr and "chmod o-rwx" in result.stderr
@@ -188,7 +192,7 @@ def test_eke_users_does_not_invent_a_secret_for_a_headerless_file(tmp_path):
         ("modify", "alice", "--rights", "read-write"), ("remove", "alice"),
     ]
     for args in changes:
-        result = eke_users(path, *args, password="pw\n")
+        result = eke_users(path, *args, password=PASSWORD)
         assert result.returncode == 1, args
         assert "no header line" in result.stderr and result.stderr.count("\n") == 1
         assert not any(secret in result.stderr for secret in secrets_in_file)
@@ -197,7 +201,7 @@ def test_eke_users_does_not_invent_a_secret_for_a_headerless_file(tmp_path):
     # An empty file has no secret worth keeping: the first add writes the header.
     path.write_text("# users\n")
     path.chmod(0o600)
-    assert eke_users(path, *add_args("bob"), password="pw\n").returncode == 0
+    assert eke_users(path, *add_args("bob"), password=PASSWORD).returncode == 0
     assert userdb.load(path).secret_is_stored
 
 
@@ -303,3 +307,107 @@ def test_modify_with_nothing_to_change_is_a_usage_error(tmp_path):
     before = path.read_bytes()
     assert_one_line_error(eke_users(path, "modify", "bob"), 2, "nothing to change", "--root", "--rights")
     assert path.read_bytes() == before
+
+
+def test_a_short_password_is_refused_unless_allowed(tmp_path):
+    assert MIN_PASSWORD_LENGTH == 8  # README and --help say 8
+    path = tmp_path / "users"
+    short, enough = "x" * (MIN_PASSWORD_LENGTH - 1) + "\n", "x" * MIN_PASSWORD_LENGTH + "\n"
+    for command in ("add", "passwd"):
+        before = path.read_bytes() if path.exists() else None
+        result = eke_users(path, *fast(command, "alice"), password=short)
+        assert_one_line_error(result, 2, f"shorter than {MIN_PASSWORD_LENGTH} characters", "--allow-short-password")
+        assert (path.read_bytes() if path.exists() else None) == before
+        result = eke_users(path, *fast(command, "alice", "--allow-short-password"), password=short)
+        assert result.returncode == 0 and result.stderr == ""
+    assert eke_users(path, *fast("passwd", "alice"), password=enough).returncode == 0
+    assert_one_line_error(eke_users(path, *fast("add", "bob", "--allow-short-password"), password="\n"), 2, "empty")
+    for command in ("add", "passwd"):
+        help_text = " ".join(users_command(command, "--help").stdout.split())
+        assert f"at least {MIN_PASSWORD_LENGTH} characters unless --allow-short-password" in help_text
+
+
+def test_without_a_terminal_the_password_is_the_first_line_of_stdin(tmp_path):
+    # Without a terminal, getpass would read stdin with a GetPassWarning on stderr.
+    path = tmp_path / "users"
+    result = eke_users(path, *fast("add", "alice"), password=PASSWORD)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "added alice (read, server root)\n", "")
+    assert "otherwise (or with --password-stdin) it is the first line of standard input" in " ".join(users_command("add", "--help").stdout.split())
+
+
+def test_ctrl_c_while_reading_the_password_from_a_pipe(tmp_path):
+    path = tmp_path / "users"
+    process = start_users(path, *fast("add", "alice"))
+    wait_until_settled([process])  # reading stdin
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, out, err) == (130, "", "eke-users: interrupted\n")
+    assert not path.exists()
+
+
+class Terminal:
+    """eke-users with a pseudo-terminal for stdin, stdout and stderr: it prompts as for a person."""
+
+    def __init__(self, *args):
+        self.master, slave = pty.openpty()
+        self.process = subprocess.Popen([*USERS, *args], stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        os.close(slave)
+        self.seen = b""
+
+    def expect(self, text, timeout=60):
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.seen:
+            assert time.monotonic() < deadline, self.seen
+            if select.select([self.master], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:  # EIO: the process has closed its side
+                    chunk = b""
+                assert chunk or text.encode() in self.seen, self.seen
+                self.seen += chunk
+        return self
+
+    def type(self, text):
+        os.write(self.master, text.encode())
+        return self
+
+    def finish(self):
+        code = self.process.wait(60)
+        try:
+            while select.select([self.master], [], [], 0.2)[0]:
+                chunk = os.read(self.master, 4096)
+                if not chunk:
+                    break
+                self.seen += chunk
+        except OSError:
+            pass
+        os.close(self.master)
+        return code, self.seen.decode()
+
+
+def test_on_a_terminal_the_password_is_asked_twice(tmp_path):
+    path = tmp_path / "users"
+    terminal = Terminal("--users", str(path), *fast("add", "alice"))
+    terminal.expect("New password for alice: ").type("a password long enough\n").expect("Again: ").type("another one\n")
+    code, seen = terminal.finish()
+    assert code == 2 and "eke-users: the passwords do not match" in seen and "long enough" not in seen  # no echo
+    terminal = Terminal("--users", str(path), *fast("add", "alice"))
+    terminal.expect("New password for alice: ").type("a password long enough\n").expect("Again: ").type("a password long enough\n")
+    code, seen = terminal.finish()
+    assert code == 0 and "added alice (read, server root)" in seen and "Warning" not in seen
+
+
+@pytest.mark.parametrize("stop, code, message", [
+    (lambda terminal: terminal.process.send_signal(signal.SIGINT), 130, "eke-users: interrupted"),
+    (lambda terminal: terminal.type("\x04"), 2, "eke-users: no password: end of input"),  # Ctrl-D
+])
+def test_ctrl_c_or_end_of_input_at_the_prompt(tmp_path, stop, code, message):
+    path = tmp_path / "users"
+    terminal = Terminal("--users", str(path), *fast("add", "alice"))
+    stop(terminal.expect("New password for alice: "))
+    exit_code, seen = terminal.finish()
+    assert exit_code == code
+    # The message starts a line of its own, after the prompt.
+    assert seen.endswith(f"New password for alice: \r\n{message}" + seen.split(message, 1)[1]), seen
+    assert seen.count("\n") == 2 and "Traceback" not in seen
+    assert not path.exists()
