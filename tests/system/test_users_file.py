@@ -251,6 +251,15 @@ def fast(*args):
     return (*args, "--scrypt-n", str(FAST_SCRYPT["n"]))
 
 
+def assert_one_line_error(result, code, *fragments):
+    """The failure the CLI promises: its exit code, one line on stderr, no traceback, no warning."""
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert result.stderr.startswith("eke-users: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
 @pytest.mark.parametrize("command", [
     fast("add", "carol", "--password-stdin"), fast("passwd", "alice", "--password-stdin"), ("modify", "alice", "--rights", "read-write"),
     ("remove", "alice"), ("list",),
@@ -266,20 +275,6 @@ def test_global_options_go_after_the_command_too(tmp_path, command):
     other = tmp_path / "other"
     saved(other, "alice")
     assert users_command("--users", str(tmp_path / "unused"), *command, "--users", str(other), password=PASSWORD).returncode == 0
-
-
-def test_version():
-    result = users_command("--version")
-    assert (result.returncode, result.stdout) == (0, f"eke-users {eketwist.__version__}\n")
-
-
-def assert_one_line_error(result, code, *fragments):
-    """The failure the CLI promises: its exit code, one line on stderr, no traceback, no warning."""
-    assert result.returncode == code, (result.stdout, result.stderr)
-    assert result.stderr.startswith("eke-users: ") and result.stderr.count("\n") == 1, result.stderr
-    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr
 
 
 def test_each_change_is_confirmed_in_one_line(tmp_path):
@@ -327,12 +322,136 @@ def test_a_short_password_is_refused_unless_allowed(tmp_path):
         assert f"at least {MIN_PASSWORD_LENGTH} characters unless --allow-short-password" in help_text
 
 
+@pytest.mark.parametrize("command", [fast("add", "alice"), ("list",), ("modify", "alice", "--rights", "read"), ("remove", "alice")])
+def test_a_missing_directory_is_named(tmp_path, command):
+    path = tmp_path / "nonexistent" / "dir" / "users"
+    result = eke_users(path, *command, password=PASSWORD)
+    assert_one_line_error(result, 8, f"{path}: the directory {path.parent} does not exist")
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_version():
+    result = users_command("--version")
+    assert (result.returncode, result.stdout) == (0, f"eke-users {eketwist.__version__}\n")
+
+
+def test_help_lists_the_exit_codes():
+    help_text = users_command("--help").stdout
+    for code in ("0    success", "1    refused", "2    usage error", "8    the users file", "130  interrupted"):
+        assert code in help_text
+
+
+def _nested(path):
+    path.write_text("[" * 100000 + "\n")
+
+
+def _lone_surrogate_root(path):
+    saved(path, "alice")
+    user = json.loads(path.read_text().splitlines()[-1])
+    path.write_text(path.read_text() + json.dumps(dict(user, user="bob", root="/srv/\ud800")) + "\n")
+
+
+def _binary(path):
+    path.write_bytes(b"\xff\xfe\x00garbage\n")
+
+
+@pytest.mark.parametrize("prepare, args, stdin, code, fragment", [
+    (None, ("add", "alice", "--scrypt-n", "x"), None, 2, "--scrypt-n"),
+    (None, ("add", "alice", "--scrypt-n", "3"), None, 2, "--scrypt-n 3"),
+    (None, fast("add", "alice", "--rights", "all"), None, 2, "--rights"),
+    (None, fast("add", "alice", "--root", "/nonexistent/root"), None, 2, "--root /nonexistent/root: not a directory"),
+    (None, fast("add", "alice", "--root", b"/tmp/\xff".decode("utf-8", "surrogateescape")), None, 2, "--root"),
+    (None, fast("add", "a b"), None, 2, "NAME 'a b'"),
+    (None, ("frobnicate",), None, 2, "frobnicate"),
+    (None, (), None, 2, "COMMAND"),
+    (None, fast("add", "alice"), "", 2, "standard input is empty"),
+    (None, fast("add", "alice"), b"\xff\xfe long enough\n", 2, "not UTF-8"),
+    ("saved", ("modify", "nobody", "--rights", "read"), None, 1, "no user 'nobody'"),
+    ("saved", ("remove", "nobody"), None, 1, "no user 'nobody'"),
+    ("saved", fast("passwd", "nobody"), PASSWORD, 1, "no user 'nobody'"),
+    ("saved", fast("add", "alice"), PASSWORD, 1, "already exists"),
+    (lambda path: path.write_text("{not json\n"), ("list",), None, 1, "line 1: not a JSON object"),
+    (_nested, fast("add", "alice"), PASSWORD, 1, "line 1: not a JSON object"),
+    (_binary, ("list",), None, 1, "not UTF-8 text"),
+    (_lone_surrogate_root, ("list",), None, 1, "root must be an absolute path"),
+    (lambda path: path.mkdir(), ("list",), None, 8, "cannot read: Is a directory"),
+    (lambda path: path.mkdir(), fast("add", "alice"), PASSWORD, 8, "cannot read: Is a directory"),
+    (None, ("list",), None, 8, "no such file"),
+    (None, ("remove", "alice"), None, 8, "no such file"),
+])
+def test_bad_input_is_one_line_without_traceback(tmp_path, prepare, args, stdin, code, fragment):
+    path = tmp_path / "users"
+    if prepare == "saved":
+        saved(path, "alice")
+    elif prepare is not None:
+        prepare(path)
+        path.chmod(0o700)  # no warning about a file others may read
+    if isinstance(stdin, bytes):
+        result = subprocess.run([*USERS, "--users", str(path), *args], input=stdin, capture_output=True, timeout=60)
+        result.stderr = result.stderr.decode()
+    else:
+        result = eke_users(path, *args, password=stdin)
+    if code == 2 and not result.stderr.startswith("eke-users: "):  # argparse's own: usage, then the error
+        assert result.returncode == 2 and fragment in result.stderr.splitlines()[-1]
+        assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+    else:
+        assert_one_line_error(result, code, fragment)
+    if path.is_file() and prepare in (None, "saved"):
+        userdb.load(path)  # still whole
+
+
 def test_without_a_terminal_the_password_is_the_first_line_of_stdin(tmp_path):
     # Without a terminal, getpass would read stdin with a GetPassWarning on stderr.
     path = tmp_path / "users"
     result = eke_users(path, *fast("add", "alice"), password=PASSWORD)
     assert (result.returncode, result.stdout, result.stderr) == (0, "added alice (read, server root)\n", "")
     assert "otherwise (or with --password-stdin) it is the first line of standard input" in " ".join(users_command("add", "--help").stdout.split())
+
+
+def test_a_full_standard_output_is_reported(tmp_path):
+    path = tmp_path / "users"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [*USERS, "--users", str(path), *fast("add", "alice")], input=PASSWORD, stdout=full,
+            stderr=subprocess.PIPE, text=True, timeout=60,
+        )
+    assert_one_line_error(result, 8, "standard output: No space left on device", "the change was made: added alice")
+    assert "alice" in userdb.load(path).by_name
+
+
+def _as_a_plain_user():
+    """Root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH obeys file modes like anyone."""
+    if os.geteuid() == 0:
+        for cap in (1, 2):
+            if ctypes.CDLL(None, use_errno=True).prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_permission_denied_names_the_path(tmp_path):
+    directory = tmp_path / "etc"
+    directory.mkdir()
+    path = directory / "users"
+    saved(path, "alice")
+    (directory / "users.lock").touch(mode=0o600)
+
+    def run(*args):
+        return subprocess.run(
+            [*USERS, "--users", str(path), *args], input=PASSWORD, capture_output=True, text=True, timeout=60,
+            preexec_fn=_as_a_plain_user,
+        )
+
+    path.chmod(0o000)
+    assert_one_line_error(run("list"), 8, f"{path}: cannot read: Permission denied")
+    path.chmod(0o600)
+    directory.chmod(0o500)  # the file is readable, but no new copy can be written beside it
+    try:
+        before = path.read_bytes()
+        assert_one_line_error(run(*fast("add", "bob")), 8, f"{path}: cannot save: Permission denied", str(directory))
+        assert path.read_bytes() == before
+        (directory / "users.lock").unlink()
+        assert_one_line_error(run("remove", "alice"), 8, f"{path}.lock: cannot open the lock file: Permission denied")
+    finally:
+        directory.chmod(0o700)
 
 
 def test_ctrl_c_while_reading_the_password_from_a_pipe(tmp_path):
