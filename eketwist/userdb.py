@@ -37,6 +37,11 @@ class UsersFileError(Exception):
     """The users file cannot be used; the message names the file and line."""
 
 
+class UsersFileIOError(UsersFileError):
+    """The users file, its directory or its lock cannot be read or written (an OSError): a
+    problem of the file system, not of the file's contents. The message names the path."""
+
+
 @dataclass(frozen=True)
 class User:
     """A user's verifier. repr() shows the name only."""
@@ -164,7 +169,7 @@ def _parse_user(obj):
     except spake2plus.InvalidPoint:
         raise ValueError("L is not a valid point") from None
     root = obj.get("root")
-    if root is not None and not (isinstance(root, str) and os.path.isabs(root) and "\x00" not in root):
+    if root is not None and not (isinstance(root, str) and os.path.isabs(root) and "\x00" not in root and _is_utf8(root)):
         raise ValueError("root must be an absolute path")
     rights = obj.get("rights", READ)
     if rights not in RIGHTS:
@@ -186,7 +191,7 @@ def parse(text, source="users file"):
         where = f"{source}, line {lineno}"
         try:
             obj = json.loads(stripped)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             raise UsersFileError(f"{where}: not a JSON object") from None
         if not isinstance(obj, dict):
             raise UsersFileError(f"{where}: not a JSON object")
@@ -215,24 +220,46 @@ def parse(text, source="users file"):
     return Users(secret, users)
 
 
+def _is_utf8(text):
+    """False for lone surrogates (a JSON escape can make them), which no file name can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _missing_directory(path):
+    """The message for a path whose directory does not exist, or None."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(directory):
+        return None
+    return f"{path}: the directory {directory} does not exist"
+
+
 def load(path):
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except FileNotFoundError:
-        raise UsersFileError(f"{path}: no such file (create it with: eke-users add NAME)") from None
-    except (OSError, UnicodeDecodeError) as problem:
-        raise UsersFileError(f"{path}: cannot read: {getattr(problem, 'strerror', None) or problem}") from None
+        raise UsersFileIOError(
+            _missing_directory(path) or f"{path}: no such file (create it with: eke-users add NAME)"
+        ) from None
+    except OSError as problem:
+        raise UsersFileIOError(f"{path}: cannot read: {problem.strerror or problem}") from None
+    except UnicodeDecodeError:
+        raise UsersFileError(f"{path}: not UTF-8 text, so not a users file") from None
     return parse(text, source=str(path))
 
 
 def exposure(path):
     """A warning when users other than the file's owner and group may read or change it."""
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        st = os.stat(path)
     except OSError:
         return None
-    if not mode & 0o007:
+    mode = stat.S_IMODE(st.st_mode)
+    if not (stat.S_ISREG(st.st_mode) and mode & 0o007):  # a directory is refused as unreadable
         return None
     return (
         f"{path} can be read or changed by any user (mode {mode:04o}): a reader can guess "
@@ -245,7 +272,10 @@ def dumps(users):
         "# eketwist users file: verifiers only, never passwords. Edit with eke-users.",
         json.dumps({"eketwist-users": FORMAT_VERSION, "secret": users.secret.hex()}),
     ]
-    lines += [json.dumps(user.to_json(), ensure_ascii=False) for user in users.by_name.values()]
+    for user in users.by_name.values():
+        line = json.dumps(user.to_json(), ensure_ascii=False)
+        # A lone surrogate kept in an unknown field (from a JSON escape) cannot be written raw.
+        lines.append(line if _is_utf8(line) else json.dumps(user.to_json()))
     return "\n".join(lines) + "\n"
 
 
@@ -254,8 +284,19 @@ def save(path, users):
     rename, fsync the directory. Readers see the old file or the new one, never a mix.
     The new file keeps the old one's owner, group and mode (a service user may read it through
     its group); a new file is 0600."""
+    shown = path
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
+    try:
+        _save(path, directory, users)
+    except OSError as problem:
+        message = _missing_directory(path) or f"{shown}: cannot save: {problem.strerror or problem}"
+        if isinstance(problem, PermissionError):
+            message += f" (the new copy is written in {directory}, then renamed over it)"
+        raise UsersFileIOError(message) from None
+
+
+def _save(path, directory, users):
     try:
         old = os.stat(path)
     except FileNotFoundError:
@@ -293,7 +334,9 @@ def writer_lock(path, on_wait=None):
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as problem:
-        raise UsersFileError(f"{lock_path}: cannot open the lock file: {problem.strerror}") from None
+        raise UsersFileIOError(
+            _missing_directory(path) or f"{lock_path}: cannot open the lock file: {problem.strerror}"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -301,6 +344,8 @@ def writer_lock(path, on_wait=None):
             if on_wait is not None:
                 on_wait(lock_path)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as problem:  # e.g. ENOLCK on a network file system
+            raise UsersFileIOError(f"{lock_path}: cannot lock: {problem.strerror}") from None
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -90,21 +90,21 @@ def test_password_file_and_help(reading_server, tmp_path):
 def test_users_tool_and_live_reload(twistd_server, users_file, tmp_path):
     port, log = twistd_server
     users = [str(VENV_BIN / "eke-users"), "--users", str(users_file)]
-    add = subprocess.run([*users, "add", "bob", "--password-stdin", "--scrypt-n", "1024"], input="bob pw\n", text=True, capture_output=True)
+    add = subprocess.run([*users, "add", "bob", "--password-stdin", "--scrypt-n", "1024"], input="bob's password\n", text=True, capture_output=True)
     assert add.returncode == 0, add.stderr
     assert oct(users_file.stat().st_mode & 0o777) == "0o600"
-    assert "bob pw" not in users_file.read_text()
+    assert "bob's password" not in users_file.read_text()
     # Picked up by the running server without a restart.
-    assert run_client(port, "get", "hello.txt", user="bob", password="bob pw", cwd=tmp_path).returncode == 0
+    assert run_client(port, "get", "hello.txt", user="bob", password="bob's password", cwd=tmp_path).returncode == 0
     again = subprocess.run([*users, "add", "bob", "--password-stdin"], input="x\n", text=True, capture_output=True)
     assert again.returncode == 1 and "already exists" in again.stderr
-    passwd = subprocess.run([*users, "passwd", "bob", "--password-stdin", "--scrypt-n", "1024"], input="new pw\n", text=True, capture_output=True)
+    passwd = subprocess.run([*users, "passwd", "bob", "--password-stdin", "--scrypt-n", "1024"], input="bob's new password\n", text=True, capture_output=True)
     assert passwd.returncode == 0
-    assert run_client(port, "get", "hello.txt", user="bob", password="bob pw", cwd=tmp_path).returncode == 4
+    assert run_client(port, "get", "hello.txt", user="bob", password="bob's password", cwd=tmp_path).returncode == 4
     listing = subprocess.run([*users, "list"], capture_output=True, text=True).stdout
     assert "alice" in listing and "bob" in listing
     assert subprocess.run([*users, "remove", "bob"]).returncode == 0
-    assert run_client(port, "get", "hello.txt", user="bob", password="new pw", cwd=tmp_path).returncode == 4
+    assert run_client(port, "get", "hello.txt", user="bob", password="bob's new password", cwd=tmp_path).returncode == 4
     # A broken file is not loaded: the last good copy keeps serving, and the log says why.
     # (Asked from another address: bob's two failures delay 127.0.0.1's next answer by 1 s.)
     users_file.write_text(users_file.read_text() + "{not json\n")

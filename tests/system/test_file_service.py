@@ -394,18 +394,18 @@ def test_per_user_roots_and_environment_variables(daemon, tmp_path, users_file):
     subprocess.run(
         [str(VENV_BIN / "eke-users"), "--users", str(users_file), "add", "bob", "--password-stdin",
          "--scrypt-n", "1024", "--root", str(own), "--rights", "read-write"],
-        input="bob pw\n", text=True, check=True,
+        input="bob's password\n", text=True, check=True,
     )
     port = daemon().port
-    env = {"EKE_HOST": "127.0.0.1", "EKE_PORT": str(port), "EKE_USER": "bob", "EKE_PASSWORD": "bob pw"}
+    env = {"EKE_HOST": "127.0.0.1", "EKE_PORT": str(port), "EKE_USER": "bob", "EKE_PASSWORD": "bob's password"}
     listing = subprocess.run(
         [str(VENV_BIN / "eke-client"), "ls"], capture_output=True, text=True, env=dict(os.environ, **env)
     )
     assert listing.returncode == 0 and listing.stdout.split("\t")[0] == "mine.txt"
-    assert run_client(port, "get", "hello.txt", user="bob", password="bob pw", cwd=tmp_path).returncode == 5
+    assert run_client(port, "get", "hello.txt", user="bob", password="bob's password", cwd=tmp_path).returncode == 5
     subprocess.run([str(VENV_BIN / "eke-users"), "--users", str(users_file), "modify", "bob", "--rights", "read"], check=True)
     local = write_random(tmp_path / "x.bin", 10)
-    assert run_client(port, "put", str(local), user="bob", password="bob pw").returncode == 9
+    assert run_client(port, "put", str(local), user="bob", password="bob's password").returncode == 9
     listed = subprocess.run([str(VENV_BIN / "eke-users"), "--users", str(users_file), "list"], capture_output=True, text=True).stdout
     assert f"bob\tread\t{own}" in listed
 

@@ -4,6 +4,9 @@ import ctypes
 import json
 import os
 import pathlib
+import pty
+import select
+import signal
 import stat
 import subprocess
 import sys
@@ -12,11 +15,14 @@ import time
 import pytest
 from twisted.logger import Logger, LogLevel, formatEvent
 
+import eketwist
 from eketwist import userdb
+from eketwist.users import MIN_PASSWORD_LENGTH
 
 from tests.support.processes import FAST_SCRYPT
 
 USERS = [sys.executable, "-m", "eketwist.users"]
+PASSWORD = "a password long enough\n"
 
 
 def start_users(path, *args):
@@ -102,14 +108,14 @@ def test_a_removal_racing_an_add_stays_removed(tmp_path):
 
 def test_a_rewrite_keeps_mode_owner_and_group(tmp_path):
     path = tmp_path / "users"
-    assert eke_users(path, *add_args("alice"), password="pw\n").returncode == 0
+    assert eke_users(path, *add_args("alice"), password=PASSWORD).returncode == 0
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # a new file
     # README's set-up for a dynamic service user: readable through the group.
     if os.geteuid() == 0:
         os.chown(path, 65534, 65534)
     path.chmod(0o640)
     before = path.stat()
-    result = eke_users(path, *add_args("bob"), password="pw\n")
+    result = eke_users(path, *add_args("bob"), password=PASSWORD)
     assert result.returncode == 0, result.stderr
     after = path.stat()
     assert after.st_ino != before.st_ino  # really rewritten
@@ -131,7 +137,7 @@ def test_a_rewrite_that_cannot_keep_the_owner_is_refused(tmp_path, owner):
     path.chmod(0o640)
     before = path.read_bytes()
     result = subprocess.run(
-        [*USERS, "--users", str(path), *add_args("bob")], input="pw\n", capture_output=True, text=True,
+        [*USERS, "--users", str(path), *add_args("bob")], input=PASSWORD, capture_output=True, text=True,
         timeout=60, preexec_fn=_without_cap_chown,
     )
     assert result.returncode == 1
@@ -149,7 +155,7 @@ def test_eke_users_warns_about_a_file_others_can_read(tmp_path):
     path.chmod(0o640)  # group-readable is README's advice, not a problem
     assert eke_users(path, "list").stderr == ""
     path.chmod(0o644)
-    for result in (eke_users(path, "list"), eke_users(path, *add_args("bob"), password="pw\n")):
+    for result in (eke_users(path, "list"), eke_users(path, *add_args("bob"), password=PASSWORD)):
         assert result.returncode == 0
         assert result.stderr.startswith("eke-users: warning: ") and result.stderr.count("\n") == 1
         assert "mode 0644" in result.stderr and "chmod o-rwx" in result.stderr
@@ -186,7 +192,7 @@ def test_eke_users_does_not_invent_a_secret_for_a_headerless_file(tmp_path):
         ("modify", "alice", "--rights", "read-write"), ("remove", "alice"),
     ]
     for args in changes:
-        result = eke_users(path, *args, password="pw\n")
+        result = eke_users(path, *args, password=PASSWORD)
         assert result.returncode == 1, args
         assert "no header line" in result.stderr and result.stderr.count("\n") == 1
         assert not any(secret in result.stderr for secret in secrets_in_file)
@@ -195,7 +201,7 @@ def test_eke_users_does_not_invent_a_secret_for_a_headerless_file(tmp_path):
     # An empty file has no secret worth keeping: the first add writes the header.
     path.write_text("# users\n")
     path.chmod(0o600)
-    assert eke_users(path, *add_args("bob"), password="pw\n").returncode == 0
+    assert eke_users(path, *add_args("bob"), password=PASSWORD).returncode == 0
     assert userdb.load(path).secret_is_stored
 
 
@@ -232,3 +238,295 @@ def test_a_file_without_users_is_reported(tmp_path):
     userdb.save(path, users)
     assert store.current().by_name == {}
     assert ["nobody can log in" in text for text in daemon_warnings(events)] == [True]
+
+
+# -- the command line: options, confirmations, passwords, errors --------------------------------
+
+def users_command(*args, password=None, **options):
+    """eke-users with exactly these arguments (no --users put first)."""
+    return subprocess.run([*USERS, *args], input=password, capture_output=True, text=True, timeout=60, **options)
+
+
+def fast(*args):
+    return (*args, "--scrypt-n", str(FAST_SCRYPT["n"]))
+
+
+def assert_one_line_error(result, code, *fragments):
+    """The failure the CLI promises: its exit code, one line on stderr, no traceback, no warning."""
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert result.stderr.startswith("eke-users: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    fast("add", "carol", "--password-stdin"), fast("passwd", "alice", "--password-stdin"), ("modify", "alice", "--rights", "read-write"),
+    ("remove", "alice"), ("list",),
+])
+def test_global_options_go_after_the_command_too(tmp_path, command):
+    path = tmp_path / "users"
+    saved(path, "alice")
+    result = users_command(*command, "--users", str(path), password=PASSWORD)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert (tmp_path / "eke-users").exists() is False  # not the default file
+    # Given twice, the later one wins, as with every option.
+    other = tmp_path / "other"
+    saved(other, "alice")
+    assert users_command("--users", str(tmp_path / "unused"), *command, "--users", str(other), password=PASSWORD).returncode == 0
+
+
+def test_each_change_is_confirmed_in_one_line(tmp_path):
+    path = tmp_path / "users"
+    own = tmp_path / "alices-root"
+    own.mkdir()
+    steps = [
+        (fast("add", "alice", "--password-stdin", "--rights", "read-write", "--root", str(own)), f"added alice (read-write, root {own})"),
+        (fast("add", "bob", "--password-stdin"), "added bob (read, server root)"),
+        (("modify", "bob", "--rights", "read-write"), "modified bob (read-write, server root)"),
+        (("modify", "bob", "--rights", "read-write"), "bob unchanged (read-write, server root)"),
+        (("modify", "alice", "--root", "default", "--rights", "read"), "modified alice (read, server root)"),
+        (fast("passwd", "bob", "--password-stdin"), f"changed the password of bob (scrypt n={FAST_SCRYPT['n']})"),
+        (("remove", "bob"), "removed bob (was read-write, server root)"),
+    ]
+    for args, line in steps:
+        result = eke_users(path, *args, password=PASSWORD)
+        assert (result.returncode, result.stdout, result.stderr) == (0, line + "\n", ""), args
+    assert eke_users(path, "list").stdout == f"alice\tread\t(server root)\tscrypt n={FAST_SCRYPT['n']} r=8 p=1\n"
+
+
+def test_modify_with_nothing_to_change_is_a_usage_error(tmp_path):
+    path = tmp_path / "users"
+    saved(path, "bob")
+    before = path.read_bytes()
+    assert_one_line_error(eke_users(path, "modify", "bob"), 2, "nothing to change", "--root", "--rights")
+    assert path.read_bytes() == before
+
+
+def test_a_short_password_is_refused_unless_allowed(tmp_path):
+    assert MIN_PASSWORD_LENGTH == 8  # README and --help say 8
+    path = tmp_path / "users"
+    short, enough = "x" * (MIN_PASSWORD_LENGTH - 1) + "\n", "x" * MIN_PASSWORD_LENGTH + "\n"
+    for command in ("add", "passwd"):
+        before = path.read_bytes() if path.exists() else None
+        result = eke_users(path, *fast(command, "alice"), password=short)
+        assert_one_line_error(result, 2, f"shorter than {MIN_PASSWORD_LENGTH} characters", "--allow-short-password")
+        assert (path.read_bytes() if path.exists() else None) == before
+        result = eke_users(path, *fast(command, "alice", "--allow-short-password"), password=short)
+        assert result.returncode == 0 and result.stderr == ""
+    assert eke_users(path, *fast("passwd", "alice"), password=enough).returncode == 0
+    assert_one_line_error(eke_users(path, *fast("add", "bob", "--allow-short-password"), password="\n"), 2, "empty")
+    for command in ("add", "passwd"):
+        help_text = " ".join(users_command(command, "--help").stdout.split())
+        assert f"at least {MIN_PASSWORD_LENGTH} characters unless --allow-short-password" in help_text
+
+
+@pytest.mark.parametrize("command", [fast("add", "alice"), ("list",), ("modify", "alice", "--rights", "read"), ("remove", "alice")])
+def test_a_missing_directory_is_named(tmp_path, command):
+    path = tmp_path / "nonexistent" / "dir" / "users"
+    result = eke_users(path, *command, password=PASSWORD)
+    assert_one_line_error(result, 8, f"{path}: the directory {path.parent} does not exist")
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_version():
+    result = users_command("--version")
+    assert (result.returncode, result.stdout) == (0, f"eke-users {eketwist.__version__}\n")
+
+
+def test_help_lists_the_exit_codes():
+    help_text = users_command("--help").stdout
+    for code in ("0    success", "1    refused", "2    usage error", "8    the users file", "130  interrupted"):
+        assert code in help_text
+
+
+def _nested(path):
+    path.write_text("[" * 100000 + "\n")
+
+
+def _lone_surrogate_root(path):
+    saved(path, "alice")
+    user = json.loads(path.read_text().splitlines()[-1])
+    path.write_text(path.read_text() + json.dumps(dict(user, user="bob", root="/srv/\ud800")) + "\n")
+
+
+def _binary(path):
+    path.write_bytes(b"\xff\xfe\x00garbage\n")
+
+
+@pytest.mark.parametrize("prepare, args, stdin, code, fragment", [
+    (None, ("add", "alice", "--scrypt-n", "x"), None, 2, "--scrypt-n"),
+    (None, ("add", "alice", "--scrypt-n", "3"), None, 2, "--scrypt-n 3"),
+    (None, fast("add", "alice", "--rights", "all"), None, 2, "--rights"),
+    (None, fast("add", "alice", "--root", "/nonexistent/root"), None, 2, "--root /nonexistent/root: not a directory"),
+    (None, fast("add", "alice", "--root", b"/tmp/\xff".decode("utf-8", "surrogateescape")), None, 2, "--root"),
+    (None, fast("add", "a b"), None, 2, "NAME 'a b'"),
+    (None, ("frobnicate",), None, 2, "frobnicate"),
+    (None, (), None, 2, "COMMAND"),
+    (None, fast("add", "alice"), "", 2, "standard input is empty"),
+    (None, fast("add", "alice"), b"\xff\xfe long enough\n", 2, "not UTF-8"),
+    ("saved", ("modify", "nobody", "--rights", "read"), None, 1, "no user 'nobody'"),
+    ("saved", ("remove", "nobody"), None, 1, "no user 'nobody'"),
+    ("saved", fast("passwd", "nobody"), PASSWORD, 1, "no user 'nobody'"),
+    ("saved", fast("add", "alice"), PASSWORD, 1, "already exists"),
+    (lambda path: path.write_text("{not json\n"), ("list",), None, 1, "line 1: not a JSON object"),
+    (_nested, fast("add", "alice"), PASSWORD, 1, "line 1: not a JSON object"),
+    (_binary, ("list",), None, 1, "not UTF-8 text"),
+    (_lone_surrogate_root, ("list",), None, 1, "root must be an absolute path"),
+    (lambda path: path.mkdir(), ("list",), None, 8, "cannot read: Is a directory"),
+    (lambda path: path.mkdir(), fast("add", "alice"), PASSWORD, 8, "cannot read: Is a directory"),
+    (None, ("list",), None, 8, "no such file"),
+    (None, ("remove", "alice"), None, 8, "no such file"),
+])
+def test_bad_input_is_one_line_without_traceback(tmp_path, prepare, args, stdin, code, fragment):
+    path = tmp_path / "users"
+    if prepare == "saved":
+        saved(path, "alice")
+    elif prepare is not None:
+        prepare(path)
+        path.chmod(0o700)  # no warning about a file others may read
+    if isinstance(stdin, bytes):
+        result = subprocess.run([*USERS, "--users", str(path), *args], input=stdin, capture_output=True, timeout=60)
+        result.stderr = result.stderr.decode()
+    else:
+        result = eke_users(path, *args, password=stdin)
+    if code == 2 and not result.stderr.startswith("eke-users: "):  # argparse's own: usage, then the error
+        assert result.returncode == 2 and fragment in result.stderr.splitlines()[-1]
+        assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+    else:
+        assert_one_line_error(result, code, fragment)
+    if path.is_file() and prepare in (None, "saved"):
+        userdb.load(path)  # still whole
+
+
+def test_without_a_terminal_the_password_is_the_first_line_of_stdin(tmp_path):
+    # Without a terminal, getpass would read stdin with a GetPassWarning on stderr.
+    path = tmp_path / "users"
+    result = eke_users(path, *fast("add", "alice"), password=PASSWORD)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "added alice (read, server root)\n", "")
+    assert "otherwise (or with --password-stdin) it is the first line of standard input" in " ".join(users_command("add", "--help").stdout.split())
+
+
+def test_a_full_standard_output_is_reported(tmp_path):
+    path = tmp_path / "users"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [*USERS, "--users", str(path), *fast("add", "alice")], input=PASSWORD, stdout=full,
+            stderr=subprocess.PIPE, text=True, timeout=60,
+        )
+    assert_one_line_error(result, 8, "standard output: No space left on device", "the change was made: added alice")
+    assert "alice" in userdb.load(path).by_name
+
+
+def _as_a_plain_user():
+    """Root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH obeys file modes like anyone."""
+    if os.geteuid() == 0:
+        for cap in (1, 2):
+            if ctypes.CDLL(None, use_errno=True).prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_permission_denied_names_the_path(tmp_path):
+    directory = tmp_path / "etc"
+    directory.mkdir()
+    path = directory / "users"
+    saved(path, "alice")
+    (directory / "users.lock").touch(mode=0o600)
+
+    def run(*args):
+        return subprocess.run(
+            [*USERS, "--users", str(path), *args], input=PASSWORD, capture_output=True, text=True, timeout=60,
+            preexec_fn=_as_a_plain_user,
+        )
+
+    path.chmod(0o000)
+    assert_one_line_error(run("list"), 8, f"{path}: cannot read: Permission denied")
+    path.chmod(0o600)
+    directory.chmod(0o500)  # the file is readable, but no new copy can be written beside it
+    try:
+        before = path.read_bytes()
+        assert_one_line_error(run(*fast("add", "bob")), 8, f"{path}: cannot save: Permission denied", str(directory))
+        assert path.read_bytes() == before
+        (directory / "users.lock").unlink()
+        assert_one_line_error(run("remove", "alice"), 8, f"{path}.lock: cannot open the lock file: Permission denied")
+    finally:
+        directory.chmod(0o700)
+
+
+def test_ctrl_c_while_reading_the_password_from_a_pipe(tmp_path):
+    path = tmp_path / "users"
+    process = start_users(path, *fast("add", "alice"))
+    wait_until_settled([process])  # reading stdin
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, out, err) == (130, "", "eke-users: interrupted\n")
+    assert not path.exists()
+
+
+class Terminal:
+    """eke-users with a pseudo-terminal for stdin, stdout and stderr: it prompts as for a person."""
+
+    def __init__(self, *args):
+        self.master, slave = pty.openpty()
+        self.process = subprocess.Popen([*USERS, *args], stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        os.close(slave)
+        self.seen = b""
+
+    def expect(self, text, timeout=60):
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.seen:
+            assert time.monotonic() < deadline, self.seen
+            if select.select([self.master], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:  # EIO: the process has closed its side
+                    chunk = b""
+                assert chunk or text.encode() in self.seen, self.seen
+                self.seen += chunk
+        return self
+
+    def type(self, text):
+        os.write(self.master, text.encode())
+        return self
+
+    def finish(self):
+        code = self.process.wait(60)
+        try:
+            while select.select([self.master], [], [], 0.2)[0]:
+                chunk = os.read(self.master, 4096)
+                if not chunk:
+                    break
+                self.seen += chunk
+        except OSError:
+            pass
+        os.close(self.master)
+        return code, self.seen.decode()
+
+
+def test_on_a_terminal_the_password_is_asked_twice(tmp_path):
+    path = tmp_path / "users"
+    terminal = Terminal("--users", str(path), *fast("add", "alice"))
+    terminal.expect("New password for alice: ").type("a password long enough\n").expect("Again: ").type("another one\n")
+    code, seen = terminal.finish()
+    assert code == 2 and "eke-users: the passwords do not match" in seen and "long enough" not in seen  # no echo
+    terminal = Terminal("--users", str(path), *fast("add", "alice"))
+    terminal.expect("New password for alice: ").type("a password long enough\n").expect("Again: ").type("a password long enough\n")
+    code, seen = terminal.finish()
+    assert code == 0 and "added alice (read, server root)" in seen and "Warning" not in seen
+
+
+@pytest.mark.parametrize("stop, code, message", [
+    (lambda terminal: terminal.process.send_signal(signal.SIGINT), 130, "eke-users: interrupted"),
+    (lambda terminal: terminal.type("\x04"), 2, "eke-users: no password: end of input"),  # Ctrl-D
+])
+def test_ctrl_c_or_end_of_input_at_the_prompt(tmp_path, stop, code, message):
+    path = tmp_path / "users"
+    terminal = Terminal("--users", str(path), *fast("add", "alice"))
+    stop(terminal.expect("New password for alice: "))
+    exit_code, seen = terminal.finish()
+    assert exit_code == code
+    # The message starts a line of its own, after the prompt.
+    assert seen.endswith(f"New password for alice: \r\n{message}" + seen.split(message, 1)[1]), seen
+    assert seen.count("\n") == 2 and "Traceback" not in seen
+    assert not path.exists()
