@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import os
 import stat as stat_module
+import time
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail
@@ -314,7 +315,8 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def get(self, remote, local, progress=None, resume=True):
         """Download `remote` to the path `local` through `local`.part, resuming from what the
         part file holds when the server's file still starts with it. Fires with
-        {"remote", "path", "size", "sha1", "resumed_from"}."""
+        {"remote", "path", "size", "sha1", "resumed_from", "seconds"} (seconds from its first
+        byte: requests sent ahead wait their turn before it)."""
         try:
             part = files.PartFile(
                 local, local + files.CLIENT_PART_SUFFIX, local, lock=True, private=True,
@@ -352,6 +354,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             request.part.restart()  # nothing held, or the file changed on the server: start over
         request.size, request.mtime, request.mode = header.size, header.mtime, header.mode
         request.resumed_from = header.offset
+        request.began = time.monotonic()
         request.progress.start(request.remote, request.size, initial=header.offset)
 
     def _file_end(self, end):
@@ -365,14 +368,15 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self._ready()
         request.progress.close()
         result = {"remote": request.remote, "path": request.local, "size": request.size, "sha1": digest,
-                  "resumed_from": request.resumed_from}
+                  "resumed_from": request.resumed_from, "seconds": time.monotonic() - request.began}
         committed = self.committer.commit(part, request.mtime, request.mode)
         committed.addCallbacks(lambda _: request.deferred.callback(result), request.deferred.errback)
 
     def put(self, local, remote, progress=None, force=False):
         """Upload the file `local` to `remote`, resuming a partial upload the server holds
         for us when it starts with the same bytes as ours. Fires with
-        {"remote", "path", "size", "sha1", "resumed_from"}."""
+        {"remote", "path", "size", "sha1", "resumed_from", "seconds"} (seconds from its first
+        byte: requests sent ahead wait their turn before it)."""
         try:
             handle = open(local, "rb", buffering=0)
         except OSError as problem:
@@ -400,6 +404,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self._hold_sending(request)
         request.streaming, request.refused = True, False
         request.resumed_from = 0
+        request.began = time.monotonic()
         request.progress.start(request.remote, request.size)
         sha1 = hashlib.sha1()
 
@@ -446,6 +451,7 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
     def _upload_from(self, request, offset, sha1):
         self._awaiting(request, requesting.Sending(request.size), {"type": "upload", "offset": offset})
         request.resumed_from = offset
+        request.began = time.monotonic()
         request.progress.start(request.remote, request.size, initial=offset)
 
         def sent(nbytes):
@@ -465,7 +471,8 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self._complete(
             request,
             {"remote": request.remote, "path": request.local, "size": stored.size,
-             "sha1": request.sha1, "resumed_from": request.resumed_from},
+             "sha1": request.sha1, "resumed_from": request.resumed_from,
+             "seconds": time.monotonic() - request.began},
         )
 
     _ANSWER_HANDLERS = {

@@ -76,10 +76,10 @@ class Session:
         if isinstance(error, FATAL) or self.client.closing:
             raise error
 
-    async def transfer(self, direction, source, destination, report=None, shown_as=None, **options):
+    async def transfer(self, direction, source, destination, report=None, shown_as=None, size=None, **options):
         """One file, get or put; records the outcome (through `report`, the Reporter or its
         stand-in), the local file named `shown_as` if given; raises only when the connection
-        is gone."""
+        is gone. `size`: a download's, if a listing gave it."""
         report = report or self.reporter
         remote = source if direction == "get" else destination
         local = destination if direction == "get" else source
@@ -87,9 +87,9 @@ class Session:
         started = time.monotonic()
         try:
             if direction == "get":
-                result = await self.client.get(remote, local, report.progress(), **options)
+                result = await self.client.get(remote, local, report.progress(size is not None), **options)
             else:
-                result = await self.client.put(local, remote, report.progress(), **options)
+                result = await self.client.put(local, remote, report.progress(True), **options)
         except errors.Exists as error:
             # Rerunning a put that was cut after the server stored the file: nothing to do.
             theirs = None if self.client.closing else await self.remote_entry(remote)
@@ -103,7 +103,7 @@ class Session:
             from_server = error.code in errors.WIRE_CODES and not error.message.startswith("local ")
             self.failed(remote if direction == "get" or from_server else local, error, record, report)
             return None
-        seconds = time.monotonic() - started
+        seconds = result.get("seconds", time.monotonic() - started)
         record.update(
             status="ok", bytes=result["size"], sha1=result["sha1"], seconds=round(seconds, 6),
             resumed_from=result["resumed_from"],
@@ -134,10 +134,16 @@ async def run_get(session, args):
         await _get_to_stdout(session, remotes[0], args)
         return
     executor = Executor(session, Download())
+    entries = {}
+    if not args.recursive and len(remotes) > 1 and session.reporter.bars:
+        # For the overall bar's total: the sizes at once, in one round trip (version 2).
+        found = []
+        await pipelined(session.client, [lambda remote=remote: _note_entry(session, remote, found) for remote in remotes])
+        entries = dict(found)
     for remote in remotes:
         target = get_target(remote, local)
         if not args.recursive:
-            step = await _get_step(session, remote, target, args.force)
+            step = await _get_step(session, remote, target, args.force, entries.get(remote))
             if step is not None:
                 executor.add([step])
             continue
@@ -150,7 +156,16 @@ async def run_get(session, args):
     await executor.run(resume=not args.no_resume)
 
 
-async def _get_step(session, remote, target, force):
+async def _note_entry(session, remote, found):
+    try:
+        found.append((remote, await session.remote_entry(remote)))
+    except FATAL:
+        raise
+    except EketwistError:
+        pass  # its GET will say what is wrong
+
+
+async def _get_step(session, remote, target, force, entry=None):
     """The step of a plain get, or None when it is reported already: its local directory
     missing, or its local file already there (the same: skipped; different: refused without
     --force, like put's)."""
@@ -159,9 +174,11 @@ async def _get_step(session, remote, target, force):
     if problem is not None:
         session.failed(remote, problem, record)
         return None
+    size = entry["size"] if entry is not None and entry["kind"] == "file" else None
     if force or local_state(target, None) is MISSING:
-        return Transfer(remote, target)
-    entry = await session.remote_entry(remote)
+        return Transfer(remote, target, size=size)
+    if entry is None:
+        entry = await session.remote_entry(remote)
     if entry is None or entry["kind"] != "file":
         return Transfer(remote, target)  # its GET says what is wrong
     if local_state(target, entry) is SAME:
@@ -275,7 +292,7 @@ class Executor:
         async def transfer(step):
             turn = in_order.turn()  # taken as the transfer starts: in the plan's order
             try:
-                await self.session.transfer(direction.name, *direction.ends(step), report=turn, **options)
+                await self.session.transfer(direction.name, *direction.ends(step), report=turn, size=step.size, **options)
             finally:
                 in_order.settle(turn)
 
@@ -320,7 +337,8 @@ class Download:
 
     @staticmethod
     def total_bytes(transfers):
-        return 0  # not known for a file until the server sends it: the overall bar counts files
+        # What listings gave; the others' sizes are added as the server sends them.
+        return sum(step.size for step in transfers if step.size is not None)
 
 
 class Upload:

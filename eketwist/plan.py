@@ -62,9 +62,13 @@ class _Named(_Step):
 
 
 class Transfer(_Named):
-    """One file, either way."""
+    """One file, either way; `size`, when a listing gave it (for the progress bars only)."""
 
-    __slots__ = ()
+    __slots__ = ("size",)
+
+    def __init__(self, remote, local, name=None, size=None):
+        _Named.__init__(self, remote, local, name)
+        self.size = size
 
 
 class AlreadyComplete(_Named):
@@ -155,7 +159,7 @@ def get_tree(remote, target, entries, force=False):
         if kind == "dir":
             yield MakeDirectory(remote, target, entry["name"], entry["mode"], entry["mtime"])
         elif kind == "file":
-            step = Transfer(remote, target, entry["name"])
+            step = Transfer(remote, target, entry["name"], entry["size"])
             here = local_state(step.local_path, entry)
             if here is SAME:
                 yield AlreadyComplete(remote, target, entry["name"])

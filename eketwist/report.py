@@ -31,6 +31,18 @@ class Reporter:
         self._on_output_closed = on_output_closed
         self.output_closed = False
 
+    def _above_bars(self, line, stream):
+        """A line on its own above the progress bars (they are cleared and drawn again)."""
+        from tqdm import tqdm
+
+        if self.output_closed:
+            return
+        try:
+            tqdm.write(line, file=stream)
+            stream.flush()
+        except BrokenPipeError:
+            self.output_was_closed()
+
     def _put(self, stream, text, flush=True):
         """Write to stdout or stderr; a closed pipe (`| head`) ends the command quietly."""
         if self.output_closed:
@@ -78,35 +90,32 @@ class Reporter:
     def _write(self, text):
         text = escape(text)
         if self.bars:
-            from tqdm import tqdm
-
-            try:
-                tqdm.write(text, file=self.err)
-            except BrokenPipeError:
-                self.output_was_closed()
+            self._above_bars(text, self.err)
         else:
             self._put(self.err, text + "\n")
 
     def overall(self, total_bytes, count):
+        """With several files, a bar over all of them: `total_bytes` as far as known (a
+        download's total grows as the server names sizes it had not listed)."""
         if self.bars and count > 1:
-            from tqdm import tqdm
+            self._overall = _bar(self.err, total_bytes, "total", position=0, leave=True, files=count)
 
-            self._overall = tqdm(
-                total=total_bytes, desc=f"{count} files", unit="B", unit_scale=True,
-                unit_divisor=1024, file=self.err, position=0, leave=True,
-            )
-
-    def progress(self):
+    def progress(self, counted=False):
+        """A file's bar (None without bars); `counted`: its size is in the overall total."""
         if not self.bars:
             return None
-        return _FileBar(self.err, self._overall)
+        return _FileBar(self.err, self._overall, counted)
 
     def done(self, record):
         self.files.append(record)
         if record["status"] == "ok" and not self.json:
             # A file written to stdout (get REMOTE -) has its digest on stderr.
             stream = self.err if record["local"] == "-" else self.out
-            self._put(stream, f"{record['sha1']}  {escape(record['local'])}\n")
+            line = f"{record['sha1']}  {escape(record['local'])}"
+            if self.bars:
+                self._above_bars(line, stream)
+            else:
+                self._put(stream, line + "\n")
 
     def finish(self, command, error=None):
         """The end: --json's document (for ls, only when it failed: a listing is its own)."""
@@ -186,8 +195,8 @@ class _Turn:
         self._held = []
         self.settled = False
 
-    def progress(self):
-        return self._reporter.progress()
+    def progress(self, counted=False):
+        return self._reporter.progress(counted)
 
     def __getattr__(self, name):
         if name not in ("say", "warn", "error", "done", "verified"):
@@ -201,22 +210,22 @@ class _Turn:
 
 
 class _FileBar:
-    """One tqdm bar per file, feeding the overall bar if there is one."""
+    """One bar per file, feeding the overall bar if there is one."""
 
-    def __init__(self, err, overall):
+    def __init__(self, err, overall, counted):
         self._err = err
         self._overall = overall
         self._bar = None
+        self._counted = counted
 
     def start(self, name, size, initial=0):
-        from tqdm import tqdm
-
-        self._bar = tqdm(
-            total=size, initial=initial, desc=escape(name), unit="B", unit_scale=True, unit_divisor=1024,
-            file=self._err, position=1 if self._overall is not None else 0,
+        self._bar = _bar(
+            self._err, size, escape(name), initial=initial, position=1 if self._overall is not None else 0,
             leave=self._overall is None,
         )
         if self._overall is not None:
+            if not self._counted:
+                self._overall.total += size
             self._overall.update(initial)
 
     def update(self, nbytes):
@@ -228,6 +237,42 @@ class _FileBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+            if self._overall is not None:
+                self._overall.files_done += 1
+                self._overall.refresh()
+
+
+_FILE_FORMAT = "{desc}: {percentage:3.0f}% |{bar}| {size_n}/{size_total} [{elapsed}<{remaining}, {size_rate}]"
+_OVERALL_FORMAT = (
+    "{desc}: {percentage:3.0f}% |{bar}| {files_done}/{files} files, {size_n}/{size_total} "
+    "[{elapsed}<{remaining}, {size_rate}]"
+)
+
+
+def _bar(err, total, desc, files=None, **options):
+    """A tqdm bar whose sizes and rate are in binary units, like every size we print (tqdm's
+    own would mix 1024 for sizes with 1000 for rates, and say MB for both)."""
+    from tqdm import tqdm
+
+    class Bar(tqdm):
+        files_done = 0
+
+        @property
+        def format_dict(self):
+            values = super().format_dict
+            rate = values.get("rate")
+            values.update(
+                size_n=human_size(values["n"]),
+                size_total=human_size(values["total"]) if values.get("total") else "?",
+                size_rate=f"{human_size(rate)}/s" if rate else "-",
+                files=files, files_done=self.files_done,
+            )
+            return values
+
+    return Bar(
+        total=total, desc=desc, file=err, bar_format=_OVERALL_FORMAT if files else _FILE_FORMAT,
+        **options,
+    )
 
 
 def human_size(count):

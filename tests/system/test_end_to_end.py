@@ -213,11 +213,22 @@ def test_progress_bar_on_a_terminal_only(reading_server, tmp_path):
     (root / "mid.bin").write_bytes(os.urandom(3 * 1024 * 1024))
     code, out, screen = run_on_a_terminal(port, "get", "mid.bin", cwd=tmp_path)
     assert code == 0 and out.endswith("  mid.bin\n")
-    assert "mid.bin" in screen and "100%" in screen and "3.00M" in screen
-    # Several files: an overall bar as well.
+    # Sizes in binary units, the same in the bar and in the line after it.
+    assert "mid.bin" in screen and "100%" in screen and "3.0 MiB/3.0 MiB" in screen
+    assert "mid.bin: 3.0 MiB verified in" in screen and "MB" not in screen
+    # Several files: an overall bar as well, with files and bytes done of the total, and the
+    # results on lines of their own, never after a bar on the same line.
     (tmp_path / "all").mkdir()
     code, out, screen = run_on_a_terminal(port, "get", "mid.bin", "hello.txt", "all", cwd=tmp_path)
-    assert code == 0 and "2 files" in screen
+    assert code == 0 and "2/2 files" in screen and "total: 100%" in screen
+    for line in screen.replace("\r\n", "\n").split("\n"):
+        assert "verified in" not in line or line.split("\r")[-1].startswith(("mid.bin", "hello.txt", "all/")), line
+    # A tree: the total is known from the listing from the start.
+    (root / "bars").mkdir()
+    for name in ("one.bin", "two.bin"):
+        (root / "bars" / name).write_bytes(os.urandom(100_000))
+    code, out, screen = run_on_a_terminal(port, "get", "-r", "bars", "tree", cwd=tmp_path)
+    assert code == 0 and "files, 0 B/" in screen and "files, 0 B/?" not in screen
     # Not a terminal, or --quiet: no bar at all.
     plain = run_client(port, "get", "mid.bin", str(tmp_path / "again.bin"))
     assert plain.returncode == 0 and "%" not in plain.stderr
