@@ -336,6 +336,26 @@ async def connect(reactor, args, password, prelude, stop, reporter):
         raise errors.ConnectionFailed(f"cannot connect to {where(args)}: {_why_not_connected(problem)}") from None
 
 
+def certificate_names(host, port, timeout):
+    """The names in the certificate of the TLS server at host:port, fetched again without
+    verification only to say what they are; [] if they cannot be had."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout) as plain, context.wrap_socket(plain) as tls:
+            der = tls.getpeercert(binary_form=True)
+        names = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return []
+    return [str(name) for name in (*names.get_values_for_type(x509.DNSName), *names.get_values_for_type(x509.IPAddress))]
+
+
 async def login(reactor, args, password, prompted, reporter, stop, prelude):
     """An authenticated ClientProtocol. A password typed at the prompt may be typed again
     after a failure, PASSWORD_TRIES times in all (each a new login the server counts)."""
@@ -345,6 +365,12 @@ async def login(reactor, args, password, prompted, reporter, stop, prelude):
         try:
             await client.authenticated_deferred
             return client
+        except errors.NameMismatch as failure:
+            from twisted.internet.threads import deferToThread
+
+            names = await deferToThread(certificate_names, args.host, args.port, args.timeout)
+            held = f"; it is for {', '.join(names)}" if names else ""
+            raise errors.NameMismatch(f"{failure.message}{held} (give --host one of its names)") from None
         except errors.AuthenticationFailed as failure:
             await close(reactor, client)
             if not prompted or attempt == PASSWORD_TRIES:
@@ -525,6 +551,8 @@ def _command(args, reporter, stop):
     reactor.run(installSignalHandlers=False)
     stop.reactor = None
     result = outcome[0]
+    if isinstance(stop.error, errors.OutputClosed):
+        return stop.error  # even if all was done: some of it could not be shown
     if not isinstance(result, Failure):
         return result
     if stop.error is not None:  # whatever failed once we had cut the connection

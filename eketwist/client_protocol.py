@@ -12,6 +12,7 @@ import time
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
@@ -524,13 +525,45 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self.setTimeout(None)
         super().connectionLost(reason)
         self._password = None
-        self._fail_pending(ConnectionFailed(_lost_because(reason)))
+        before_answer = self.requesting is None and isinstance(self.prover.state, prover.AwaitingParams)
+        self._fail_pending(_lost_because(reason, self.transport, before_answer))
 
 
-def _lost_because(reason):
-    """What to tell the user about a lost connection; TLS failures say so."""
+def _lost_because(reason, transport, before_answer):
+    """The error a lost connection reports: TLS failures say which one it is;
+    `before_answer`: the server closed before its first message."""
     kind = getattr(reason, "type", None)
-    if kind is not None and kind.__module__.split(".")[0] in ("OpenSSL", "service_identity"):
-        what = "is not valid for this host name" if kind.__module__.startswith("service_identity") else "could not be verified"
-        return f"TLS failed: the server's certificate {what} ({kind.__name__})"
-    return "the connection to the server was lost"
+    module = kind.__module__ if kind is not None else ""
+    if module.startswith("service_identity"):
+        return _name_mismatch(reason.value)
+    if module.startswith("OpenSSL"):
+        return ConnectionFailed(_tls_failure(reason.value))
+    if before_answer and not ISSLTransport.providedBy(transport):
+        return ConnectionFailed("the server closed the connection before answering (if that port serves TLS, add --tls)")
+    return ConnectionFailed("the connection to the server was lost")
+
+
+def _tls_failure(error):
+    # pyOpenSSL's errors carry OpenSSL's (library, function, reason) triples.
+    triples = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = "; ".join(str(triple[-1]) for triple in triples if triple) or str(error)
+    if "certificate verify failed" in reasons:
+        return (
+            "TLS failed: the server's certificate could not be verified: it is not signed by an authority "
+            "you trust, or it has expired (a private authority: give its certificate with --ca-file)"
+        )
+    if any(sign in reasons for sign in ("wrong version number", "packet length too long", "record layer failure",
+                                        "unexpected eof", "http request")):
+        return "TLS failed: the server does not speak TLS on this port (leave out --tls)"
+    return f"TLS failed: {reasons}"
+
+
+def _name_mismatch(error):
+    """The name the certificate failed (the client's edge adds the names it holds)."""
+    asked = []
+    for mismatch in getattr(error, "errors", ()):
+        wanted = getattr(mismatch, "mismatched_id", None)
+        name = getattr(wanted, "hostname", None) or getattr(wanted, "ip", None)
+        if name is not None:
+            asked.append(name.decode("ascii", "replace") if isinstance(name, bytes) else str(name))
+    return errors.NameMismatch(f"TLS failed: the server's certificate is not for {' or '.join(asked) or 'this host name'}")

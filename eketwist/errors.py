@@ -72,6 +72,12 @@ class ConnectionFailed(EketwistError):
     exit_code = EXIT_CONNECTION
 
 
+class NameMismatch(ConnectionFailed):
+    """The server's TLS certificate is not for the host name given."""
+
+    code = "name-mismatch"
+
+
 class Timeout(ConnectionFailed):
     """The connection timed out."""
 

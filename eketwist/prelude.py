@@ -58,7 +58,7 @@ class Prelude:
         while not frames:
             chunk = self.sock.recv(wire.MAX_HANDSHAKE_PAYLOAD)
             if not chunk:
-                raise errors.ConnectionFailed("the server closed the connection")
+                raise errors.ConnectionFailed("the server closed the connection before answering (if that port serves TLS, add --tls)")
             self.decoder.feed(chunk, lambda kind, head, payload: frames.append((kind, bytes(payload))))
         if len(frames) > 1:
             raise errors.ProtocolError("the server sent more than one message before our share")

@@ -246,7 +246,7 @@ def test_exit_codes_are_documented_everywhere():
         assert f"\n| {code} |" in readme
         assert f"\n  {code} " in errors.EXIT_CODES_HELP
     for wire_code, cls in errors.BY_CODE.items():
-        if wire_code not in ("usage", "connection", "local-io", "interrupted", "output-closed"):
+        if wire_code not in ("usage", "connection", "local-io", "interrupted", "output-closed", "name-mismatch"):
             assert f"| {wire_code} " in protocol, wire_code
 
 
