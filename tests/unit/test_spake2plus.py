@@ -10,7 +10,7 @@ from eketwist import spake2plus as s2
 
 HERE = pathlib.Path(__file__).parent
 VECTORS_COPY = HERE.parent / "data" / "spake2plus-vectors.json"
-SHARED = HERE.parents[2] / "shared" / "spake2plus-vectors.json"
+ALL_VECTORS = HERE.parent / "data" / "rfc9383-all-vectors.json"
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +18,14 @@ def vec():
     return {k: v for k, v in json.loads(VECTORS_COPY.read_text()).items()}
 
 
-def test_committed_vectors_match_shared_copy():
-    if not SHARED.exists():
-        pytest.skip("../shared is not beside this checkout")
-    assert json.loads(SHARED.read_text()) == json.loads(VECTORS_COPY.read_text())
+def test_our_suites_vectors_are_the_rfcs():
+    """The vectors these tests use are RFC 9383's for our suite, value for value (both files
+    are copies, in the repository, of the RFC's Appendix C)."""
+    ours = json.loads(VECTORS_COPY.read_text())
+    suites = {entry["suite"]: entry for entry in json.loads(ALL_VECTORS.read_text())["vectors"]}
+    rfc = suites[ours["suite"]]
+    assert ours["suite"] == "P256-SHA256-HKDF-SHA256-HMAC-SHA256"
+    assert {key: ours[key] for key in rfc} == rfc
 
 
 def h(value):
