@@ -547,6 +547,7 @@ def _command(args, reporter, stop):
         stop.command.addBoth(outcome.append)
         stop.command.addBoth(lambda _: reactor.stop())
 
+    _log_only_bugs(reporter)
     reactor.callWhenRunning(start)
     reactor.run(installSignalHandlers=False)
     stop.reactor = None
@@ -560,6 +561,23 @@ def _command(args, reporter, stop):
     if result.check(EketwistError):
         return result.value
     result.raiseException()
+
+
+def _log_only_bugs(reporter):
+    """Twisted's log goes nowhere but this: a failure nobody handled (a bug) is one line on
+    stderr, not Twisted's traceback; EKE_DEBUG=1 shows it whole."""
+    from twisted.logger import formatEventAsClassicLogText, globalLogBeginner
+
+    debug = bool(os.environ.get("EKE_DEBUG"))
+
+    def observe(event):
+        failure = event.get("log_failure")
+        if debug:
+            sys.stderr.write(formatEventAsClassicLogText(event))
+        elif failure is not None:
+            reporter.error(f"unexpected failure (a bug; EKE_DEBUG=1 shows where): {failure.type.__name__}: {failure.value}")
+
+    globalLogBeginner.beginLoggingTo([observe], discardBuffer=True, redirectStandardIO=False)
 
 
 def _report_end(args, reporter, error):
