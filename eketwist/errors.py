@@ -110,6 +110,12 @@ class NotAFile(NotFound):
     code = "not-a-file"
 
 
+class NotADirectory(NotFound):
+    """Not a directory."""
+
+    code = "not-a-directory"
+
+
 class PermissionDenied(EketwistError):
     """Permission denied on the server."""
 
@@ -128,6 +134,12 @@ class Exists(EketwistError):
 
     code = "exists"
     exit_code = EXIT_EXISTS
+
+
+class NotEmpty(Exists):
+    """The directory is not empty."""
+
+    code = "not-empty"
 
 
 class NoSpace(EketwistError):
@@ -219,7 +231,8 @@ BY_CODE = {cls.code: cls for cls in [EketwistError, *_all_subclasses(EketwistErr
 # What an ERROR may say (docs/protocol.md section 8). A failure of another kind, such as a
 # disk's I/O error on the server, is "internal" to the peer.
 WIRE_CODES = frozenset({
-    "auth-failed", "server-auth-failed", "not-found", "not-a-file", "permission-denied", "bad-path",
+    "auth-failed", "server-auth-failed", "not-found", "not-a-file", "not-a-directory", "not-empty",
+    "permission-denied", "bad-path",
     "exists", "no-space", "too-large", "busy", "try-later", "integrity", "protocol", "unsupported",
     "timeout", "internal",
 })
@@ -230,6 +243,8 @@ REFUSAL_CODES = frozenset({
     "not-found", "not-a-file", "permission-denied", "bad-path", "exists", "too-large", "busy",
     "unsupported",
 })
+# And for the requests that manage files (docs/protocol.md section 7.10).
+MANAGE_REFUSAL_CODES = REFUSAL_CODES | {"not-a-directory", "not-empty"}
 WRITE_REFUSAL_CODES = REFUSAL_CODES | {"no-space"}
 UPLOAD_END_REFUSAL_CODES = WRITE_REFUSAL_CODES | {"integrity"}
 
