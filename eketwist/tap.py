@@ -15,7 +15,7 @@ import sys
 from twisted.application import internet
 from twisted.python import usage
 
-from . import exposure, guard, logs, proxy, server, service, userdb
+from . import __version__, exposure, guard, logs, proxy, server, service, userdb
 from .tuning import tune_allocator
 
 PROGRAM = "twistd eke"
@@ -66,6 +66,7 @@ def _option(name, default, doc, check=None, short=None):
     return row + [check(name)] if check else row
 
 
+# The --help lists these groups in this order (usage.Options would sort them all by name).
 _ESSENTIAL = [
     _option("port", "4000", "where to listen: a port number (TCP on all interfaces) or a Twisted endpoint such as "
             "tcp:4000:interface=127.0.0.1, ssl:..., systemd:domain=INET:name=eke, haproxy:tcp:4001", short="p"),
@@ -108,16 +109,42 @@ _HARDENING = [
             "the daemon's CPU); beyond it, answers wait", _positive),
     _option("handshake-burst", _P.handshake_burst, "handshakes one address may start at once", _count),
 ]
+_HELP_SECTIONS = [
+    ("Options", [row[0] for row in _ESSENTIAL]),
+    ("Service", [row[0] for row in _SERVICE]),
+    ("Hardening against floods and password guessing (docs/security.md)", [row[0] for row in _HARDENING]),
+]
+# A help line's first option: "  -p, --port=..." or "      --server-id=...".
+_HELP_ENTRY = re.compile(r"  (?:-\w,|   ) --([\w-]+)")
+
+
+def _print_and_exit(text):
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `twistd eke --help | head`: the reader had enough. Python would still complain when
+        # it flushes stdout at exit; point stdout at /dev/null instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
 
 
 class Options(usage.Options):
-    synopsis = "[--port ENDPOINT] [--root DIR] [--users FILE] [--server-id NAME] [--trusted-proxies ADDR,...]"
+    synopsis = "[--port ENDPOINT] [--root DIR] [--users FILE] [--server-id NAME] [more options]"
     longdesc = (
         "Serve the files under --root to users who prove they know their password with "
         "SPAKE2+ (RFC 9383); every byte is then encrypted and authenticated. Users are "
         "managed with eke-users; the users file is re-read when it changes."
     )
     optParameters = _ESSENTIAL + _SERVICE + _HARDENING
+
+    def opt_help(self):
+        """Display this help and exit."""
+        _print_and_exit(str(self))
+
+    def opt_version(self):
+        """Display eketwist's version and exit."""
+        _print_and_exit(f"eketwist {__version__}")
 
     def parseOptions(self, options=None):
         try:
@@ -132,6 +159,23 @@ class Options(usage.Options):
     def parseArgs(self, *extra):
         if extra:
             raise usage.UsageError(f"unexpected argument {extra[0]!r} (the options start with --)")
+
+    def getUsage(self, width=None):
+        """The options in groups, the essential ones first (see _HELP_SECTIONS)."""
+        text = super().getUsage(width)
+        listing, _, longdesc = text.removeprefix("Options:\n").partition("\n\n")
+        entries = {}
+        for line in listing.splitlines(keepends=True):
+            match = _HELP_ENTRY.match(line)
+            if match:
+                name = match.group(1)
+                entries[name] = ""
+            entries[name] += line
+        parts = [longdesc.strip() + "\n"] if longdesc.strip() else []
+        for heading, names in _HELP_SECTIONS:
+            parts.append(f"\n{heading}:\n" + "".join(entries.pop(name) for name in names))
+        parts.append("\nOther:\n" + "".join(entries.values()))
+        return "".join(parts)
 
     def postOptions(self):
         port = self["port"]

@@ -16,6 +16,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
+import eketwist
 from eketwist import proxy, server, service, tap, userdb
 
 from tests.support.fixtures import sleep
@@ -299,6 +300,33 @@ def test_a_failed_start_fits_twistds_status_pipe():
         assert len(sent) <= 100 and str(failure).endswith("65535: address already in use")
     assert failure.message == f"cannot listen on {interface}:65535: address already in use"  # the log's line
     assert failure.code == 1
+
+
+def test_version_is_eketwists(tmp_path):
+    result = twistd(tmp_path, "eke", "--version")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"eketwist {eketwist.__version__}\n", "")
+
+
+def test_help_lists_the_essential_options_first_and_hardening_apart(tmp_path):
+    result = twistd(tmp_path, "eke", "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    text = result.stdout
+    order = ["--port=", "--root=", "--users=", "--server-id=", "\nService:\n", "--handshake-timeout=",
+             "--shutdown-grace=", "\nHardening against floods and password guessing (docs/security.md):\n",
+             "--max-startups=", "--handshake-burst=", "--help", "--version"]
+    positions = [text.index(needle) for needle in order]
+    assert positions == sorted(positions), text
+    for name, *_ in tap.Options.optParameters:
+        assert text.count(f"--{name}=") == 1, name
+
+
+def test_help_into_a_closed_pipe_is_quiet(tmp_path):
+    # `twistd eke --help | head -1`: the reader is gone before twistd writes.
+    process = subprocess.Popen([TWISTD, "eke", "--help"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    assert process.wait(30) == 0
+    assert process.stderr.read() == b""
+    process.stderr.close()
 
 
 # -- PROXY protocol from trusted proxies only
