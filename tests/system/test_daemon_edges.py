@@ -1,9 +1,12 @@
 """The daemon's edges: it never serves its own files, believes PROXY headers from trusted
-proxies only, and keeps its log safe to read and private."""
+proxies only, keeps its log safe to read and private, and refuses what it cannot do in one
+line (no traceback, whether it stays in the foreground or daemonizes)."""
 
 import os
+import pathlib
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -13,11 +16,14 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-from eketwist import proxy, server, tap, userdb
+import eketwist
+from eketwist import proxy, server, service, tap, userdb
 
 from tests.support.fixtures import sleep
 from tests.support.processes import FAST_SCRYPT, BIN as VENV_BIN, Daemon, free_port, wait_for_port
 from tests.support.rawclient import RawClient
+
+from .test_operations import make_certificates
 
 TWISTD = str(VENV_BIN / "twistd")
 
@@ -33,13 +39,13 @@ def twistd(cwd, *arguments, timeout=30):
 
 
 def refusal(result):
-    """The one line twistd printed for a refused start (after its usage text)."""
+    """The one line on stderr of a refused command line (status 2, nothing else printed)."""
     output = result.stdout + result.stderr
-    assert result.returncode == 1, output
+    assert result.returncode == 2, output
     assert "Traceback" not in output, output
-    last = output.strip().splitlines()[-1]
-    assert last.startswith(TWISTD), output
-    return last
+    assert result.stdout == "" and result.stderr.count("\n") == 1, output
+    assert result.stderr.startswith("twistd eke: "), output
+    return result.stderr.strip()
 
 
 @pytest.fixture
@@ -144,6 +150,183 @@ def test_reload_refuses_a_users_file_that_puts_it_inside_a_root(site, monkeypatc
 def test_proxy_options_refused(site, port, extra, expected):
     line = refusal(twistd(site, "--nodaemon", "--pidfile=", "eke", "--port", port, "--root", "files", *extra))
     assert expected in line
+
+
+# -- refusals and failures: one line, no traceback, in the foreground and daemonized
+
+MODES = {"foreground": ["--nodaemon"], "daemonized": []}
+
+
+def processes_in(directory):
+    """Processes working in `directory`: a daemon left behind would be one."""
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.readlink(entry / "cwd") == str(directory):
+                found.append(int(entry.name))
+        except OSError:
+            pass  # gone, or not ours to look at
+    return found
+
+
+def run_eke(site, mode, *arguments):
+    """twistd as a user runs it, its pidfile and log in `site`. Returns the result and the
+    log, once the pidfile is gone and no process is left (a daemonizing twistd returns as
+    soon as its daemon reported, before the daemon removes the pidfile and exits)."""
+    result = twistd(site, *MODES[mode], "--pidfile", "twistd.pid", "--logfile", "twistd.log", *arguments)
+    deadline = time.monotonic() + 10
+    while ((site / "twistd.pid").exists() or processes_in(site)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not (site / "twistd.pid").exists() and not processes_in(site)
+    log = (site / "twistd.log").read_text() if (site / "twistd.log").exists() else ""
+    assert "Traceback" not in log, log
+    return result, log
+
+
+def _tls(site, broken):
+    make_certificates(site, ["localhost"])
+    if broken == "missing":
+        (site / "cert.pem").unlink()
+    else:
+        (site / f"{broken}.pem").write_text("not PEM\n")
+    return ["--port", f"ssl:0:interface=127.0.0.1:privateKey={site / 'key.pem'}:certKey={site / 'cert.pem'}"]
+
+
+def _users_a_directory(site):
+    (site / "elsewhere").mkdir()
+    return ["--users", "elsewhere"]
+
+
+REFUSALS = {
+    "port-unknown-type": (["--port", "bogus"], "--port: unknown endpoint type 'bogus' (give a port number, or e.g. "
+                          "tcp:4000:interface=127.0.0.1): 'bogus'"),
+    "port-bad-argument": (["--port", "tcp:0:colour=blue"], "--port: not a valid endpoint description (got an "
+                          "unexpected keyword argument 'colour'): 'tcp:0:colour=blue'"),
+    "tls-certificate-missing": (lambda site: _tls(site, "missing"),
+                                "--port: the TLS certificate {site}/cert.pem: No such file or directory"),
+    "tls-certificate-not-pem": (lambda site: _tls(site, "cert"),
+                                "--port: the TLS certificate {site}/cert.pem: no PEM certificate in it"),
+    "tls-key-not-pem": (lambda site: _tls(site, "key"), "--port: the TLS key {site}/key.pem: no PEM private key in it"),
+    "root-missing": (["--root", "nowhere"], "--root: no such directory: 'nowhere'"),
+    "root-not-a-directory": (["--root", "eke-users"], "--root: not a directory: 'eke-users'"),
+    "users-missing": (["--users", "nobody"],
+                      "--users: {site}/nobody: no such file (create it with: eke-users add NAME)"),
+    "users-unreadable": (_users_a_directory, "--users: {site}/elsewhere: cannot read: Is a directory"),
+    "timeout-not-a-number": (["--handshake-timeout", "abc"], "--handshake-timeout: not a number: 'abc'"),
+    "timeout-zero": (["--idle-timeout", "0"], "--idle-timeout: must be more than 0: '0'"),
+    "grace-negative": (["--shutdown-grace", "-5"], "--shutdown-grace: must be more than 0: '-5'"),
+    "age-infinite": (["--partial-max-age", "inf"], "--partial-max-age: not a finite number: 'inf'"),
+    "lockout-negative": (["--lockout", "-1"], "--lockout: must not be negative: '-1'"),
+    "rate-zero": (["--handshake-rate", "0"], "--handshake-rate: must be more than 0: '0'"),
+    "limit-zero": (["--max-connections", "0"], "--max-connections: must be at least 1: '0'"),
+    "limit-fraction": (["--handshake-burst", "2.5"], "--handshake-burst: not a whole number: '2.5'"),
+    "size": (["--max-upload-size", "lots"], "--max-upload-size: not a size (e.g. 500M, 10G): 'lots'"),
+    "size-infinite": (["--max-upload-size", "infG"], "--max-upload-size: not a size (e.g. 500M, 10G): 'infG'"),
+    "startups": (["--max-startups", "10:200:20"], "--max-startups: rate is a percentage (0 to 100): '10:200:20'"),
+    "server-id-empty": (["--server-id", ""], "--server-id: must be 1 to 255 bytes: ''"),
+    "unknown-option": (["--colour", "blue"], "option --colour not recognized"),
+    "missing-value": (["--root"], "option --root requires argument"),
+    "extra-argument": (["files"], "unexpected argument 'files' (the options start with --)"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_refused_option_is_one_line_naming_it(site, case, mode):
+    options, expected = REFUSALS[case]
+    options = options(site) if callable(options) else options
+    # Later options win: each case overrides one of these.
+    result, log = run_eke(site, mode, "eke", "--port", "tcp:0:interface=127.0.0.1", "--root", "files", *options)
+    assert refusal(result) == "twistd eke: " + expected.format(site=site)
+    assert log == ""  # refused before twistd started logging
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("option", ["--pidfile", "--logfile"])
+def test_a_missing_directory_for_twistd_files_is_refused_before_it_forks(site, option, mode):
+    arguments = [option, "missing/twistd.file", "eke", "--port", "tcp:0:interface=127.0.0.1", "--root", "files"]
+    # twistd takes the last --pidfile and --logfile: these replace run_eke's.
+    result = twistd(site, *MODES[mode], "--pidfile", "twistd.pid", "--logfile", "twistd.log", *arguments)
+    assert refusal(result) == f"twistd eke: twistd {option}: no such directory: '{site / 'missing'}'"
+    assert not processes_in(site)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_running_daemons_pidfile_is_one_line(site, mode):
+    (site / "twistd.pid").write_text(str(os.getpid()))  # this test's process: alive
+    result = twistd(site, *MODES[mode], "--pidfile", "twistd.pid", "eke", "--port", "tcp:0:interface=127.0.0.1",
+                    "--root", "files")
+    assert refusal(result) == (f"twistd eke: twistd --pidfile: a daemon runs as PID {os.getpid()} (twistd.pid): "
+                               f"stop it (kill {os.getpid()}) or choose another --pidfile")
+    assert (site / "twistd.pid").read_text() == str(os.getpid())
+
+
+@pytest.mark.parametrize("mode", [*MODES, "log-on-stdout"])
+def test_a_port_in_use_is_one_line(site, mode):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        arguments = ["eke", "--port", f"tcp:{port}:interface=127.0.0.1", "--root", "files"]
+        if mode == "log-on-stdout":  # as under systemd
+            result = twistd(site, "--nodaemon", "--pidfile=", "--logfile=-", *arguments)
+            log = result.stdout
+        else:
+            result, log = run_eke(site, mode, *arguments)
+    message = f"cannot listen on 127.0.0.1:{port}: address already in use"
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    if mode == "foreground":
+        assert result.stdout == "" and result.stderr == f"twistd eke: {message}\n"
+    elif mode == "daemonized":
+        # twistd's own words around ours, which reach it whole through its 100-byte pipe.
+        assert result.stdout == "" and result.stderr == (
+            f"An error has occurred: b'eketwist.service.CannotStart: {message}'\n"
+            "Please look at log file for more information.\n"
+        )
+    else:
+        assert result.stderr == ""  # the log line says it, once
+    assert log.count(message) == 1 and "#critical] " + message in log
+
+
+def test_a_failed_start_fits_twistds_status_pipe():
+    from twisted.internet.error import CannotListenError
+
+    for interface in ("127.0.0.1", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "a-very-long-host-name.example.com"):
+        failure = service.listen_failure(
+            CannotListenError(interface, 65535, OSError(98, "Address already in use")), "tcp:65535"
+        )
+        sent = f"1 eketwist.service.CannotStart: {failure}"  # what twistd writes, and reads 100 bytes of
+        assert len(sent) <= 100 and str(failure).endswith("65535: address already in use")
+    assert failure.message == f"cannot listen on {interface}:65535: address already in use"  # the log's line
+    assert failure.code == 1
+
+
+def test_version_is_eketwists(tmp_path):
+    result = twistd(tmp_path, "eke", "--version")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"eketwist {eketwist.__version__}\n", "")
+
+
+def test_help_lists_the_essential_options_first_and_hardening_apart(tmp_path):
+    result = twistd(tmp_path, "eke", "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    text = result.stdout
+    order = ["--port=", "--root=", "--users=", "--server-id=", "\nService:\n", "--handshake-timeout=",
+             "--shutdown-grace=", "\nHardening against floods and password guessing (docs/security.md):\n",
+             "--max-startups=", "--handshake-burst=", "--help", "--version"]
+    positions = [text.index(needle) for needle in order]
+    assert positions == sorted(positions), text
+    for name, *_ in tap.Options.optParameters:
+        assert text.count(f"--{name}=") == 1, name
+
+
+def test_help_into_a_closed_pipe_is_quiet(tmp_path):
+    # `twistd eke --help | head -1`: the reader is gone before twistd writes.
+    process = subprocess.Popen([TWISTD, "eke", "--help"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    assert process.wait(30) == 0
+    assert process.stderr.read() == b""
+    process.stderr.close()
 
 
 # -- PROXY protocol from trusted proxies only
