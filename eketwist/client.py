@@ -53,6 +53,16 @@ def seconds(text):
     return value
 
 
+def permission_bits(text):
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"permission bits only, 0 to 777: {text!r}")
+    return mode
+
+
 def _add_common_options(parser, suppress):
     """Options accepted before or after the command (`eke-client -q get x`, `eke-client get -q x`).
     --host and --port default to None: check_arguments fills them in, from the environment
@@ -130,6 +140,8 @@ def check_arguments(parser, args, environ=os.environ):
 
 def _check_paths(parser, args):
     """The command's local paths, as far as they can be judged before connecting."""
+    if args.command == "mv" and len(args.paths) < 2:
+        parser.error("mv needs a SOURCE and a DEST")
     if args.command == "put":
         *sources, last = args.paths
         sources = sources or [last]
@@ -199,7 +211,45 @@ def build_parser():
         help="also list your partial uploads (interrupted puts kept for a resume; they use space)",
     )
 
-    for sub in (get, put, ls):
+    mkdir = commands.add_parser("mkdir", help="make remote directories", description="Make the remote directories PATH.")
+    mkdir.add_argument("paths", nargs="+", metavar="PATH")
+    mkdir.add_argument("-p", "--parents", action="store_true", help="make missing parents too; an existing directory is no error")
+
+    rm = commands.add_parser(
+        "rm", help="remove remote files",
+        description="Remove the remote files PATH (globs such as 'logs/*.gz' are expanded from the "
+        "server's listings; quote them). A directory needs -r, which removes it with everything in it "
+        "(never following a symlink, never leaving it); partial uploads of running uploads are left.",
+    )
+    rm.add_argument("paths", nargs="+", metavar="PATH")
+    rm.add_argument("-r", "--recursive", action="store_true", help="remove directories and their contents")
+    rm.add_argument("-f", "--force", action="store_true", help="a PATH that does not exist is no error")
+
+    rmdir = commands.add_parser("rmdir", help="remove empty remote directories", description="Remove the empty remote directories PATH.")
+    rmdir.add_argument("paths", nargs="+", metavar="PATH")
+
+    mv = commands.add_parser(
+        "mv", help="rename or move remote files",
+        description="Rename SOURCE to DEST on the server, atomically; into DEST if it is an existing "
+        "directory (it must be, with several SOURCEs). An existing DEST is replaced only with --force.",
+    )
+    mv.add_argument("paths", nargs="+", metavar="SOURCE... DEST")
+    mv.add_argument("-f", "--force", action="store_true", help="replace an existing DEST")
+
+    chmod = commands.add_parser(
+        "chmod", help="change remote permission bits",
+        description="Set the permission bits of the remote files or directories PATH to MODE, in "
+        "octal (644, 0755); setuid, setgid and sticky bits are never set.",
+    )
+    chmod.add_argument("mode", type=permission_bits, metavar="MODE")
+    chmod.add_argument("paths", nargs="+", metavar="PATH")
+
+    stat = commands.add_parser("stat", help="show remote entries", description="Show type, mode, size and time of each remote PATH (a symlink as itself).")
+    stat.add_argument("paths", nargs="+", metavar="PATH")
+
+    commands.add_parser("df", help="show free space and quotas", description="Show the free space of your root on the server and your quotas, if any.")
+
+    for sub in commands.choices.values():
         _add_common_options(sub, suppress=True)
         sub.epilog = errors.EXIT_CODES_HELP
         sub.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -399,6 +449,7 @@ async def close(reactor, client):
 async def run(reactor, args, password, prompted, reporter, stop, prelude=None):
     # Imported here, like Twisted: never for --help or a usage error, and while scrypt runs.
     from .commands import COMMANDS, Session
+    from .manage import COMMANDS as MANAGE
 
     client = await login(reactor, args, password, prompted, reporter, stop, prelude)
     session = Session(client, reporter, args.command)
@@ -406,7 +457,7 @@ async def run(reactor, args, password, prompted, reporter, stop, prelude=None):
         # Everything is imported: spare the cyclic collector from walking those objects again
         # while data flows (its full passes were 2% of a 1 GiB put's CPU).
         gc.freeze()
-        await COMMANDS[args.command](session, args)
+        await {**COMMANDS, **MANAGE}[args.command](session, args)
     finally:
         await close(reactor, client)
     return session.first_error

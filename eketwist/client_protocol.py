@@ -313,6 +313,32 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             message["mtime"] = mtime
         return self._begin(_Request(remote), requesting.AwaitingDone(), message)
 
+    # -- managing files (docs/protocol.md section 7.10): each fires with its answer
+
+    def remove(self, remote, recursive=False):
+        """Fires with the number of names removed."""
+        return self._change(remote, {"type": "remove", "path": remote, "recursive": recursive})
+
+    def rmdir(self, remote):
+        return self._change(remote, {"type": "rmdir", "path": remote})
+
+    def rename(self, remote, to, force=False):
+        return self._change(remote, {"type": "rename", "path": remote, "to": to, "force": force})
+
+    def chmod(self, remote, mode):
+        return self._change(remote, {"type": "chmod", "path": remote, "mode": mode & files.MODE_MASK})
+
+    def _change(self, remote, message):
+        return self._begin(_Request(remote), requesting.AwaitingChange(), message)
+
+    def hash(self, remote):
+        """Fires with {"name", "size", "mtime", "sha1"} of the remote file, as the server hashed it."""
+        return self._begin(_Request(remote), requesting.AwaitingDigest(), {"type": "hash", "path": remote})
+
+    def space(self):
+        """Fires with the space of our root: {"total", "free", "files_free"} and any quotas."""
+        return self._begin(_Request(""), requesting.AwaitingSpace(), {"type": "space"})
+
     def get(self, remote, local, progress=None, resume=True):
         """Download `remote` to the path `local` through `local`.part, resuming from what the
         part file holds when the server's file still starts with it. Fires with

@@ -12,6 +12,7 @@ import time
 from . import errors
 from .errors import EketwistError, UsageError
 from .files import local_mode
+from .globs import expand_all
 from .report import InOrder
 from .plan import (
     MISSING, SAME, AlreadyComplete, Differs, MakeDirectory, SkipContents, Transfer, get_arguments, get_target,
@@ -130,6 +131,7 @@ UP_TO_DATE = "already up to date"
 
 async def run_get(session, args):
     remotes, local = get_arguments(args.paths)
+    remotes = await expand_all(session, remotes)
     if local == "-":
         await _get_to_stdout(session, remotes[0], args)
         return
@@ -140,8 +142,14 @@ async def run_get(session, args):
         found = []
         await pipelined(session.client, [lambda remote=remote: _note_entry(session, remote, found) for remote in remotes])
         entries = dict(found)
+    targets = {}
     for remote in remotes:
         target = get_target(remote, local)
+        if target in targets:  # two files of one name into one directory (a glob's, say)
+            session.failed(remote, errors.UsageError(
+                f"{remote}: {targets[target]} is written to {target} already"), {"remote": remote, "local": target})
+            continue
+        targets[target] = remote
         if not args.recursive:
             step = await _get_step(session, remote, target, args.force, entries.get(remote))
             if step is not None:

@@ -7,6 +7,7 @@ A step names its file by the two tops, `remote` and `local`, and a "/"-joined `n
 entries, and the steps then share its strings instead of holding two more per file.
 """
 
+import fnmatch
 import os
 import stat
 
@@ -121,7 +122,7 @@ class SkipContents(_Warning):
 
 def same_file(st, entry):
     """Whether the local file with stat `st` is the one the listing's `entry` describes."""
-    return st.st_size == entry["size"] and abs(st.st_mtime - entry["mtime"]) < 1e-3
+    return same_entry({"size": st.st_size, "mtime": st.st_mtime}, entry)
 
 
 def get_arguments(paths):
@@ -199,12 +200,27 @@ def put_tree(local, target, existing=()):
     the recursive listing `existing` of `target` (empty when it is not a remote directory).
 
     Directories and regular files, depth first in name order, each directory before its
-    contents; symlinks (never followed) and other files are skipped with a reason. An
-    explicit stack: os.walk recursed (Python 3.11), and a tree 1,000 levels deep raised
-    RecursionError."""
+    contents; symlinks (never followed) and other files are skipped with a reason."""
     theirs = {entry["name"]: entry for entry in existing}
     top = os.stat(local)  # followed: the user named it
     yield MakeDirectory(target, local, None, top.st_mode, top.st_mtime)
+    for item in local_tree(local):
+        if isinstance(item, _Warning):
+            yield item
+        elif item["kind"] == "dir":
+            yield MakeDirectory(target, local, item["name"], item["mode"], item["mtime"])
+        else:
+            entry = theirs.get(item["name"])
+            complete = entry is not None and entry["kind"] == "file" and same_entry(item, entry)
+            yield (AlreadyComplete if complete else Transfer)(target, local, item["name"])
+
+
+def local_tree(local):
+    """The directories and regular files under the local directory `local`, as entries like a
+    recursive LIST's ({name, kind, size, mtime, mode}, names relative and "/"-joined), depth
+    first in name order, each directory before its contents; what is not sent, as a Skip or
+    SkipContents. An explicit stack: os.walk recursed (Python 3.11), and a tree 1,000 levels
+    deep raised RecursionError."""
     stack = [("", _children(local))]
     while stack:
         prefix, children = stack[-1]
@@ -224,14 +240,123 @@ def put_tree(local, target, existing=()):
         if stat.S_ISLNK(st.st_mode):
             yield Skip(child.path, "a symlink")
         elif stat.S_ISDIR(st.st_mode):
-            yield MakeDirectory(target, local, name, st.st_mode, st.st_mtime)
+            yield {"name": name, "kind": "dir", "size": 0, "mtime": st.st_mtime, "mode": st.st_mode}
             stack.append((name + "/", _children(child.path)))
         elif stat.S_ISREG(st.st_mode):
-            entry = theirs.get(name)
-            complete = entry is not None and entry["kind"] == "file" and same_file(st, entry)
-            yield (AlreadyComplete if complete else Transfer)(target, local, name)
+            yield {"name": name, "kind": "file", "size": st.st_size, "mtime": st.st_mtime, "mode": st.st_mode}
         else:
             yield Skip(child.path, "not a regular file")
+
+
+def same_entry(ours, theirs):
+    """Whether two entries describe the same file: size and mtime (to the millisecond)."""
+    return ours["size"] == theirs["size"] and abs(ours["mtime"] - theirs["mtime"]) < 1e-3
+
+
+# -- sync: the destination made a copy of the source
+
+
+class Delete(_Named):
+    """Something the destination has and the source does not (sync --delete); a directory
+    goes with all it holds. `kind` as its listing said."""
+
+    __slots__ = ("kind",)
+    _fields = _Named._fields + __slots__
+
+    def __init__(self, remote, local, name, kind):
+        _Named.__init__(self, remote, local, name)
+        self.kind = kind
+
+
+class Compare(_Named):
+    """A file of the same size on both sides, compared by SHA-1 (sync --checksum) before it is
+    sent or skipped."""
+
+    __slots__ = ()
+
+
+def excluded(name, patterns):
+    """rsync's rule, simplified: a pattern without "/" matches any name in the path; one with
+    "/" matches the whole relative path (a leading "/" anchors it at the top)."""
+    last = name.rsplit("/", 1)[-1]
+    for pattern in patterns:
+        if "/" in pattern:
+            if fnmatch.fnmatchcase(name, pattern.lstrip("/")):
+                return True
+        elif fnmatch.fnmatchcase(last, pattern):
+            return True
+    return False
+
+
+def sync_steps(remote, local, source, destination, *, delete=False, excludes=(), checksum=False):
+    """The steps that make the destination a copy of the source: `source` and `destination`,
+    their trees as entries (parents before contents; Skips among the source's pass through),
+    named relative to the tops `remote` and `local`. Deletions first (they free space and
+    clear the way for what replaces them), topmost only; then directories, files, and what
+    needs comparing. Excluded names are neither sent nor deleted, nor anything under them."""
+    theirs = {entry["name"]: entry for entry in destination}
+    ours = set()
+    skipped_dirs = []  # excluded directories: what is under them is left alone on both sides
+    later = [MakeDirectory(remote, local)]
+    deletions = []
+    gone = []  # deleted destination names: what is under them goes with them
+
+    def under(name, tops):
+        return any(name.startswith(top + "/") for top in tops)
+
+    for entry in source:
+        if isinstance(entry, _Warning):
+            later.append(entry)
+            continue
+        name = entry["name"]
+        if under(name, skipped_dirs):
+            continue
+        if excluded(name, excludes):
+            if entry["kind"] == "dir":
+                skipped_dirs.append(name)
+            ours.add(name)  # an excluded name on the other side is kept
+            continue
+        ours.add(name)
+        there = theirs.get(name)
+        if entry["kind"] == "dir":
+            if there is not None and there["kind"] != "dir":
+                if not delete:
+                    later.append(Skip(name, "a file of that name is in the way (sync --delete replaces it)"))
+                    skipped_dirs.append(name)
+                    continue
+                deletions.append(Delete(remote, local, name, there["kind"]))
+                gone.append(name)
+            later.append(MakeDirectory(remote, local, name, entry["mode"], entry["mtime"]))
+        else:
+            if there is not None and there["kind"] != "file":
+                if not delete:
+                    later.append(Skip(name, f"a {there['kind']} of that name is in the way (sync --delete replaces it)"))
+                    continue
+                deletions.append(Delete(remote, local, name, there["kind"]))
+                gone.append(name)
+                there = None
+            if there is None:
+                later.append(Transfer(remote, local, name, entry["size"]))
+            elif entry["size"] != there["size"]:
+                later.append(Transfer(remote, local, name, entry["size"]))
+            elif checksum:
+                later.append(Compare(remote, local, name))
+            elif same_entry(entry, there):
+                later.append(AlreadyComplete(remote, local, name))
+            else:
+                later.append(Transfer(remote, local, name, entry["size"]))
+    if delete:
+        for entry in destination:  # parents first: a deleted directory takes its contents
+            name = entry["name"]
+            if name in ours or under(name, gone) or under(name, skipped_dirs):
+                continue
+            if excluded(name, excludes):
+                skipped_dirs.append(name)
+                continue
+            gone.append(name)
+            deletions.append(Delete(remote, local, name, entry["kind"]))
+    yield from deletions
+    yield from later
 
 
 def _children(directory):

@@ -28,6 +28,7 @@ class Reporter:
         self.files = []
         self.started = time.monotonic()
         self._overall = None
+        self._results = None  # stat's entries, df's space: in --json's document
         self._on_output_closed = on_output_closed
         self.output_closed = False
 
@@ -108,7 +109,7 @@ class Reporter:
 
     def done(self, record):
         self.files.append(record)
-        if record["status"] == "ok" and not self.json:
+        if record["status"] == "ok" and "sha1" in record and not self.json:
             # A file written to stdout (get REMOTE -) has its digest on stderr.
             stream = self.err if record["local"] == "-" else self.out
             line = f"{record['sha1']}  {escape(record['local'])}"
@@ -130,6 +131,10 @@ class Reporter:
             status = "error"
         if command == "ls":
             summary = {"command": command, "status": status, "path": self.path, "entries": []}
+        elif command == "stat":
+            summary = {"command": command, "status": status, "entries": self._results or []}
+        elif command == "df":
+            summary = {"command": command, "status": status, "space": self._results}
         else:
             summary = {
                 "command": command, "status": status, "files": self.files,
@@ -139,6 +144,33 @@ class Reporter:
         if error is not None:
             summary["error"] = {"code": error.code, "message": error.message, "exit": error.exit_code}
         self._put(self.out, json_text(summary) + "\n")
+
+    def entries(self, found):
+        """stat's result: (path, entry) pairs, in the order asked."""
+        if self.json:
+            self._results = [{**entry.to_json(), "path": path} for path, entry in found]
+            return
+        for path, entry in found:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["mtime"]))
+            self._put(self.out, f"{_mode_string(entry)} {entry['size']:>12} {when} {escape(path)}\n")
+
+    def space(self, space):
+        """df's result."""
+        if self.json:
+            self._results = space
+            return
+        free = 100 * space["free"] // max(space["total"], 1)
+        lines = [f"disk: {human_size(space['free'])} free of {human_size(space['total'])} ({free}%)"]
+        if space["files_free"] >= 0:
+            lines.append(f"files: {space['files_free']} more can be created")
+        if "quota_bytes" in space:
+            left = max(space["quota_bytes"] - space["used_bytes"], 0)
+            lines.append(f"quota: {human_size(space['used_bytes'])} used of {human_size(space['quota_bytes'])} "
+                         f"({human_size(left)} left)")
+        if "quota_files" in space:
+            left = max(space["quota_files"] - space["used_files"], 0)
+            lines.append(f"file quota: {space['used_files']} files of {space['quota_files']} ({left} left)")
+        self._put(self.out, "".join(line + "\n" for line in lines))
 
     def listing(self, path, entries, long=False):
         """The result of `ls`: one line per entry, or one JSON document."""

@@ -8,6 +8,9 @@ one request in flight at a time; version 2 (pipelined, docs/protocol.md section 
 
     stat:  AwaitingEntry   --ENTRY-->    (Answered: the entry)
     mkdir: AwaitingDone    --DONE-->     (Answered: None)
+    remove, rmdir, rename, chmod: AwaitingChange --DONE--> (Answered: the names removed)
+    hash:  AwaitingDigest  --DIGEST-->   (Answered: {name, size, mtime, sha1})
+    space: AwaitingSpace   --SPACE-->    (Answered: {total, free, files_free[, quotas]})
     list:  Listing         --ENTRIES-->  Listing ... --last ENTRIES--> (Answered: sorted entries)
     get:   (the glue hashes our .part's prefix before the GET leaves) AwaitingFile --FILE--> ReceivingFile
            --DATA...--> --END--> (FileEnd: the glue verifies and renames)
@@ -49,6 +52,21 @@ class AwaitingEntry:
 @dataclass
 class AwaitingDone:
     name = "mkdir"
+
+
+@dataclass
+class AwaitingChange:
+    name = "mkdir"  # docs/protocol.md section 9 names it so: the same answer, DONE
+
+
+@dataclass
+class AwaitingDigest:
+    name = "hash"
+
+
+@dataclass
+class AwaitingSpace:
+    name = "space"
 
 
 @dataclass
@@ -113,6 +131,9 @@ REFUSALS = {
     AwaitingReady: errors.WRITE_REFUSAL_CODES,
     SendingInline: errors.WRITE_REFUSAL_CODES,
     AwaitingStored: errors.UPLOAD_END_REFUSAL_CODES,
+    AwaitingChange: errors.MANAGE_REFUSAL_CODES,
+    AwaitingDigest: errors.REFUSAL_CODES,
+    AwaitingSpace: errors.REFUSAL_CODES,
 }
 
 
@@ -228,6 +249,18 @@ class Requesting:
             return Answered(exchange.request, checked_entry(message.get("entry")))
         if kind == "done" and isinstance(state, AwaitingDone):
             return Answered(exchange.request, None)
+        if kind == "done" and isinstance(state, AwaitingChange):
+            removed = wire.int_field(message, "removed", 0, wire.MAX_FILE_SIZE) if "removed" in message else 0
+            return Answered(exchange.request, removed)
+        if kind == "digest" and isinstance(state, AwaitingDigest):
+            return Answered(exchange.request, {
+                "name": wire.text_field(message, "name", wire.MAX_PATH_BYTES),
+                "size": wire.int_field(message, "size", 0, wire.MAX_FILE_SIZE),
+                "mtime": wire.mtime_field(message),
+                "sha1": wire.hex_field(message, "sha1", 20).hex(),
+            })
+        if kind == "space" and isinstance(state, AwaitingSpace):
+            return Answered(exchange.request, _space(message))
         if kind == "entries" and isinstance(state, Listing):
             return self._entries(exchange, state, message)
         if kind == "file" and isinstance(state, AwaitingFile):
@@ -331,6 +364,19 @@ class Entry:
 
 # The kinds as our own strings: the decoded message's copies would cost 53 bytes an entry.
 _KINDS = {kind: kind for kind in ("file", "dir", "symlink", "other", "partial")}
+
+
+def _space(message):
+    """SPACE's members, checked; the quotas only when the server gives them."""
+    space = {
+        "total": wire.int_field(message, "total", 0, wire.MAX_FILE_SIZE),
+        "free": wire.int_field(message, "free", 0, wire.MAX_FILE_SIZE),
+        "files_free": wire.int_field(message, "files_free", -1, wire.MAX_FILE_SIZE),
+    }
+    for name in ("quota_bytes", "used_bytes", "quota_files", "used_files"):
+        if name in message:
+            space[name] = wire.int_field(message, name, 0, wire.MAX_FILE_SIZE)
+    return space
 
 
 def checked_entry(item):

@@ -310,3 +310,82 @@ def test_put_tree_keeps_local_names_as_they_are(tmp_path):
     steps = list(plan.put_tree(str(tmp_path / "tree"), "up"))
     assert steps[1:] == [Transfer("up", str(tmp_path / "tree"), odd)]
     assert steps[1].remote_path == f"up/{odd}"
+
+
+# -- sync
+
+
+def tree(*items):
+    """Entries as a recursive listing gives them: (name, kind[, size[, mtime]])."""
+    entries = []
+    for item in items:
+        name, kind, size, mtime = (*item, 10, 1000.0)[:4] if len(item) < 4 else item
+        entries.append({"name": name, "kind": kind, "size": size if kind == "file" else 0, "mtime": mtime, "mode": 0o644})
+    return entries
+
+
+def steps_of(source, destination, **options):
+    return [step for step in plan.sync_steps("r", "l", source, destination, **options)]
+
+
+def test_sync_sends_what_differs_and_skips_what_is_up_to_date():
+    source = tree(("a", "file"), ("d", "dir"), ("d/b", "file", 11), ("d/c", "file", 10, 2000.0), ("new", "file"))
+    destination = tree(("a", "file"), ("d", "dir"), ("d/b", "file"), ("d/c", "file"), ("old", "file"))
+    assert steps_of(source, destination) == [
+        MakeDirectory("r", "l"),
+        AlreadyComplete("r", "l", "a"),
+        MakeDirectory("r", "l", "d", 0o644, 1000.0),
+        Transfer("r", "l", "d/b"),  # another size
+        Transfer("r", "l", "d/c"),  # another mtime
+        Transfer("r", "l", "new"),
+    ]  # "old" stays without --delete
+
+
+def test_sync_delete_removes_what_the_source_lacks_first_and_topmost_only():
+    source = tree(("keep", "file"))
+    destination = tree(("gone", "dir"), ("gone/x", "file"), ("gone/y", "dir"), ("keep", "file"), ("z", "symlink"))
+    steps = steps_of(source, destination, delete=True)
+    assert steps[:2] == [plan.Delete("r", "l", "gone", "dir"), plan.Delete("r", "l", "z", "symlink")]
+    assert steps[2:] == [MakeDirectory("r", "l"), AlreadyComplete("r", "l", "keep")]
+
+
+def test_sync_replaces_a_kind_that_is_in_the_way_only_with_delete():
+    source = tree(("x", "dir"), ("x/f", "file"), ("y", "file"))
+    destination = tree(("x", "file"), ("y", "dir"), ("y/inner", "file"))
+    without = steps_of(source, destination)
+    assert [type(step) for step in without] == [MakeDirectory, Skip, Skip]
+    assert steps_of(source, destination, delete=True) == [
+        plan.Delete("r", "l", "x", "file"), plan.Delete("r", "l", "y", "dir"),
+        MakeDirectory("r", "l"), MakeDirectory("r", "l", "x", 0o644, 1000.0), Transfer("r", "l", "x/f"),
+        Transfer("r", "l", "y"),
+    ]
+
+
+def test_sync_excludes_neither_send_nor_delete_and_cover_what_is_under_them():
+    source = tree(("cache", "dir"), ("cache/big", "file"), ("a.tmp", "file"), ("sub", "dir"), ("sub/b.tmp", "file"),
+                  ("sub/keep", "file"))
+    destination = tree(("old.tmp", "file"), ("cache", "dir"), ("cache/stale", "file"), ("logs", "dir"),
+                       ("logs/x", "file"), ("gone", "file"))
+    steps = steps_of(source, destination, delete=True, excludes=["cache", "*.tmp", "/logs"])
+    assert steps == [
+        plan.Delete("r", "l", "gone", "file"),
+        MakeDirectory("r", "l"), MakeDirectory("r", "l", "sub", 0o644, 1000.0), Transfer("r", "l", "sub/keep"),
+    ]
+
+
+def test_sync_checksum_compares_files_of_the_same_size():
+    source = tree(("same-size", "file", 10, 5.0), ("other-size", "file", 12))
+    destination = tree(("same-size", "file"), ("other-size", "file"))
+    assert steps_of(source, destination, checksum=True)[1:] == [
+        plan.Compare("r", "l", "same-size"), Transfer("r", "l", "other-size"),
+    ]
+
+
+def test_local_tree_is_a_listing_of_the_local_side(tmp_path):
+    write(tmp_path / "d" / "f.bin", b"abc", mtime=1_600_000_000.0)
+    (tmp_path / "link").symlink_to("d")
+    items = list(plan.local_tree(str(tmp_path)))
+    entries = [item for item in items if isinstance(item, dict)]
+    assert [(e["name"], e["kind"], e["size"]) for e in entries] == [("d", "dir", 0), ("d/f.bin", "file", 3)]
+    assert entries[1]["mtime"] == 1_600_000_000.0
+    assert [type(item) for item in items if not isinstance(item, dict)] == [Skip]
