@@ -140,6 +140,11 @@ def check_arguments(parser, args, environ=os.environ):
 
 def _check_paths(parser, args):
     """The command's local paths, as far as they can be judged before connecting."""
+    if args.command == "sync":
+        from .sync import is_remote
+
+        if is_remote(args.source) == is_remote(args.destination):
+            parser.error("sync: exactly one of SRC and DEST is remote, written :PATH (sync photos :backup/photos)")
     if args.command == "mv" and len(args.paths) < 2:
         parser.error("mv needs a SOURCE and a DEST")
     if args.command == "put":
@@ -248,6 +253,25 @@ def build_parser():
     stat.add_argument("paths", nargs="+", metavar="PATH")
 
     commands.add_parser("df", help="show free space and quotas", description="Show the free space of your root on the server and your quotas, if any.")
+
+    sync = commands.add_parser(
+        "sync", help="make a directory a copy of another, one side on the server",
+        description="Make DEST a copy of SRC, one of them a remote directory written :PATH (: alone is "
+        "your root): `sync photos :backup/photos` sends, `sync :backup/photos photos` fetches. What "
+        "differs is transferred (size and modification time, or SHA-1 with --checksum), what is the "
+        "same is left; a second run transfers nothing and says so. Interrupted, it resumes when run "
+        "again. It never follows symlinks (they are skipped).",
+    )
+    sync.add_argument("source", metavar="SRC")
+    sync.add_argument("destination", metavar="DEST")
+    sync.add_argument("--delete", action="store_true", help="delete what SRC no longer has from DEST (excluded names are kept)")
+    sync.add_argument("-n", "--dry-run", action="store_true", help="print what would be done (stdout) and change nothing")
+    sync.add_argument("-c", "--checksum", action="store_true", help="compare files of equal size by SHA-1, not modification time")
+    sync.add_argument(
+        "--exclude", action="append", default=[], metavar="PATTERN",
+        help="leave out names matching PATTERN (repeatable): without '/', any name in the tree "
+        "('*.tmp', 'cache'); with '/', the path from the top ('/build', 'docs/*.pdf')",
+    )
 
     for sub in commands.choices.values():
         _add_common_options(sub, suppress=True)
@@ -457,7 +481,9 @@ async def run(reactor, args, password, prompted, reporter, stop, prelude=None):
         # Everything is imported: spare the cyclic collector from walking those objects again
         # while data flows (its full passes were 2% of a 1 GiB put's CPU).
         gc.freeze()
-        await {**COMMANDS, **MANAGE}[args.command](session, args)
+        from .sync import run_sync
+
+        await {**COMMANDS, **MANAGE, "sync": run_sync}[args.command](session, args)
     finally:
         await close(reactor, client)
     return session.first_error

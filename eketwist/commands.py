@@ -261,9 +261,10 @@ class Executor:
     they are planned; nothing is made or transferred until every source is planned: a tree that
     cannot be read, or a listing that fails, leaves no half-made tree behind."""
 
-    def __init__(self, session, direction):
+    def __init__(self, session, direction, report_skips=True):
         self.session = session
         self.direction = direction
+        self.report_skips = report_skips  # files up to date, one line each (sync counts them)
         self.directories = []
         self.transfers = []
 
@@ -275,7 +276,8 @@ class Executor:
             elif isinstance(step, MakeDirectory):
                 self.directories.append(step)
             elif isinstance(step, AlreadyComplete):
-                self.session.skipped(step.remote_path, step.local_path, UP_TO_DATE)
+                if self.report_skips:
+                    self.session.skipped(step.remote_path, step.local_path, UP_TO_DATE)
             elif isinstance(step, Differs):
                 source, destination = self.direction.ends(step)
                 self.session.failed(source, self.direction.differs(destination), {"remote": step.remote_path, "local": step.local_path})

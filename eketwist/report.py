@@ -29,6 +29,7 @@ class Reporter:
         self.started = time.monotonic()
         self._overall = None
         self._results = None  # stat's entries, df's space: in --json's document
+        self.extra = {}  # more members of --json's document (sync's counts)
         self._on_output_closed = on_output_closed
         self.output_closed = False
 
@@ -140,10 +141,17 @@ class Reporter:
                 "command": command, "status": status, "files": self.files,
                 "bytes": sum(f.get("bytes", 0) for f in self.files),
                 "seconds": round(time.monotonic() - self.started, 6),
+                **self.extra,
             }
         if error is not None:
             summary["error"] = {"code": error.code, "message": error.message, "exit": error.exit_code}
         self._put(self.out, json_text(summary) + "\n")
+
+    def planned(self, action, name, record):
+        """A change a dry run would make: a line on stdout, or a file of --json's document."""
+        self.files.append({**record, "status": "planned", "action": action})
+        if not self.json:
+            self._put(self.out, f"{action} {escape(name)}\n")
 
     def entries(self, found):
         """stat's result: (path, entry) pairs, in the order asked."""
