@@ -1,0 +1,184 @@
+"""Managing remote files, globs and sync, with the real client command against real daemons."""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.support.fixtures import make_root, make_users_file
+from tests.support.processes import CLIENT, WRITER_PASSWORD, Daemon, run_client, write_random
+
+
+@pytest.fixture
+def server(tmp_path):
+    """(port, root, daemon): a daemon of this test's own (these tests change the tree)."""
+    root = make_root(tmp_path)
+    daemon = Daemon(tmp_path, root, make_users_file(tmp_path)).start()
+    yield daemon.port, root, daemon
+    daemon.stop()
+
+
+def writer(port, *args, cwd=None):
+    return run_client(port, *args, user="writer", password=WRITER_PASSWORD, cwd=cwd)
+
+
+def make_tree(top, count=30):
+    (top / "sub" / "deeper").mkdir(parents=True)
+    for index in range(count):
+        place = top if index % 3 == 0 else top / "sub" if index % 3 == 1 else top / "sub" / "deeper"
+        write_random(place / f"file-{index:03}.bin", 1000 + index)
+    (top / "notes.tmp").write_text("scratch\n")
+    os.utime(top / "sub" / "file-001.bin", (1_600_000_000, 1_600_000_000))
+
+
+def snapshot(top):
+    """{relative path: (kind, bytes)} of a local tree."""
+    seen = {}
+    for directory, dirs, files in os.walk(top):
+        for name in dirs:
+            seen[os.path.relpath(os.path.join(directory, name), top)] = ("dir", None)
+        for name in files:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as handle:
+                seen[os.path.relpath(path, top)] = ("file", handle.read())
+    return seen
+
+
+# -- globs
+
+
+def test_get_expands_remote_globs_and_refuses_one_that_matches_nothing(server, tmp_path):
+    port, root, _ = server
+    (root / "logs").mkdir()
+    for name in ("a.gz", "b.gz", "c.txt", ".hidden.gz"):
+        (root / "logs" / name).write_text(name)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_client(port, "get", "logs/*.gz", str(out))
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["a.gz", "b.gz"]  # a leading dot only by a pattern's own
+    result = run_client(port, "get", "*/[c]*", str(out))
+    assert result.returncode == 0 and sorted(os.listdir(out)) == ["a.gz", "b.gz", "c.txt"]
+    none = run_client(port, "get", "logs/*.zip", str(out))
+    assert none.returncode == 5 and "logs/*.zip: no match on the server" in none.stderr
+
+
+# -- sync
+
+
+def test_sync_up_and_down_transfers_what_differs_and_nothing_the_second_time(server, tmp_path):
+    port, root, daemon = server
+    local = tmp_path / "local"
+    make_tree(local)
+    first = writer(port, "--json", "sync", str(local), ":copy")
+    document = json.loads(first.stdout)
+    assert first.returncode == 0 and document["transfers"] == 31 and document["up_to_date"] == 0, first.stderr
+    assert snapshot(root / "copy") == snapshot(local)
+    assert os.stat(root / "copy" / "sub" / "file-001.bin").st_mtime == 1_600_000_000
+    again = writer(port, "sync", str(local), ":copy")
+    assert again.returncode == 0 and again.stdout == ""
+    assert again.stderr == "nothing to do: :copy is up to date (31 files)\n"
+    # One file changed, one added: two transfers, the rest left alone.
+    (local / "sub" / "file-004.bin").write_bytes(b"changed")
+    (local / "added.txt").write_text("new\n")
+    changed = json.loads(writer(port, "--json", "sync", str(local), ":copy").stdout)
+    assert changed["transfers"] == 2 and changed["up_to_date"] == 30
+    assert sorted(f["remote"] for f in changed["files"]) == ["copy/added.txt", "copy/sub/file-004.bin"]
+    assert snapshot(root / "copy") == snapshot(local)
+    # And down again, into a new directory, then nothing.
+    back = tmp_path / "back"
+    assert writer(port, "sync", ":copy", str(back)).returncode == 0
+    assert snapshot(back) == snapshot(local)
+    assert writer(port, "sync", ":copy", str(back)).stderr == f"nothing to do: {back} is up to date (32 files)\n"
+
+
+def test_sync_dry_run_prints_the_plan_and_changes_nothing(server, tmp_path):
+    port, root, _ = server
+    local = tmp_path / "local"
+    make_tree(local, count=3)
+    dry = writer(port, "sync", "-n", str(local), ":copy")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [  # in the order they would be done
+        f"send {local}/file-000.bin", f"send {local}/notes.tmp", "mkdir copy/sub", f"send {local}/sub/file-001.bin",
+        "mkdir copy/sub/deeper", f"send {local}/sub/deeper/file-002.bin",
+    ]
+    assert not (root / "copy").exists()
+
+
+def test_sync_down_with_delete_and_exclude(server, tmp_path):
+    port, root, _ = server
+    make_tree(root / "tree", count=6)
+    local = tmp_path / "mirror"
+    assert writer(port, "sync", "--exclude", "*.tmp", ":tree", str(local)).returncode == 0
+    assert not (local / "notes.tmp").exists() and (local / "sub" / "deeper" / "file-005.bin").exists()
+    (local / "stale.txt").write_text("not on the server\n")
+    (local / "keep.tmp").write_text("excluded: kept\n")
+    (local / "old-dir" / "inner").mkdir(parents=True)
+    os.remove(root / "tree" / "file-000.bin")
+    result = writer(port, "sync", "--delete", "--exclude", "*.tmp", ":tree", str(local))
+    assert result.returncode == 0, result.stderr
+    assert not (local / "stale.txt").exists() and not (local / "old-dir").exists()
+    assert not (local / "file-000.bin").exists() and (local / "keep.tmp").exists()
+
+
+def test_sync_up_with_delete_removes_remote_files(server, tmp_path):
+    port, root, _ = server
+    local = tmp_path / "local"
+    make_tree(local, count=6)
+    assert writer(port, "sync", str(local), ":copy").returncode == 0
+    (root / "copy" / "extra" / "inside").mkdir(parents=True)
+    (root / "copy" / "extra" / "inside" / "x").write_text("x")
+    os.remove(local / "sub" / "file-001.bin")
+    result = writer(port, "--json", "sync", "--delete", str(local), ":copy")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["deletions"] == 2
+    assert snapshot(root / "copy") == snapshot(local)
+
+
+def test_sync_checksum_finds_a_change_that_kept_size_and_time(server, tmp_path):
+    port, root, _ = server
+    local = tmp_path / "local"
+    make_tree(local, count=3)
+    assert writer(port, "sync", str(local), ":copy").returncode == 0
+    target = root / "copy" / "file-000.bin"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[0] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert writer(port, "sync", str(local), ":copy").stderr.startswith("nothing to do")
+    fixed = json.loads(writer(port, "--json", "sync", "--checksum", str(local), ":copy").stdout)
+    assert fixed["transfers"] == 1 and fixed["up_to_date"] == 3
+    assert target.read_bytes() == (local / "file-000.bin").read_bytes()
+
+
+def test_an_interrupted_sync_resumes(server, tmp_path):
+    port, root, _ = server
+    local = tmp_path / "local"
+    local.mkdir()
+    with open(local / "big.bin", "wb") as handle:
+        handle.truncate(3 * 1024**3)
+    (local / "small.txt").write_text("small\n")
+    command = [*CLIENT, "--port", str(port), "--user", "writer", "sync", str(local), ":copy"]
+    env = dict(os.environ, EKE_PASSWORD=WRITER_PASSWORD)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not any(name.startswith(".eke-part.") and (root / "copy" / name).stat().st_size > 0
+                  for name in (os.listdir(root / "copy") if (root / "copy").exists() else [])):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(2)
+    assert process.wait(30) == 130
+    result = subprocess.run(command + ["--json"], env=env, capture_output=True, text=True, timeout=120)
+    document = json.loads(result.stdout)
+    assert result.returncode == 0, result.stderr
+    big = [f for f in document["files"] if f["remote"] == "copy/big.bin"][0]
+    assert big["resumed_from"] > 0 and (root / "copy" / "big.bin").stat().st_size == 3 * 1024**3
+
+
+def test_sync_refuses_two_local_or_two_remote_sides(tmp_path):
+    for args in (["sync", "a", "b"], ["sync", ":a", ":b"]):
+        result = subprocess.run([*CLIENT, "--user", "u", *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "exactly one of SRC and DEST is remote" in result.stderr
