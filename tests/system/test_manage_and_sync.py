@@ -101,8 +101,8 @@ def test_sync_dry_run_prints_the_plan_and_changes_nothing(server, tmp_path):
     dry = writer(port, "sync", "-n", str(local), ":copy")
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.splitlines() == [  # in the order they would be done
-        f"send {local}/file-000.bin", f"send {local}/notes.tmp", "mkdir copy/sub", f"send {local}/sub/file-001.bin",
-        "mkdir copy/sub/deeper", f"send {local}/sub/deeper/file-002.bin",
+        f"send {local}/file-000.bin", f"send {local}/notes.tmp", "mkdir copy/sub", "mkdir copy/sub/deeper",
+        f"send {local}/sub/deeper/file-002.bin", f"send {local}/sub/file-001.bin",
     ]
     assert not (root / "copy").exists()
 
