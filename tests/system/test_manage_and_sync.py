@@ -182,3 +182,64 @@ def test_sync_refuses_two_local_or_two_remote_sides(tmp_path):
     for args in (["sync", "a", "b"], ["sync", ":a", ":b"]):
         result = subprocess.run([*CLIENT, "--user", "u", *args], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and "exactly one of SRC and DEST is remote" in result.stderr
+
+
+# -- managing remote files
+
+
+def test_mkdir_rm_rmdir_mv_chmod_stat_df(server, tmp_path):
+    port, root, daemon = server
+    assert writer(port, "mkdir", "-p", "a/b/c").returncode == 0
+    assert (root / "a" / "b" / "c").is_dir()
+    again = writer(port, "mkdir", "a")
+    assert again.returncode == 10 and "a: already exists on the server" in again.stderr
+    assert writer(port, "mkdir", "-p", "a/b").returncode == 0  # -p: there already is no error
+    (root / "a" / "b" / "f1.log").write_text("1")
+    (root / "a" / "b" / "f2.log").write_text("2")
+    # mv: a rename, refusing to replace without --force
+    assert writer(port, "mv", "a/b/f1.log", "a/renamed.log").returncode == 0
+    assert (root / "a" / "renamed.log").read_text() == "1" and not (root / "a" / "b" / "f1.log").exists()
+    refused = writer(port, "mv", "a/b/f2.log", "a/renamed.log")
+    assert refused.returncode == 10 and "use --force" in refused.stderr
+    assert writer(port, "mv", "--force", "a/b/f2.log", "a/renamed.log").returncode == 0
+    assert (root / "a" / "renamed.log").read_text() == "2"
+    # chmod: permission bits
+    assert writer(port, "chmod", "600", "a/renamed.log").returncode == 0
+    assert (root / "a" / "renamed.log").stat().st_mode & 0o777 == 0o600
+    stat = json.loads(writer(port, "--json", "stat", "a/renamed.log", "a").stdout)
+    assert [(e["path"], e["kind"], e["mode"]) for e in stat["entries"]] == [("a/renamed.log", "file", 0o600), ("a", "dir", stat["entries"][1]["mode"])]
+    # rmdir refuses what is not empty; rm -r takes it all; a glob
+    full = writer(port, "rmdir", "a/b")
+    assert full.returncode == 10 and "not empty" in full.stderr
+    (root / "a" / "x.tmp").write_text("x")
+    (root / "a" / "y.tmp").write_text("y")
+    assert writer(port, "rm", "a/*.tmp").returncode == 0
+    assert not (root / "a" / "x.tmp").exists() and not (root / "a" / "y.tmp").exists()
+    directory = writer(port, "rm", "a")
+    assert directory.returncode == 5 and "rm -r" in directory.stderr
+    assert writer(port, "rm", "-r", "a").returncode == 0 and not (root / "a").exists()
+    assert writer(port, "rm", "-f", "never-was").returncode == 0
+    space = json.loads(writer(port, "--json", "df").stdout)["space"]
+    assert space["total"] >= space["free"] > 0
+    log = daemon.log_text()
+    assert "writer" in log and "a/renamed.log" in log  # every change is logged
+
+
+def test_a_read_only_account_can_change_nothing(server, tmp_path):
+    port, root, _ = server
+    (root / "keep").mkdir()
+    for args in (["mkdir", "new"], ["rm", "hello.txt"], ["rmdir", "keep"], ["mv", "hello.txt", "moved"],
+                 ["chmod", "600", "hello.txt"]):
+        result = run_client(port, *args)
+        assert result.returncode == 9 and "permission denied" in result.stderr, (args, result.stderr)
+    assert (root / "hello.txt").exists() and (root / "keep").is_dir() and not (root / "new").exists()
+
+
+def test_no_operation_reaches_the_users_file_or_partial_uploads(server, tmp_path):
+    port, root, _ = server
+    part = root / ".eke-part.0123456789abcdef0123456789abcdef"
+    part.write_bytes(b"someone's upload")
+    for args in (["rm", part.name], ["mv", part.name, "x"], ["chmod", "644", part.name], ["rm", "-r", ""]):
+        result = writer(port, *args)
+        assert result.returncode in (5, 9), (args, result.stderr)
+    assert part.read_bytes() == b"someone's upload" and (root / "hello.txt").exists()
