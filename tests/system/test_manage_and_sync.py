@@ -235,7 +235,7 @@ def test_a_read_only_account_can_change_nothing(server, tmp_path):
     assert (root / "hello.txt").exists() and (root / "keep").is_dir() and not (root / "new").exists()
 
 
-def test_no_operation_reaches_the_users_file_or_partial_uploads(server, tmp_path):
+def test_no_operation_reaches_partial_uploads_or_the_root(server, tmp_path):
     port, root, _ = server
     part = root / ".eke-part.0123456789abcdef0123456789abcdef"
     part.write_bytes(b"someone's upload")
