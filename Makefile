@@ -7,9 +7,10 @@ STAMP := $(VENV)/.installed
 .PHONY: test demo bench fuzz hostile clean
 
 # An editable install, plus this checkout on sys.path (a .pth file): Twisted looks for
-# twisted/plugins/eke_plugin.py on sys.path, which setuptools' editable finders do not cover.
-# With the checkout on sys.path the finder is redundant, and it costs every command 9 ms at
-# start (it imports pathlib and more): removed, as a regular install would not have it.
+# twisted/plugins/eke_plugin.py on sys.path. setup.cfg's package_dir makes setuptools write such
+# a plain .pth itself; an older setuptools may write an import-hook finder instead, which would
+# miss the plugin and cost every command 9 ms at start (it imports pathlib and more). Either is
+# replaced by our own .pth, as a regular install would have no finder.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
