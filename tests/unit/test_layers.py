@@ -17,7 +17,8 @@ LAYERS = [
     # 3. protocols and storage: Twisted glue, the client's fast start, a user's root, files
     {"connection", "server", "transfers", "realm", "client_protocol", "prelude", "storage", "files", "userdb", "proxy"},
     # 4. edges: the twistd plugin's service, the client and users commands
-    {"tap", "service", "sdnotify", "exposure", "client", "commands", "plan", "report", "users", "__main__", "__init__"},
+    {"tap", "service", "sdnotify", "exposure", "client", "arguments", "commands", "manage", "sync", "globs", "plan",
+     "report", "users", "__main__", "__init__"},
 ]
 LAYER_OF = {module: number for number, modules in enumerate(LAYERS) for module in modules}
 
