@@ -313,7 +313,7 @@ def main(argv=None):
 
 def _command(args, reporter, stop):
     """Run the command on a reactor; the error that ends it, or None."""
-    early = None
+    early: "Prelude | EketwistError | None" = None
     prompted = False
     # The password in a list that whoever runs scrypt empties (the Prelude, or the protocol
     # machine, which drops it once scrypt has started): no frame of ours keeps it meanwhile.
@@ -341,7 +341,7 @@ def _command(args, reporter, stop):
             raise early
         return await run(reactor, args, password, prompted, reporter, stop, early)
 
-    outcome = []
+    outcome: list = []  # the command's result, or its Failure
 
     def start():
         stop.reactor = reactor

@@ -139,10 +139,10 @@ async def run_get(session, args):
     entries = {}
     if not args.recursive and len(remotes) > 1 and session.reporter.bars:
         # For the overall bar's total: the sizes at once, in one round trip (version 2).
-        found = []
+        found: list = []
         await pipelined(session.client, [lambda remote=remote: _note_entry(session, remote, found) for remote in remotes])
         entries = dict(found)
-    targets = {}
+    targets: dict = {}  # local name: the remote written to it
     for remote in remotes:
         target = get_target(remote, local)
         if target in targets:  # two files of one name into one directory (a glob's, say)

@@ -253,8 +253,9 @@ def wire_code(error):
     """The code an ERROR gives `error`: its own, or that of the nearest kind it refines (a
     LockedOut travels as try-later, with its own code as the reason); else internal."""
     for cls in type(error).__mro__:
-        if getattr(cls, "code", None) in WIRE_CODES:
-            return cls.code
+        code = getattr(cls, "code", None)
+        if code in WIRE_CODES:
+            return code
     return "internal"
 
 

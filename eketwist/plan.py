@@ -296,10 +296,10 @@ def sync_steps(remote, local, source, destination, *, delete=False, excludes=(),
     needs comparing. Excluded names are neither sent nor deleted, nor anything under them."""
     theirs = {entry["name"]: entry for entry in destination}
     ours = set()
-    skipped_dirs = []  # excluded directories: what is under them is left alone on both sides
-    later = [MakeDirectory(remote, local)]
-    deletions = []
-    gone = []  # deleted destination names: what is under them goes with them
+    skipped_dirs: list = []  # excluded directories: what is under them is left alone on both sides
+    later: list = [MakeDirectory(remote, local)]
+    deletions: list = []
+    gone: list = []  # deleted destination names: what is under them goes with them
 
     def under(name, tops):
         return any(name.startswith(top + "/") for top in tops)

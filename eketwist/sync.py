@@ -26,6 +26,7 @@ async def run_sync(session, args):
     local = args.source if up else args.destination
     client = session.client
     remote_tree = await _remote_tree(client, remote, must_exist=not up)
+    direction: "Upload | Download"
     if up:
         if not os.path.isdir(local):
             raise errors.LocalIOError(f"local {local}: not a directory")
