@@ -82,7 +82,7 @@ def hash_prefix(handle, length):
     return sha1
 
 
-def hash_whole(handle, attempts=3):
+def hash_whole(handle, shown_name="the file", attempts=3):
     """(stat, hex SHA-1) of an open regular file, read whole, with the stat it had throughout;
     a file that keeps changing while it is read is Busy. Runs in a thread."""
     for _ in range(attempts):
@@ -91,7 +91,7 @@ def hash_whole(handle, attempts=3):
         after = os.fstat(handle.fileno())
         if sha1 is not None and DigestCache.key(before) == DigestCache.key(after):
             return after, sha1.hexdigest()
-    raise Busy("the file keeps changing while it is read; try again")
+    raise Busy(f"{shown_name}: the file keeps changing while it is read; try again")
 
 
 def hash_file_prefix(path, length, dir_fd=None):
