@@ -15,7 +15,7 @@ from twisted.cred.credentials import ICredentials
 from twisted.internet import defer
 from zope.interface import implementer
 
-from . import storage, wire
+from . import storage
 from .storage import IStorage
 
 
@@ -53,7 +53,7 @@ class UsersRealm:
             raise NotImplementedError("this realm only gives IStorage avatars")
         root = storage.Root(
             user.root or self.default_root, protected=self.protected,
-            rights=wire.RIGHT_BUNDLES[user.rights], max_upload_size=self.max_upload_size,
+            rights=user.rights, max_upload_size=self.max_upload_size,
         )
         return IStorage, root, lambda: None
 

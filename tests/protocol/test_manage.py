@@ -46,9 +46,15 @@ def connected(world, version=1):
 
 
 def settle(conversation, threads):
-    for _ in range(50):
+    """Thread work, timers due now, and a listing's or a file's producer pulled (nothing
+    reads a StringTransport), until nothing is left to do."""
+    for _ in range(200):
         threads.run()
         conversation.factory.clock.advance(0)
+        transport = conversation.transport
+        if transport.producer is not None and transport.producer is not conversation.proto and not transport.streaming:
+            transport.producer.resumeProducing()
+            continue
         if not threads.pending:
             return
 
@@ -322,3 +328,52 @@ def test_working_waits_in_version_2_and_refuses_in_version_1(message):
                 machine.receive({"type": "stat", "path": "a"})
         machine.done()
         assert machine.state == serving.Ready()
+
+
+# -- rights (section 7.7): each request refused without its right, naming it, served with it
+
+RIGHTFUL = [
+    ("list", {"type": "stat", "path": "hello.txt"}, "entry"),
+    ("list", {"type": "list", "path": "sub"}, "entries"),
+    ("list", {"type": "space"}, "space"),
+    ("read", {"type": "get", "path": "hello.txt"}, "file"),
+    ("read", {"type": "hash", "path": "hello.txt"}, "digest"),
+    ("write", {"type": "put", "path": "new.txt", "size": 3}, "ready"),
+    ("write", {"type": "put", "path": "new.txt", "size": 3, "force": True}, "ready"),
+    ("overwrite", {"type": "put", "path": "hello.txt", "size": 3, "force": True}, "ready"),
+    ("delete", {"type": "remove", "path": "hello.txt"}, "done"),
+    ("delete", {"type": "remove", "path": "sub", "recursive": True}, "done"),
+    ("delete", {"type": "rmdir", "path": "sub"}, "done"),
+    ("rename", {"type": "rename", "path": "hello.txt", "to": "bye.txt"}, "done"),
+    ("overwrite", {"type": "rename", "path": "hello.txt", "to": "other.txt", "force": True}, "done"),
+    ("mkdir", {"type": "mkdir", "path": "made"}, "done"),
+    ("chmod", {"type": "chmod", "path": "hello.txt", "mode": 0o600}, "done"),
+]
+
+
+@pytest.mark.parametrize("right, request_, answer", RIGHTFUL)
+def test_each_right_is_enforced_on_its_requests(tmp_path, threads, right, request_, answer):
+    allowed = world_with_rights(tmp_path / "allowed", "read-write")
+    refused = world_with_rights(tmp_path / "refused", [name for name in wire.RIGHTS if name != right])
+    for world in (allowed, refused):
+        (world[0] / "other.txt").write_text("other")
+    [served] = ask(connected(allowed), threads, request_)[:1]
+    assert served["type"] == answer, served
+    [refusal] = ask(connected(refused), threads, request_)
+    assert (refusal["type"], refusal["code"]) == ("error", "permission-denied")
+    assert refusal["message"].endswith(f"permission denied: your account lacks the {right} right")
+    root = refused[0]
+    assert (root / "hello.txt").read_bytes() == b"hello\n" and (root / "sub").is_dir()
+    assert (root / "other.txt").read_text() == "other" and not (root / "made").exists()
+
+
+def test_a_read_account_may_list_and_read_only(tmp_path, threads):
+    world = world_with_rights(tmp_path, "read")
+    conversation = connected(world)
+    for request_ in ({"type": "stat", "path": "hello.txt"}, {"type": "hash", "path": "hello.txt"}, {"type": "space"}):
+        [answer] = ask(conversation, threads, request_)
+        assert answer["type"] != "error"
+    [answer] = ask(conversation, threads, {"type": "remove", "path": "hello.txt"})
+    assert answer["message"] == (
+        "hello.txt: permission denied on the server (read-only account): your account lacks the delete right"
+    )
