@@ -502,11 +502,13 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def _make_directory(self, request):
         try:
-            self.storage.make_directory(request.path, request.mode, request.mtime)
+            created = self.storage.make_directory(request.path, request.mode, request.mtime)
         except EketwistError as error:
             self.refuse("mkdir", request.path, error, WRITE_REFUSAL_CODES)
             return
         self.send_control({"type": "done"})
+        if created:  # not again when a tree upload gives it its mode and time
+            self.log_event("made the directory {path}", path=request.path)
 
     def _remove(self, request):
         if request.recursive:
@@ -518,7 +520,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             self.refuse("remove", request.path, error, MANAGE_REFUSAL_CODES)
             return
         self.send_control({"type": "done", "removed": removed})
-        self.log_event("removed {path}", path=request.path)
+        self.log_event("removed {path} ({count} name)", path=request.path, count=removed)
 
     def _remove_directory(self, request):
         try:

@@ -785,14 +785,20 @@ class _TreeRemoval:
         return frame.fd
 
     def run(self):
+        """How many names were removed; or the refusal, carrying that number as `removed`
+        (what went before it stays removed)."""
         try:
             while self.frames:
                 self._step()
+        except EketwistError as refusal:
+            refusal.removed = self.removed
+            raise
         finally:
             for frame in self.frames:
                 if frame.fd is not None:
                     os.close(frame.fd)
         if self.left is not None:
+            self.left.removed = self.removed
             raise self.left
         return self.removed
 

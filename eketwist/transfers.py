@@ -246,6 +246,16 @@ class Removal(_InThread):
             path=self.request.path, count=removed, seconds=time.monotonic() - self.started,
         )
 
+    def _failed(self, failure):
+        removed = getattr(failure.value, "removed", 0)
+        if removed and not self.connection.closing:
+            # Refused part-way (an upload running inside, the filesystem said no): what went
+            # before is gone for good, and the log says how much.
+            self.connection.log_event(
+                "removed {count} names under {path} before the refusal", path=self.request.path, count=removed,
+            )
+        super()._failed(failure)
+
 
 class Hashing(_InThread):
     """A HASH: the file's SHA-1 (from the digest cache GET fills, or read whole in a

@@ -377,3 +377,66 @@ def test_a_read_account_may_list_and_read_only(tmp_path, threads):
     assert answer["message"] == (
         "hello.txt: permission denied on the server (read-only account): your account lacks the delete right"
     )
+
+
+# -- the log: every change, with the user, the address and the paths (escaped)
+
+
+@pytest.fixture
+def log_lines():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines = []
+
+    def observe(event):
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_every_change_is_logged_with_user_address_and_paths(fresh_world, threads, log_lines):
+    root = fresh_world[0]
+    make_tree(root)
+    conversation = connected(fresh_world, version=2)
+    answers = ask(
+        conversation, threads,
+        {"type": "mkdir", "path": "new\ndir"}, {"type": "mkdir", "path": "new\ndir", "mode": 0o750},
+        {"type": "chmod", "path": "hello.txt", "mode": 0o4640}, {"type": "rename", "path": "hello.txt", "to": "t/h.txt"},
+        {"type": "rename", "path": "t/h.txt", "to": "t/x.txt", "force": True}, {"type": "remove", "path": "t/x.txt"},
+        {"type": "rmdir", "path": "new\ndir"}, {"type": "remove", "path": "t", "recursive": True},
+        {"type": "hash", "path": "nothing"},
+    )
+    assert [answer["type"] for answer in answers] == ["done"] * 8 + ["error"]
+    who = "fuzzer from 127.0.0.1:40000: "
+    changes = [line[len(who):] for line in log_lines if line.startswith(who)]
+    assert changes[:7] == [
+        "made the directory new\\ndir",  # once: the second MKDIR only gave it its mode
+        "changed the mode of hello.txt to 0640",
+        "renamed hello.txt to t/h.txt",
+        "renamed t/h.txt to t/x.txt (force)",
+        "removed t/x.txt (1 name)",
+        "removed the directory new\\ndir",
+        changes[6],
+    ]
+    assert changes[6].startswith("removed t (5 names, ") and changes[6].endswith(" s)")
+    assert changes[7] == "hash nothing refused: nothing: no such file on the server"
+
+
+def test_a_remove_refused_part_way_logs_what_went(fresh_world, threads, log_lines):
+    root = fresh_world[0]
+    make_tree(root)
+    uploading = connected(fresh_world)
+    uploading.feed(uploading.message_frame({"type": "put", "path": "t/a/up.bin", "size": 10}))
+    remover = Conversation(fresh_world, factory=uploading.factory, host="127.0.0.2")
+    remover.reach("ready")
+    remover.frames_out()
+    [answer] = ask(remover, threads, {"type": "remove", "path": "t", "recursive": True})
+    assert answer["code"] == "busy"
+    who = "fuzzer from 127.0.0.2:40000: "
+    lines = [line[len(who):] for line in log_lines if line.startswith(who)]
+    assert lines == [
+        "removed 4 names under t before the refusal",  # x.txt, y.txt, b/z.txt and b
+        "remove t refused: t/a: an upload into it is in progress; the rest was removed",
+    ]
