@@ -830,6 +830,7 @@ class _TreeRemoval:
         if frame.more:
             return  # another pass over this directory
         # Everything it held is removed (or left): the directory itself goes.
+        shown = self._path(depth)
         self.frames.pop()
         os.close(directory)
         frame.fd = None
@@ -845,13 +846,13 @@ class _TreeRemoval:
             if problem.errno in (errno.ENOTEMPTY, errno.EEXIST) and frame.attempts < self.ATTEMPTS:
                 # Something appeared in it meanwhile (an upload committed there): once more.
                 frame.more, frame.attempts = True, frame.attempts + 1
-                frame.fd = self._enter(parent, frame.name, self._path(depth))
+                frame.fd = self._enter(parent, frame.name, shown)
                 self.frames.append(frame)
                 return
             if problem.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise Busy(f"{self._path(depth)}: files keep appearing in it; the rest was removed") from None
+                raise Busy(f"{shown}: files keep appearing in it; the rest was removed") from None
             if problem.errno != errno.ENOENT:
-                raise _change_error(problem, self._path(depth)) from None
+                raise _change_error(problem, shown) from None
         else:
             self.removed += 1
 

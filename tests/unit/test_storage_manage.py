@@ -474,3 +474,52 @@ def test_mkdir_says_whether_it_made_the_directory(tree):
 def test_change_error_codes():
     assert type(storage._change_error(OSError(errno.EROFS, "ro"), "p")) is errors.PermissionDenied
     assert type(storage._change_error(OSError(errno.EBUSY, "busy"), "p")) is errors.Busy
+
+
+@pytest.mark.parametrize("appearing, outcome", [(1, 5), (10, errors.Busy)])
+def test_files_appearing_in_a_directory_being_emptied(tree, monkeypatch, appearing, outcome):
+    """An upload committed into a directory just emptied: the walk reads it again (a few
+    times), then gives up with busy."""
+    root, _ = tree
+    real_rmdir = os.rmdir
+    made = []
+
+    def rmdir_after_a_commit(name, *args, **kwargs):
+        if name == "e" and len(made) < appearing:
+            made.append(True)
+            (root / "d" / "e" / f"committed{len(made)}").write_text("late")
+        return real_rmdir(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", rmdir_after_a_commit)
+    if outcome is errors.Busy:
+        with pytest.raises(errors.Busy, match="d/e: files keep appearing in it"):
+            served(root).remove("d", recursive=True)
+    else:
+        assert served(root).remove("d", recursive=True) == outcome  # d, e, a.txt, b.txt and the late file
+        assert not (root / "d").exists()
+
+
+def test_a_rename_across_filesystems_is_refused(tree, monkeypatch):
+    root, _ = tree
+
+    def cross_device(*args, **kwargs):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    with pytest.raises(errors.PermissionDenied, match="another filesystem"):
+        served(root).rename("f.txt", "g.txt", force=True)
+
+
+def test_a_file_that_keeps_changing_while_hashed_is_busy(tree, monkeypatch):
+    root, _ = tree
+    real_hash_prefix = files.hash_prefix
+
+    def hash_while_someone_writes(handle, length):
+        with open(root / "f.txt", "a") as writer:
+            writer.write("more")
+        return real_hash_prefix(handle, length)
+
+    monkeypatch.setattr(files, "hash_prefix", hash_while_someone_writes)
+    handle, _ = served(root).open_for_hashing("f.txt")
+    with handle, pytest.raises(errors.Busy, match="f.txt: the file keeps changing"):
+        files.hash_whole(handle, "f.txt")
