@@ -82,6 +82,18 @@ def hash_prefix(handle, length):
     return sha1
 
 
+def hash_whole(handle, shown_name="the file", attempts=3):
+    """(stat, hex SHA-1) of an open regular file, read whole, with the stat it had throughout;
+    a file that keeps changing while it is read is Busy. Runs in a thread."""
+    for _ in range(attempts):
+        before = os.fstat(handle.fileno())
+        sha1 = hash_prefix(handle, before.st_size)
+        after = os.fstat(handle.fileno())
+        if sha1 is not None and DigestCache.key(before) == DigestCache.key(after):
+            return after, sha1.hexdigest()
+    raise Busy(f"{shown_name}: the file keeps changing while it is read; try again")
+
+
 def hash_file_prefix(path, length, dir_fd=None):
     """hash_prefix over a file opened here (None if it is gone or shorter)."""
     try:

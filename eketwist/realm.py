@@ -15,7 +15,7 @@ from twisted.cred.credentials import ICredentials
 from twisted.internet import defer
 from zope.interface import implementer
 
-from . import storage, userdb
+from . import storage
 from .storage import IStorage
 
 
@@ -41,7 +41,7 @@ class KeyConfirmationChecker:
 
 @implementer(portal.IRealm)
 class UsersRealm:
-    """A user's storage.Root: their own root, or the server's; writable for read-write users."""
+    """A user's storage.Root: their own root, or the server's, with their rights."""
 
     def __init__(self, default_root, protected, max_upload_size):
         self.default_root = default_root
@@ -53,7 +53,7 @@ class UsersRealm:
             raise NotImplementedError("this realm only gives IStorage avatars")
         root = storage.Root(
             user.root or self.default_root, protected=self.protected,
-            writable=user.rights == userdb.READ_WRITE, max_upload_size=self.max_upload_size,
+            rights=user.rights, max_upload_size=self.max_upload_size,
         )
         return IStorage, root, lambda: None
 

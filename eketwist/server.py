@@ -7,8 +7,8 @@ What the glue adds to the machines, state by state (docs/protocol.md, section 9)
   share, share-waiting   the guard's guess slots: a share waits for one of its address's slots
   confirm          a failed or abandoned guess is counted, however the connection ends
   ready            the idle timeout; refusals leave the connection ready
-  working          a FileSender or a listing producer drives the transport; prefix hashing in
-                   a thread
+  working          a FileSender or a listing producer drives the transport; prefix hashing, a
+                   recursive removal or a HASH in a thread
   upload-offered, receiving   the part file, write-behind and its back-pressure
   storing          the commit in a thread; a message meanwhile is answered after STORED
   (version 2)      no storing: after END the upload joins files.GroupCommit, its answer owed
@@ -28,6 +28,7 @@ from zope.interface import implementer
 from . import files, guard, realm, serving, storage, transfers, tuning, userdb, verifier, wire
 from .connection import SecureConnection, StopReading
 from .errors import (
+    MANAGE_REFUSAL_CODES,
     REFUSAL_CODES,
     WRITE_REFUSAL_CODES,
     AuthenticationFailed,
@@ -501,11 +502,66 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
 
     def _make_directory(self, request):
         try:
-            self.storage.make_directory(request.path, request.mode, request.mtime)
+            created = self.storage.make_directory(request.path, request.mode, request.mtime)
         except EketwistError as error:
             self.refuse("mkdir", request.path, error, WRITE_REFUSAL_CODES)
             return
         self.send_control({"type": "done"})
+        if created:  # not again when a tree upload gives it its mode and time
+            self.log_event("made the directory {path}", path=request.path)
+
+    def _remove(self, request):
+        if request.recursive:
+            transfers.Removal.start(self, request)  # a whole tree: in a thread
+            return
+        try:
+            removed = self.storage.remove(request.path)
+        except EketwistError as error:
+            self.refuse("remove", request.path, error, MANAGE_REFUSAL_CODES)
+            return
+        self.send_control({"type": "done", "removed": removed})
+        self.log_event("removed {path} ({count} name)", path=request.path, count=removed)
+
+    def _remove_directory(self, request):
+        try:
+            removed = self.storage.remove_directory(request.path)
+        except EketwistError as error:
+            self.refuse("rmdir", request.path, error, MANAGE_REFUSAL_CODES)
+            return
+        self.send_control({"type": "done", "removed": removed})
+        self.log_event("removed the directory {path}", path=request.path)
+
+    def _rename(self, request):
+        try:
+            self.storage.rename(request.path, request.to, request.force, self.username)
+        except EketwistError as error:
+            self.refuse("rename", f"{request.path} -> {request.to}", error, MANAGE_REFUSAL_CODES)
+            return
+        self.send_control({"type": "done", "removed": 0})
+        self.log_event(
+            "renamed {path} to {to}{replacing}", path=request.path, to=request.to,
+            replacing=" (force)" if request.force else "",
+        )
+
+    def _change_mode(self, request):
+        try:
+            self.storage.change_mode(request.path, request.mode)
+        except EketwistError as error:
+            self.refuse("chmod", request.path, error, MANAGE_REFUSAL_CODES)
+            return
+        self.send_control({"type": "done", "removed": 0})
+        self.log_event("changed the mode of {path} to {mode:04o}", path=request.path, mode=request.mode & 0o777)
+
+    def _hash(self, request):
+        transfers.Hashing.start(self, request)
+
+    def _space(self, request):
+        try:
+            space = self.storage.space()
+        except EketwistError as error:
+            self.refuse("space", ".", error)
+            return
+        self.send_control({"type": "space", **space})
 
     def receive_inline(self):
         """An inline upload's partial file is open: its DATA follows the PUT (version 2)."""
@@ -543,6 +599,12 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         serving.List: _list,
         serving.MakeDir: _make_directory,
         serving.Put: _put,
+        serving.Remove: _remove,
+        serving.RemoveDirectory: _remove_directory,
+        serving.Rename: _rename,
+        serving.ChangeMode: _change_mode,
+        serving.Hash: _hash,
+        serving.Space: _space,
         serving.Unknown: _unknown,
         serving.UploadFrom: _upload_from,
         serving.Finish: _finish,

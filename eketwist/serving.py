@@ -7,6 +7,11 @@ Each state is a class carrying its data (an upload lives in the states of an upl
 
     Ready          --receive(GET/LIST)-->   Working          (Get, List)
                    --receive(STAT/MKDIR)--> Ready            (Stat, MakeDir: answered at once)
+                   --receive(REMOVE with recursive, HASH)-->
+                                            Working          (Remove, Hash: the disk work runs in a thread)
+                   --receive(REMOVE, RMDIR, RENAME, CHMOD, SPACE)-->
+                                            Ready            (Remove, RemoveDirectory, Rename,
+                                                              ChangeMode, Space: answered at once)
                    --receive(PUT)-->        Working          (Put: the glue opens the partial file)
                    --receive(other)-->      Ready            (Unknown: refused with unsupported)
     Working        --offer(upload)-->       UploadOffered    (returns READY)
@@ -84,6 +89,43 @@ class Put:
     upload: Upload
 
 
+# -- managing files (docs/protocol.md section 7.10)
+
+
+@dataclass(frozen=True)
+class Remove:
+    path: str
+    recursive: bool
+
+
+@dataclass(frozen=True)
+class RemoveDirectory:
+    path: str
+
+
+@dataclass(frozen=True)
+class Rename:
+    path: str
+    to: str
+    force: bool
+
+
+@dataclass(frozen=True)
+class ChangeMode:
+    path: str
+    mode: int
+
+
+@dataclass(frozen=True)
+class Hash:
+    path: str
+
+
+@dataclass(frozen=True)
+class Space:
+    pass
+
+
 @dataclass(frozen=True)
 class Unknown:
     error: Unsupported
@@ -128,7 +170,7 @@ class Ready:
 
 @dataclass(frozen=True)
 class Working:
-    what: str  # "get", "list" or "put" (hashing the partial file's prefix)
+    what: str  # "get", "list", "remove" (recursive), "hash", or "put" (hashing the partial file's prefix)
     upload: Optional[Upload] = None
 
 
@@ -205,6 +247,18 @@ def _request(message, version):
         if upload.inline and upload.size > wire.MAX_INLINE_SIZE:
             raise ProtocolError(f"put: an inline upload is at most {wire.MAX_INLINE_SIZE} bytes")
         return Put(upload)
+    if kind == "remove":
+        return Remove(wire.string_field(message, "path"), wire.bool_field(message, "recursive"))
+    if kind == "rmdir":
+        return RemoveDirectory(wire.string_field(message, "path"))
+    if kind == "rename":
+        return Rename(wire.string_field(message, "path"), wire.string_field(message, "to"), wire.bool_field(message, "force"))
+    if kind == "chmod":
+        return ChangeMode(wire.string_field(message, "path"), wire.int_field(message, "mode", 0, wire.MAX_MODE))
+    if kind == "hash":
+        return Hash(wire.string_field(message, "path"))
+    if kind == "space":
+        return Space()
     if kind == "error":  # the glue ends the connection on a client's ERROR before this
         raise ProtocolError(f"unexpected {kind!r} message in state 'ready'")
     # Later versions add requests; an old server answers clearly and carries on.
@@ -243,7 +297,7 @@ class Serving:
                 # Uploads are being committed: only inline uploads (whose answers are small
                 # and follow theirs in order) start meanwhile; the rest see those files.
                 return Wait()
-            if isinstance(request, (Get, List)):
+            if isinstance(request, (Get, List, Hash)) or (isinstance(request, Remove) and request.recursive):
                 self.state = Working(type(request).__name__.lower())
             elif isinstance(request, Put):
                 self.state = Working("put", request.upload)
@@ -266,7 +320,8 @@ class Serving:
                 self.state = Storing(state.upload)
             return Finish(state.upload, size, sha1)
         if self.version >= 2 and isinstance(state, Working) and state.upload is None:
-            # Pipelined: the next request, carried out once this GET or LIST is answered. (A PUT
+            # Pipelined: the next request, carried out once this GET, LIST, recursive REMOVE or
+            # HASH is answered. (A PUT
             # hashing its partial file is followed by nothing until READY: section 7.9, rule 2.)
             return Wait()
         if isinstance(state, Discarding) and kind == "end":

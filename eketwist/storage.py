@@ -20,11 +20,14 @@ import sys
 
 from zope.interface import Interface, implementer
 
-from .errors import BadPath, EketwistError, Exists, LocalIOError, NotAFile, NotFound, PermissionDenied, TooLarge
+from .errors import (
+    BadPath, Busy, EketwistError, Exists, LocalIOError, NotADirectory, NotAFile, NotEmpty, NotFound, PermissionDenied,
+    TooLarge,
+)
 from .files import (
     MODE_MASK, SERVER_PART_PREFIX, PartFile, local_mode, read_part_label, server_part_name, storage_error,
 )
-from .wire import MAX_NAME_BYTES, MAX_PATH_BYTES
+from .wire import MAX_NAME_BYTES, MAX_PATH_BYTES, RIGHT_BUNDLES, RIGHTS
 
 # A recursive listing remembers the subdirectories it has yet to enter: a bounded amount of
 # memory, counted as Python holds them (the str object, its place in a tuple and a list).
@@ -32,6 +35,9 @@ MAX_PENDING_BYTES = 4 * 1024 * 1024
 _PENDING_OVERHEAD = 72
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK
+# A descriptor for an inode itself, for CHMOD: O_PATH where there is one (Linux; no read
+# permission needed), else opened for reading without waiting on a FIFO.
+_INODE_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK)
 
 
 class _OpenHow(ctypes.Structure):
@@ -200,10 +206,10 @@ class Root:
     (device, inode) pairs never served nor replaced, whatever leads to them (the users file,
     the daemon's log: defence in depth, as the daemon refuses to start with them in a root)."""
 
-    def __init__(self, path, protected=lambda: frozenset(), writable=True, max_upload_size=None):
+    def __init__(self, path, protected=lambda: frozenset(), rights=RIGHTS, max_upload_size=None):
         self.path = path
         self._protected = protected
-        self.writable = writable  # False: a read-only account
+        self.rights = frozenset(rights)  # what this user may do (docs/protocol.md section 7.7)
         self.max_upload_size = max_upload_size
         self._created = set()  # (device, inode) of directories made through this object
 
@@ -246,9 +252,16 @@ class Root:
         finally:
             os.close(root_fd)
 
-    def _check_writable(self, requested):
-        if not self.writable:
-            raise PermissionDenied(f"{requested}: permission denied on the server (read-only account)")
+    def _need(self, right, requested):
+        """PermissionDenied naming `right` unless this user has it."""
+        if right in self.rights:
+            return
+        shown = requested or "."
+        if self.rights <= RIGHT_BUNDLES["read"]:
+            raise PermissionDenied(
+                f"{shown}: permission denied on the server (read-only account): your account lacks the {right} right"
+            )
+        raise PermissionDenied(f"{shown}: permission denied: your account lacks the {right} right")
 
     def _check_not_protected(self, st, shown_name):
         if (st.st_dev, st.st_ino) in self._protected():
@@ -260,6 +273,7 @@ class Root:
         """A regular file, opened for reading: (file object, os.stat_result), or a clear error.
         A symlink leading inside the root is followed; devices and FIFOs are refused without
         being waited on (O_NONBLOCK)."""
+        self._need("read", requested)
         names = segments(requested)
         root_fd = self._open_root()
         try:
@@ -282,6 +296,7 @@ class Root:
 
     def stat(self, requested):
         """The entry of one path, named as asked; a symlink is reported as one, not followed."""
+        self._need("list", requested)
         names = segments(requested)
         if not names:
             root_fd = self._open_root()
@@ -307,6 +322,7 @@ class Root:
         itself. With `partials_of` (a username), that user's partial uploads are listed too,
         as entries of kind "partial" named after the file they will become (everyone else's
         stay hidden). Errors about the path itself are raised by the first next()."""
+        self._need("list", requested)
         names = segments(requested)
         shown = requested or "."
         root_fd = self._open_root()
@@ -392,8 +408,8 @@ class Root:
         """Create a directory (its parent must exist), with `mode` and `mtime` if given. An
         existing directory is left as it is (Exists), unless this Root made it: a tree upload
         creates its directories first and gives them their times once their contents are in.
-        The root exists, like any other directory."""
-        self._check_writable(requested)
+        The root exists, like any other directory. True when it was created here."""
+        self._need("mkdir", requested)
         if not segments(requested):
             raise Exists(f"{requested or '.'}: the directory exists already (it is the root)")
         parent_fd, name = self._parent(requested)
@@ -406,9 +422,11 @@ class Root:
                     raise Exists(f"{requested}: exists and is not a directory") from None
                 if (st.st_dev, st.st_ino) not in self._created:
                     raise Exists(f"{requested}: the directory exists already") from None
+                created = False
             else:
                 st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
                 self._created.add((st.st_dev, st.st_ino))
+                created = True
             fd = os.open(name, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=parent_fd)
             try:
                 if mode is not None:
@@ -417,6 +435,7 @@ class Root:
                     os.utime(fd, (mtime, mtime))
             finally:
                 os.close(fd)
+            return created
         except EketwistError:
             raise
         except FileNotFoundError:
@@ -432,8 +451,9 @@ class Root:
         """A PartFile for an upload of `requested` by `user` of `size` bytes, beside its
         destination, which it will replace only with `force`. Refuses read-only accounts,
         sizes over the limit, directories, protected files, missing parents and, without
-        `force`, existing names, before a byte is sent."""
-        self._check_writable(requested)
+        `force`, existing names, before a byte is sent. Needs the write right, and overwrite
+        too to replace a name that exists."""
+        self._need("write", requested)
         cap = self.max_upload_size
         if cap is not None and size > cap:
             raise TooLarge(f"{requested}: {size} bytes is over the server's upload limit of {cap} bytes")
@@ -456,6 +476,7 @@ class Root:
                 self._check_not_protected(st, requested)
                 if not force:
                     raise Exists(f"{requested}: already exists on the server (use --force to replace it)")
+                self._need("overwrite", requested)
             label = json.dumps({"user": user, "name": name}).encode("utf-8")
             try:
                 return PartFile(
@@ -466,6 +487,479 @@ class Root:
                 raise BadPath(f"{requested}: path refused: its partial upload is not the server's own file") from None
         finally:
             os.close(parent_fd)
+
+    # -- managing files (docs/protocol.md section 7.10): never the root, never through the
+    # last name's symlink, never the server's own files or partial uploads by their names
+
+    def _the_name(self, requested):
+        """(parent descriptor, last name, lstat of it) for an operation on the name itself."""
+        parent_fd, name = self._parent(requested)
+        try:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            self._check_not_protected(st, requested)
+        except OSError as problem:
+            os.close(parent_fd)
+            raise open_error(problem, requested) from None
+        except BaseException:
+            os.close(parent_fd)
+            raise
+        return parent_fd, name, st
+
+    def remove(self, requested, recursive=False):
+        """Remove `requested` (never following it): a file, symlink, FIFO or socket; with
+        `recursive`, a directory and everything under it (see _TreeRemoval). How many names
+        were removed. Blocking: a recursive removal runs in a thread."""
+        self._need("delete", requested)
+        parent_fd, name, st = self._the_name(requested)
+        try:
+            if not stat.S_ISDIR(st.st_mode):
+                try:
+                    os.unlink(name, dir_fd=parent_fd)
+                except OSError as problem:
+                    raise _change_error(problem, requested) from None
+                return 1
+            if not recursive:
+                raise NotAFile(f"{requested}: is a directory (remove it with rmdir, or recursively)")
+            return _TreeRemoval(parent_fd, name, requested, self._protected()).run()
+        finally:
+            os.close(parent_fd)
+
+    def remove_directory(self, requested):
+        """Remove the empty directory `requested` (a partial upload inside counts)."""
+        self._need("delete", requested)
+        parent_fd, name, st = self._the_name(requested)
+        try:
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectory(f"{requested}: is not a directory")
+            try:
+                os.rmdir(name, dir_fd=parent_fd)
+            except OSError as problem:
+                if problem.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise NotEmpty(f"{requested}: the directory is not empty") from None
+                if problem.errno == errno.ENOTDIR:  # swapped for something else meanwhile
+                    raise NotADirectory(f"{requested}: is not a directory") from None
+                raise _change_error(problem, requested) from None
+            return 1
+        finally:
+            os.close(parent_fd)
+
+    def rename(self, requested, to, force=False, user=None):
+        """Rename `requested` (any kind, never followed) to `to`, in one rename(2). Without
+        `force` an existing `to` is never replaced; with it, a file or symlink is, and an empty
+        directory by a directory. Needs the rename right, and overwrite to replace. `user`: whose
+        running upload of `requested` makes it busy."""
+        self._need("rename", requested)
+        source, target = segments(requested), segments(to)
+        if not target:
+            raise BadPath(f"{to or '.'}: path refused: that is the root")
+        from_fd, from_name, st = self._the_name(requested)
+        try:
+            if stat.S_ISDIR(st.st_mode) and target[: len(source)] == source and target != source:
+                raise BadPath(f"{to}: path refused: a directory cannot be moved into itself")
+            try:
+                to_fd, to_name = self._parent(to)
+            except NotFound:
+                raise NotFound(f"{to}: the directory does not exist on the server") from None
+            try:
+                if user is not None and _upload_running(from_fd, server_part_name(from_name, user)):
+                    raise Busy(f"{requested}: an upload of it is in progress")
+                try:
+                    existing = os.stat(to_name, dir_fd=to_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    existing = None
+                except OSError as problem:
+                    raise open_error(problem, to) from None
+                if existing is not None:
+                    self._check_not_protected(existing, to)
+                    if to_name == from_name and _same_file(os.fstat(from_fd), os.fstat(to_fd)):
+                        return  # P itself: renamed onto itself, nothing to do
+                    if not force:
+                        raise Exists(f"{to}: already exists on the server (use --force to replace it)")
+                    self._need("overwrite", to)
+                    if stat.S_ISDIR(st.st_mode) != stat.S_ISDIR(existing.st_mode):
+                        kinds = ("a directory", "a file") if stat.S_ISDIR(st.st_mode) else ("a file", "a directory")
+                        raise Exists(f"{to}: {kinds[0]} cannot replace {kinds[1]}")
+                try:
+                    if force:
+                        os.rename(from_name, to_name, src_dir_fd=from_fd, dst_dir_fd=to_fd)
+                    else:
+                        _rename_noreplace(from_fd, from_name, to_fd, to_name, stat.S_ISDIR(st.st_mode))
+                except OSError as problem:
+                    replacing = existing is not None and stat.S_ISDIR(existing.st_mode)
+                    raise _rename_error(problem, requested, to, replacing) from None
+            finally:
+                os.close(to_fd)
+        finally:
+            os.close(from_fd)
+
+    def change_mode(self, requested, mode):
+        """Set the permission bits of the file or directory `requested` to `mode & 0o777`
+        (the umask does not apply; a symlink is refused, never followed)."""
+        self._need("chmod", requested)
+        parent_fd, name, st = self._the_name(requested)
+        try:
+            try:
+                fd = os.open(name, _INODE_FLAGS | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+            except OSError as problem:
+                raise open_error(problem, requested) from None
+            try:
+                held = os.fstat(fd)
+                if not (stat.S_ISREG(held.st_mode) or stat.S_ISDIR(held.st_mode)):
+                    kind = "is a symlink" if stat.S_ISLNK(held.st_mode) else "is not a regular file or a directory"
+                    raise NotAFile(f"{requested}: {kind}")
+                self._check_not_protected(held, requested)
+                if _INODE_FLAGS == os.O_RDONLY | os.O_NONBLOCK:
+                    os.fchmod(fd, mode & MODE_MASK)
+                else:
+                    # An O_PATH descriptor cannot be fchmod'ed; its /proc name reaches that
+                    # very inode, whatever happens to the name meanwhile (and O_PATH needs no
+                    # read permission: a mode 000 file can be given its bits back).
+                    os.chmod(f"/proc/self/fd/{fd}", mode & MODE_MASK)
+            except OSError as problem:
+                raise _change_error(problem, requested) from None
+            finally:
+                os.close(fd)
+        finally:
+            os.close(parent_fd)
+
+    def open_for_hashing(self, requested):
+        """The regular file to hash for HASH (needs the read right, refused as GET is)."""
+        return self.open_for_sending(requested)
+
+    def space(self):
+        """The filesystem of the root: total bytes, bytes free to unprivileged users, free
+        inodes (-1 when it has no such limit)."""
+        self._need("list", ".")
+        root_fd = self._open_root()
+        try:
+            vfs = os.fstatvfs(root_fd)
+        except OSError as problem:
+            raise _change_error(problem, ".") from None
+        finally:
+            os.close(root_fd)
+        return {
+            "total": vfs.f_blocks * vfs.f_frsize,
+            "free": vfs.f_bavail * vfs.f_frsize,
+            "files_free": vfs.f_favail if vfs.f_files else -1,
+        }
+
+
+def shown_name(name):
+    """A name from the disk as a message may carry it (bytes that are not UTF-8 replaced)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _same_file(one, other):
+    return (one.st_dev, one.st_ino) == (other.st_dev, other.st_ino)
+
+
+def _change_error(problem, shown):
+    """The refusal for an OSError met while changing the tree (removing, renaming, chmod)."""
+    if problem.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"{shown}: permission denied on the server")
+    if problem.errno == errno.ENOENT:
+        return NotFound(f"{shown}: no such file on the server")
+    if problem.errno == errno.EBUSY:
+        return Busy(f"{shown}: in use on the server")
+    return storage_error(problem, shown)
+
+
+def _rename_error(problem, requested, to, replacing):
+    if problem.errno in (errno.ENOTEMPTY, errno.EEXIST) and replacing:
+        return NotEmpty(f"{to}: the directory is not empty")
+    if problem.errno == errno.EEXIST:
+        return Exists(f"{to}: already exists on the server (use --force to replace it)")
+    if problem.errno in (errno.EISDIR, errno.ENOTDIR):
+        return Exists(f"{to}: a file and a directory cannot replace each other")
+    if problem.errno == errno.EINVAL:
+        return BadPath(f"{to}: path refused: a directory cannot be moved into itself")
+    if problem.errno == errno.EXDEV:
+        return PermissionDenied(f"{requested}: cannot be moved to {to}: another filesystem on the server")
+    if problem.errno == errno.ENOENT:
+        return NotFound(f"{requested}: no such file on the server")
+    return _change_error(problem, requested)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(from_fd, from_name, to_fd, to_name, is_directory):
+    """rename(2) that never replaces `to_name` (EEXIST instead): renameat2(RENAME_NOREPLACE)."""
+    from .files import _libc_function
+
+    renameat2 = _libc_function("renameat2", ("c_int", "c_char_p", "c_int", "c_char_p", "c_uint"))
+    if renameat2 is not None:
+        import ctypes
+
+        if renameat2(from_fd, os.fsencode(from_name), to_fd, os.fsencode(to_name), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # EINVAL: a filesystem without the flag
+            raise OSError(code, os.strerror(code), to_name)
+    # Without renameat2: a file is linked to its new name (link never replaces) and then
+    # unlinked from the old, so both names exist for a moment, but nothing is replaced. A
+    # directory cannot be linked: its new name is checked first, then renamed, and a name made
+    # between the check and the rename (by another user or process) would be replaced, if it
+    # is an empty directory (rename(2) refuses every other case). That race is this fallback's.
+    if not is_directory:
+        try:
+            os.link(from_name, to_name, src_dir_fd=from_fd, dst_dir_fd=to_fd, follow_symlinks=False)
+        except OSError as problem:
+            if problem.errno not in (errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+                raise
+        else:
+            os.unlink(from_name, dir_fd=from_fd)
+            return
+    try:
+        os.stat(to_name, dir_fd=to_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(from_name, to_name, src_dir_fd=from_fd, dst_dir_fd=to_fd)
+        return
+    raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), to_name)
+
+
+def _upload_running(dir_fd, part_name):
+    """True when the partial upload `part_name` in `dir_fd` is locked by an upload now."""
+    import fcntl
+
+    try:
+        fd = os.open(part_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+class _TreeRemoval:
+    """REMOVE with `recursive` of the directory `name` in `parent_fd`: everything under it,
+    depth first, then itself. Blocking (run it in a thread).
+
+    Confinement: each directory is entered from its parent's descriptor with O_NOFOLLOW, so a
+    directory swapped for a symlink during the walk fails to open and only the link is
+    removed; the walk never leaves the tree. Each directory is held by a descriptor while its
+    subdirectories are removed (the deepest HELD of them at once; a shallower one whose
+    descriptor was let go is opened again the same way, name by name, from the nearest one
+    held). Bounded memory: a directory is read in passes of at most BATCH subdirectory names.
+
+    Left in place, with their directories: partial uploads locked by a running upload (Busy
+    once the rest is removed) and the server's own files (BadPath)."""
+
+    BATCH = 1024
+    HELD = 64
+    ATTEMPTS = 3  # passes over a directory that files keep appearing in
+
+    def __init__(self, parent_fd, name, shown, protected):
+        self.parent_fd = parent_fd
+        self.shown = shown
+        self.protected = protected
+        self.removed = 0
+        self.left = None  # the first refusal for something left in place
+        self.frames = [_Frame(name, self._enter(parent_fd, name, shown))]
+
+    def _enter(self, parent_fd, name, shown):
+        try:
+            return _open_directory_nofollow(name, parent_fd)
+        except OSError as problem:
+            if problem.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise Busy(f"{shown}: it was replaced while it was being removed; try again") from None
+            raise _change_error(problem, shown) from None
+
+    def _path(self, depth, name=None):
+        parts = [self.shown.rstrip("/")] + [shown_name(frame.name) for frame in self.frames[1 : depth + 1]]
+        if name is not None:
+            parts.append(shown_name(name))
+        return "/".join(parts)
+
+    def _fd(self, depth):
+        """The descriptor of the directory at `depth`, opened again if it was let go."""
+        frame = self.frames[depth]
+        if frame.fd is None:
+            parent = self._fd(depth - 1) if depth else self.parent_fd
+            frame.fd = self._enter(parent, frame.name, self._path(depth))
+        return frame.fd
+
+    def run(self):
+        """How many names were removed; or the refusal, carrying that number as `removed`
+        (what went before it stays removed)."""
+        try:
+            while self.frames:
+                self._step()
+        except EketwistError as refusal:
+            refusal.removed = self.removed
+            raise
+        finally:
+            for frame in self.frames:
+                if frame.fd is not None:
+                    os.close(frame.fd)
+        if self.left is not None:
+            self.left.removed = self.removed
+            raise self.left
+        return self.removed
+
+    def _step(self):
+        depth = len(self.frames) - 1
+        frame = self.frames[depth]
+        directory = self._fd(depth)
+        if not frame.pending and frame.more:
+            self._read(frame, directory, depth)
+        while frame.pending:
+            name = frame.pending.pop()
+            try:
+                fd = _open_directory_nofollow(name, directory)
+            except OSError as problem:
+                if problem.errno == errno.ENOENT:
+                    continue
+                if problem.errno in (errno.ELOOP, errno.ENOTDIR):
+                    # No longer a directory (swapped for a symlink, or anything else): it is
+                    # removed as itself, never entered.
+                    self._remove_entry(frame, directory, name, depth)
+                    continue
+                raise _change_error(problem, self._path(depth, name)) from None
+            self.frames.append(_Frame(name, fd))
+            held = [index for index, each in enumerate(self.frames) if each.fd is not None]
+            if len(held) > self.HELD:
+                os.close(self.frames[held[0]].fd)
+                self.frames[held[0]].fd = None
+            return
+        if frame.more:
+            return  # another pass over this directory
+        # Everything it held is removed (or left): the directory itself goes.
+        shown = self._path(depth)
+        self.frames.pop()
+        os.close(directory)
+        frame.fd = None
+        parent = self._fd(depth - 1) if depth else self.parent_fd
+        if frame.kept:
+            if depth:
+                self.frames[depth - 1].kept = True
+                self.frames[depth - 1].skip.add(frame.name)
+            return
+        try:
+            os.rmdir(frame.name, dir_fd=parent)
+        except OSError as problem:
+            if problem.errno in (errno.ENOTEMPTY, errno.EEXIST) and frame.attempts < self.ATTEMPTS:
+                # Something appeared in it meanwhile (an upload committed there): once more.
+                frame.more, frame.attempts = True, frame.attempts + 1
+                frame.fd = self._enter(parent, frame.name, shown)
+                self.frames.append(frame)
+                return
+            if problem.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise Busy(f"{shown}: files keep appearing in it; the rest was removed") from None
+            if problem.errno != errno.ENOENT:
+                raise _change_error(problem, shown) from None
+        else:
+            self.removed += 1
+
+    def _read(self, frame, directory, depth):
+        """One pass over a directory: everything but directories removed, the names of up to
+        BATCH subdirectories kept for the walk (more: another pass follows)."""
+        frame.more = False
+        with os.scandir(directory) as scan:
+            for child in scan:
+                if child.name in frame.skip:
+                    continue
+                try:
+                    is_directory = child.is_dir(follow_symlinks=False)
+                except OSError:
+                    continue  # gone meanwhile
+                if is_directory:
+                    if len(frame.pending) >= self.BATCH:
+                        frame.more = True
+                        continue
+                    frame.pending.append(child.name)
+                else:
+                    self._remove_entry(frame, directory, child.name, depth)
+
+    def _remove_entry(self, frame, directory, name, depth):
+        """Unlink one name that is not a directory, unless it must stay."""
+        try:
+            st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        except OSError as problem:
+            raise _change_error(problem, self._path(depth, name)) from None
+        if stat.S_ISDIR(st.st_mode):  # a directory again: entered on the next pass
+            frame.more = True
+            return
+        if (st.st_dev, st.st_ino) in self.protected:
+            self._keep(frame, name, BadPath(f"{self._path(depth, name)}: path refused: left in place"))
+            return
+        if name.startswith(SERVER_PART_PREFIX) and stat.S_ISREG(st.st_mode):
+            try:
+                unlinked = _unlink_unless_locked(directory, name)
+            except OSError as problem:
+                raise _change_error(problem, self._path(depth, name)) from None
+            if not unlinked:
+                self._keep(frame, name, Busy(
+                    f"{self._path(depth)}: an upload into it is in progress; the rest was removed"
+                ))
+            else:
+                self.removed += 1
+            return
+        try:
+            os.unlink(name, dir_fd=directory)
+        except FileNotFoundError:
+            return
+        except OSError as problem:
+            raise _change_error(problem, self._path(depth, name)) from None
+        self.removed += 1
+
+    def _keep(self, frame, name, refusal):
+        frame.skip.add(name)
+        frame.kept = True
+        if self.left is None:
+            self.left = refusal
+
+
+class _Frame:
+    """A directory of _TreeRemoval's walk: its name in its parent, its descriptor (None
+    while let go), what it still has to enter."""
+
+    def __init__(self, name, fd):
+        self.name = name
+        self.fd = fd
+        self.pending = []  # subdirectory names read and not yet entered
+        self.more = True  # a pass over it is due
+        self.kept = False  # something in it stays: it stays too
+        self.skip = set()  # names left in place (not read again)
+        self.attempts = 0
+
+
+def _unlink_unless_locked(directory, name):
+    """Remove the partial upload `name` unless an upload holds its lock; False if it does (or
+    it became another file meanwhile: a committed upload's file, a new upload's part file)."""
+    import fcntl
+
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        os.unlink(name, dir_fd=directory)  # not ours to open: not an upload's either
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        # As in _remove_if_stale: only the file locked here, still under its name, is removed.
+        held = os.fstat(fd)
+        try:
+            named = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+            return False
+        os.unlink(name, dir_fd=directory)
+        return True
+    finally:
+        os.close(fd)
 
 
 def remove_stale_parts(root, max_age, now):

@@ -4,7 +4,9 @@ what its request needs (the open file, the producer, the part file, the thread's
 reports to the connection's glue (eketwist.server) when it is answered or refused; the serving
 machine has already checked the messages, and the storage object confines every path.
 
-Quick requests (STAT, MKDIR) are answered by the glue at once and need no object.
+Quick requests (STAT, MKDIR, and REMOVE, RMDIR, RENAME, CHMOD, SPACE) are answered by the
+glue at once and need no object; a recursive REMOVE and a HASH work in a thread (Removal,
+Hashing).
 """
 
 import hashlib
@@ -20,6 +22,8 @@ from zope.interface import implementer
 from . import files, storage, wire
 from .connection import send_file
 from .errors import (
+    MANAGE_REFUSAL_CODES,
+    REFUSAL_CODES,
     UPLOAD_END_REFUSAL_CODES,
     WRITE_REFUSAL_CODES,
     EketwistError,
@@ -184,6 +188,117 @@ class Listing:
 
     def stopProducing(self):
         self.rest.close()
+
+
+class _InThread:
+    """A request whose disk work runs in a thread (the reactor never waits on a big tree or a
+    big file): the connection stays in state working, without an idle timeout (the client
+    waits for our disk), until the answer or the refusal."""
+
+    what = None
+    refusals = REFUSAL_CODES
+
+    def __init__(self, connection, request):
+        self.connection = connection
+        self.request = request
+        self.started = time.monotonic()
+
+    def _run(self, function, *args):
+        self.connection.setTimeout(None)
+        done = threads.deferToThread(function, *args)
+        done.addCallbacks(self._done, self._failed)
+
+    def _done(self, result):
+        connection = self.connection
+        if connection.closing:
+            return
+        connection.send_control(self.answer(result))
+        connection.answered()
+        self.log(result)
+
+    def _failed(self, failure):
+        connection = self.connection
+        if connection.closing:
+            return
+        if failure.check(EketwistError):
+            connection.refuse(self.what, self.request.path, failure.value, self.refusals)
+        else:
+            connection.internal_failure(failure)
+
+
+class Removal(_InThread):
+    """A recursive REMOVE: the tree removed depth first in a thread (storage._TreeRemoval),
+    then DONE with the number of names removed."""
+
+    what = "remove"
+    refusals = MANAGE_REFUSAL_CODES
+
+    @classmethod
+    def start(cls, connection, request):
+        cls(connection, request)._run(connection.storage.remove, request.path, True)
+
+    def answer(self, removed):
+        return {"type": "done", "removed": removed}
+
+    def log(self, removed):
+        self.connection.log_event(
+            "removed {path} ({count} names, {seconds:.3f} s)",
+            path=self.request.path, count=removed, seconds=time.monotonic() - self.started,
+        )
+
+    def _failed(self, failure):
+        removed = getattr(failure.value, "removed", 0)
+        if removed and not self.connection.closing:
+            # Refused part-way (an upload running inside, the filesystem said no): what went
+            # before is gone for good, and the log says how much.
+            self.connection.log_event(
+                "removed {count} names under {path} before the refusal", path=self.request.path, count=removed,
+            )
+        super()._failed(failure)
+
+
+class Hashing(_InThread):
+    """A HASH: the file's SHA-1 (from the digest cache GET fills, or read whole in a
+    thread), with the size and mtime it had."""
+
+    what = "hash"
+
+    @classmethod
+    def start(cls, connection, request):
+        try:
+            handle, st = connection.storage.open_for_hashing(request.path)
+        except EketwistError as error:
+            connection.refuse("hash", request.path, error)
+            return
+        cached = connection.factory.digests.get(st)
+        hashing = cls(connection, request)
+        if cached is not None:
+            handle.close()
+            hashing._done((st, cached))
+            return
+        hashing._run(hashing._hash, handle, request.path)
+
+    @staticmethod
+    def _hash(handle, shown_name):
+        with handle:
+            return files.hash_whole(handle, shown_name)
+
+    def _done(self, result):
+        st, digest = result
+        self.connection.factory.digests.put(st, digest)
+        super()._done(result)
+
+    def answer(self, result):
+        st, digest = result
+        name = storage.last_name(self.request.path)
+        return {"type": "digest", "name": name, "size": st.st_size, "mtime": st.st_mtime, "sha1": digest}
+
+    def log(self, result):
+        st, digest = result
+        self.connection.log_event(
+            "hashed {path} ({nbytes} bytes, {seconds:.3f} s, sha1 {sha1})",
+            path=self.request.path, nbytes=st.st_size, seconds=time.monotonic() - self.started, sha1=digest,
+        )
 
 
 class OwedAnswers:

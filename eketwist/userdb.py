@@ -23,14 +23,56 @@ from dataclasses import dataclass, field
 
 from . import spake2plus
 from .pbkdf import check_scrypt  # noqa: F401 - part of this module's interface
-from .wire import check_username
+from .wire import RIGHT_BUNDLES, check_username
+from .wire import RIGHTS as RIGHT_NAMES
 
 FORMAT_VERSION = 1
 SALT_BYTES = 16
 DEFAULT_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
 READ = "read"
 READ_WRITE = "read-write"
-RIGHTS = (READ, READ_WRITE)
+BUNDLES = (READ, READ_WRITE)
+
+
+class Rights(frozenset):
+    """A user's rights (docs/protocol.md section 7.7): a set of RIGHT_NAMES. Shown, and
+    written to the users file, as its bundle's name when it is one ("read", "read-write"),
+    else as the names in their canonical order."""
+
+    def __str__(self):
+        for name, bundle in RIGHT_BUNDLES.items():
+            if self == bundle:
+                return name
+        return ",".join(right for right in RIGHT_NAMES if right in self) or "none"
+
+    def __repr__(self):
+        return f"Rights({str(self)!r})"
+
+    def to_json(self):
+        label = str(self)
+        return label if label in RIGHT_BUNDLES else [right for right in RIGHT_NAMES if right in self]
+
+
+def parse_rights(value, comma_separated=False):
+    """Rights from a bundle's name or a list of right names (the users file), or, with
+    `comma_separated` (eke-users), a string of names separated by commas; ValueError naming
+    what is not a right."""
+    if isinstance(value, Rights):
+        return value
+    if isinstance(value, str):
+        if value in RIGHT_BUNDLES:
+            return Rights(RIGHT_BUNDLES[value])
+        if comma_separated:
+            value = value.split(",")
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise ValueError(f"rights must be {' or '.join(BUNDLES)}, or a list of rights")
+    for right in value:
+        if right not in RIGHT_NAMES:
+            shown = right if isinstance(right, str) else json.dumps(right)
+            raise ValueError(
+                f"unknown right {shown!r}: rights are {', '.join(RIGHT_NAMES)} (or the bundles {' and '.join(BUNDLES)})"
+            )
+    return Rights(value)
 
 
 class UsersFileError(Exception):
@@ -52,8 +94,11 @@ class User:
     w0: int = field(repr=False)
     L: bytes = field(repr=False)
     root: str = None  # None: the server's --root
-    rights: str = READ
+    rights: Rights = Rights(RIGHT_BUNDLES[READ])  # a bundle's name or a list of names is taken too
     extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "rights", parse_rights(self.rights))
 
     def to_json(self):
         obj = {
@@ -63,7 +108,7 @@ class User:
             "salt": self.salt.hex(),
             "w0": self.w0.to_bytes(spake2plus.SCALAR_BYTES, "big").hex(),
             "L": self.L.hex(),
-            "rights": self.rights,
+            "rights": self.rights.to_json(),
         }
         if self.root is not None:
             obj["root"] = self.root
@@ -171,9 +216,7 @@ def _parse_user(obj):
     root = obj.get("root")
     if root is not None and not (isinstance(root, str) and os.path.isabs(root) and "\x00" not in root and _is_utf8(root)):
         raise ValueError("root must be an absolute path")
-    rights = obj.get("rights", READ)
-    if rights not in RIGHTS:
-        raise ValueError(f"rights must be one of {', '.join(RIGHTS)}")
+    rights = parse_rights(obj.get("rights", READ))
     known = {"user", "scrypt", "salt", "w0", "L", "root", "rights"}
     extra = {k: v for k, v in obj.items() if k not in known}
     return User(name=name, scrypt=dict(obj["scrypt"]), salt=salt, w0=w0, L=L, root=root, rights=rights, extra=extra)

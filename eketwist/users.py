@@ -121,7 +121,18 @@ def _account_options(parser):
         "--root", metavar="DIR",
         help="the user's own root directory (default: the server's --root); 'default' to go back to it",
     )
-    parser.add_argument("--rights", choices=userdb.RIGHTS, help="read (the default for new users) or read-write")
+    parser.add_argument(
+        "--rights", type=_rights, metavar="RIGHTS",
+        help="read (the default for new users: list,read), read-write (all), or a comma-separated list of "
+        f"{', '.join(userdb.RIGHT_NAMES)} (e.g. list,read,write)",
+    )
+
+
+def _rights(text):
+    try:
+        return userdb.parse_rights(text, comma_separated=True)
+    except ValueError as problem:
+        raise argparse.ArgumentTypeError(str(problem)) from None
 
 
 def check_args(args):
@@ -134,7 +145,7 @@ def check_args(args):
     if args.command == "modify" and args.root is None and args.rights is None:
         raise UsageError(
             f"modify {args.name}: nothing to change: give --root DIR (or --root default) and/or "
-            f"--rights {'|'.join(userdb.RIGHTS)}"
+            f"--rights {'|'.join(userdb.BUNDLES)}|RIGHT,RIGHT..."
         )
     if args.command in ("add", "passwd"):
         problem = userdb.check_scrypt(dict(userdb.DEFAULT_SCRYPT, n=args.scrypt_n))

@@ -61,6 +61,11 @@ MAX_USERNAME_BYTES = 64
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 
+# A user's rights (section 7.7): each needed by some requests. The users file may name a set by
+# a bundle: "read" is what read-only accounts always had, "read-write" everything.
+RIGHTS = ("list", "read", "write", "overwrite", "delete", "rename", "mkdir", "chmod")
+RIGHT_BUNDLES = {"read": frozenset({"list", "read"}), "read-write": frozenset(RIGHTS)}
+
 
 def check_username(name):
     """A problem with a username (section 3.1), or None: 1-64 bytes of UTF-8 with no character

@@ -32,9 +32,10 @@ def frozen_heap():
     gc.freeze()
 FIELDS = ["type", "version", "user", "share", "confirm", "path", "offset", "sha1", "size", "mtime",
           "mode", "force", "recursive", "entries", "more", "scrypt", "salt", "server", "code", "message"]
-FIELDS += ["versions", "inline"]
+FIELDS += ["versions", "inline", "to", "all"]
 TYPES = ["hello", "share", "confirm", "get", "put", "upload", "end", "list", "stat", "mkdir", "error",
          "ok", "params", "file", "entries", "x" * 300, ""]
+TYPES += ["remove", "rmdir", "rename", "chmod", "hash", "space"]  # section 7.10
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
@@ -138,3 +139,18 @@ def _run(world, state, sequence, stats):
         conv.proto.connectionLost(None)
         threads.run()
         conv.factory.clock.advance(conv.factory.handshake_timeout + 1)
+    _restore(world[0])
+
+
+def _restore(root):
+    """Put back what the next examples rely on, should an example have removed, renamed or
+    chmod'ed it (REMOVE, RENAME and CHMOD are among the generated requests)."""
+    (root / "sub").mkdir(exist_ok=True)
+    (root / "sub").chmod(0o755)
+    hello = root / "hello.txt"
+    if hello.is_symlink() or hello.is_dir():
+        import shutil
+
+        shutil.rmtree(hello) if hello.is_dir() and not hello.is_symlink() else hello.unlink()
+    hello.write_bytes(b"hello\n")
+    hello.chmod(0o644)

@@ -190,7 +190,7 @@ def test_the_users_view_of_the_disk_comes_from_the_cred_realm(world, threads, tm
     (here, a read-only view of another directory) changes what the user sees and may do."""
     from twisted.cred import portal
 
-    from eketwist import realm, storage
+    from eketwist import realm, storage, wire
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -201,7 +201,7 @@ def test_the_users_view_of_the_disk_comes_from_the_cred_realm(world, threads, tm
     class ReadOnlyElsewhere:
         def requestAvatar(self, user, mind, *interfaces):
             asked.append((user.name, interfaces))
-            return storage.IStorage, storage.Root(str(elsewhere), writable=False), lambda: asked.append("logout")
+            return storage.IStorage, storage.Root(str(elsewhere), rights=wire.RIGHT_BUNDLES["read"]), lambda: asked.append("logout")
 
     session = Session(world)
     session.factory.portal = portal.Portal(ReadOnlyElsewhere(), [realm.KeyConfirmationChecker()])

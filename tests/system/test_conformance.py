@@ -1050,3 +1050,39 @@ def test_exists_after_end_keeps_the_partial_and_force_resumes_at_its_size(alice,
 
 def test_a_control_message_of_type_data_in_ready_is_unsupported(alice):
     assert_refusal(alice, alice.request({"type": "data"}), "unsupported")
+
+
+# -- §7.10: managing files, against the real daemon
+
+
+def test_managing_files(alice, reader, server):
+    base = server.root / "up" / "manage"
+    (base / "tree" / "deeper").mkdir(parents=True)
+    (base / "tree" / "deeper" / "f").write_bytes(b"f")
+    (base / "tree" / "g").write_bytes(b"g")
+    (base / "empty").mkdir()
+    data = b"manage me\n"
+    (base / "a.txt").write_bytes(data)
+    st = os.stat(base / "a.txt")
+    assert alice.request({"type": "hash", "path": "up/manage/a.txt"}) == {
+        "type": "digest", "name": "a.txt", "size": len(data), "mtime": st.st_mtime, "sha1": sha1(data),
+    }
+    assert alice.request({"type": "chmod", "path": "up/manage/a.txt", "mode": 0o600}) == {"type": "done", "removed": 0}
+    assert os.stat(base / "a.txt").st_mode & 0o7777 == 0o600
+    assert alice.request({"type": "rename", "path": "up/manage/a.txt", "to": "up/manage/b.txt"}) == {
+        "type": "done", "removed": 0,
+    }
+    assert_refusal(alice, alice.request({"type": "rename", "path": "up/manage/b.txt", "to": "hello.txt"}), "exists")
+    assert_refusal(alice, alice.request({"type": "rmdir", "path": "up/manage/tree"}), "not-empty")
+    assert_refusal(alice, alice.request({"type": "rmdir", "path": "up/manage/b.txt"}), "not-a-directory")
+    assert_refusal(alice, alice.request({"type": "remove", "path": "up/manage/tree"}), "not-a-file")
+    assert alice.request({"type": "rmdir", "path": "up/manage/empty"}) == {"type": "done", "removed": 1}
+    assert alice.request({"type": "remove", "path": "up/manage/tree", "recursive": True}) == {"type": "done", "removed": 4}
+    assert alice.request({"type": "remove", "path": "up/manage/b.txt"}) == {"type": "done", "removed": 1}
+    assert os.listdir(base) == []
+    space = alice.request({"type": "space"})
+    assert space["type"] == "space" and 0 <= space["free"] <= space["total"] and isinstance(space["files_free"], int)
+    assert_refusal(reader, reader.request({"type": "remove", "path": "hello.txt"}), "permission-denied")
+    assert reader.request({"type": "space"})["type"] == "space"
+    assert (server.root / "hello.txt").exists()
+    assert alice.request({"type": "rmdir", "path": "up/manage"}) == {"type": "done", "removed": 1}

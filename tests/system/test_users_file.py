@@ -530,3 +530,39 @@ def test_ctrl_c_or_end_of_input_at_the_prompt(tmp_path, stop, code, message):
     assert seen.endswith(f"New password for alice: \r\n{message}" + seen.split(message, 1)[1]), seen
     assert seen.count("\n") == 2 and "Traceback" not in seen
     assert not path.exists()
+
+
+# -- finer rights (docs/protocol.md section 7.7)
+
+
+def test_rights_as_bundles_or_lists_of_names(tmp_path):
+    path = tmp_path / "users"
+    steps = [
+        (fast("add", "carol", "--password-stdin", "--rights", "list,read,write"), "added carol (list,read,write, server root)"),
+        (("modify", "carol", "--rights", "read,list"), "modified carol (read, server root)"),  # the bundle's set
+        (("modify", "carol", "--rights", "chmod,delete,list"), "modified carol (list,delete,chmod, server root)"),
+        (("modify", "carol", "--rights", ",".join(userdb.RIGHT_NAMES)), "modified carol (read-write, server root)"),
+    ]
+    for args, line in steps:
+        result = eke_users(path, *args, password=PASSWORD)
+        assert (result.returncode, result.stdout, result.stderr) == (0, line + "\n", ""), args
+    eke_users(path, "modify", "carol", "--rights", "write,list")
+    record = json.loads(path.read_text().splitlines()[-1])
+    assert record["rights"] == ["list", "write"]  # a list in the file, in the canonical order
+    assert userdb.load(path).by_name["carol"].rights == {"list", "write"}
+    assert eke_users(path, "list").stdout.startswith("carol\tlist,write\t")
+    eke_users(path, "modify", "carol", "--rights", "read-write")
+    assert json.loads(path.read_text().splitlines()[-1])["rights"] == "read-write"
+
+
+@pytest.mark.parametrize("rights", ["list,bogus", "read,", "Read", ""])
+def test_an_unknown_right_is_a_usage_error_naming_it(tmp_path, rights):
+    path = tmp_path / "users"
+    saved(path, "bob")
+    before = path.read_bytes()
+    bad = [part for part in rights.split(",") if part not in userdb.RIGHT_NAMES][0]
+    result = eke_users(path, "modify", "bob", "--rights", rights)
+    # argparse's own usage error: the usage, then one line naming the option and the right
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--rights" in result.stderr.splitlines()[-1] and f"unknown right {bad!r}" in result.stderr.splitlines()[-1]
+    assert path.read_bytes() == before

@@ -35,7 +35,7 @@ def test_users_file_round_trip_and_mode(tmp_path):
 
 def test_user_repr_hides_the_verifier():
     user = userdb.make_user("alice", "pw", FAST)
-    assert repr(user) == "User(name='alice', root=None, rights='read')"
+    assert repr(user) == "User(name='alice', root=None, rights=Rights('read'))"
 
 
 @pytest.mark.parametrize(
@@ -692,3 +692,39 @@ def test_a_failed_writeback_of_a_range_fails_the_file(tmp_path, monkeypatch):
             part.write(chunk)
         part.finish(len(data), hashlib.sha1(data).digest())
     assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("written, rights, kept", [
+    ("read", {"list", "read"}, "read"),
+    ("read-write", set(wire.RIGHTS), "read-write"),
+    (["read", "list"], {"list", "read"}, "read"),
+    (["chmod", "list", "write"], {"chmod", "list", "write"}, ["list", "write", "chmod"]),
+    ([], set(), []),
+])
+def test_rights_in_the_users_file_are_bundles_or_lists(written, rights, kept):
+    import json
+
+    record = dict(userdb.make_user("a", "pw", FAST).to_json(), rights=written)
+    user = userdb.parse(json.dumps(record)).by_name["a"]
+    assert user.rights == rights and isinstance(user.rights, userdb.Rights)
+    assert user.to_json()["rights"] == kept
+
+
+def test_a_users_file_without_rights_gives_read_and_old_files_keep_their_meaning():
+    import json
+
+    record = userdb.make_user("a", "pw", FAST).to_json()
+    del record["rights"]
+    assert userdb.parse(json.dumps(record)).by_name["a"].rights == {"list", "read"}
+
+
+@pytest.mark.parametrize("written, problem", [
+    ("write", "rights must be read or read-write, or a list of rights"), (["list", "delete-all"], "unknown right 'delete-all'"),
+    ([1], "unknown right '1'"), ({"list": True}, "rights must be read or read-write"), (5, "rights must be"),
+])
+def test_rights_that_are_not_rights_are_refused_naming_the_line(written, problem):
+    import json
+
+    record = dict(userdb.make_user("a", "pw", FAST).to_json(), rights=written)
+    with pytest.raises(userdb.UsersFileError, match=f"line 1: .*{problem}"):
+        userdb.parse(json.dumps(record))
