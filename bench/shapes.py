@@ -229,13 +229,21 @@ def section_tree(setting):
     return figures
 
 
+@contextlib.contextmanager
+def over_link(setting):
+    """The delaying proxy (--delay-ms each way) in front of the daemon and of the sshd (None
+    without one), for a `with` block: (eketwist's proxy, the sshd's)."""
+    with contextlib.ExitStack() as stack:
+        eke_proxy = stack.enter_context(DelayProxy(setting.daemon.port, setting.args.delay_ms))
+        ssh_proxy = stack.enter_context(DelayProxy(setting.sshd.port, setting.args.delay_ms)) if setting.sshd else None
+        yield eke_proxy, ssh_proxy
+
+
 def section_latency(setting):
     args = setting.args
     name = setting.tree("tree", args.tree, args.tree_size)
     figures = {"delay_ms_each_way": args.delay_ms, "round_trip_ms": 2 * args.delay_ms}
-    with contextlib.ExitStack() as stack:
-        eke_proxy = stack.enter_context(DelayProxy(setting.daemon.port, args.delay_ms))
-        ssh_proxy = stack.enter_context(DelayProxy(setting.sshd.port, args.delay_ms)) if setting.sshd else None
+    with over_link(setting) as (eke_proxy, ssh_proxy):
         figures["tree"] = dict(tree_description(args), sftp_repeat=min(args.latency_sftp_repeat, args.shape_repeat))
         figures["tree"]["rows"] = tree_rows(setting, name, eke_proxy.port, ssh_proxy and ssh_proxy.port,
                                             args.latency_sftp_repeat)
