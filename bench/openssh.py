@@ -50,14 +50,15 @@ class Sshd:
         command = ["sftp", "-q", "-b", "-", "-P", str(port or self.port), *self.options(cipher), self.login()]
         return run_measured(command, stdin=batch_command + "\n")
 
-    def rsync(self, source, destination, cipher, port=None):
-        """`rsync -a` over ssh to this sshd; the remote side's path is given as ("remote", path)."""
+    def rsync(self, source, destination, cipher, port=None, options=()):
+        """`rsync -a` (and `options`, e.g. "--delete") over ssh to this sshd; the remote side's
+        path is given as ("remote", path)."""
         ssh = " ".join(["ssh", "-p", str(port or self.port), *self.options(cipher)])
 
         def spelled(path):
             return f"{self.login()}:{path[1]}" if isinstance(path, tuple) else str(path)
 
-        return run_measured(["rsync", "-a", "-e", ssh, spelled(source), spelled(destination)])
+        return run_measured(["rsync", "-a", *options, "-e", ssh, spelled(source), spelled(destination)])
 
     def sftp_get(self, remote, local, cipher):
         return self.sftp(f"get {remote} {local}", cipher)

@@ -3,8 +3,9 @@
 Every measurement is repeated and its median reported; ratios are against baselines measured
 in the same run. Sections (--only): base, here (a large file on tmpfs, a 1 KiB get, handshakes,
 memory, on 127.0.0.1), and the shapes users have, in bench/shapes.py (trees of small files, a
-20 ms round trip through bench.delayproxy, a tree ten times larger, a large file on the real
-disk). Writes bench/results.json (not committed). Options: --help.
+20 ms round trip through bench.delayproxy, a second sync of the tree against rsync's, a tree
+ten times larger, a large file on the real disk). Writes bench/results.json (not committed).
+Options: --help.
 """
 
 import argparse

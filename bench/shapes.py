@@ -6,6 +6,10 @@
 - latency: the same through the delaying proxy (bench.delayproxy, 10 ms each way: a 20 ms round
   trip) in front of the daemon and of the sshd; and a large file (256 MiB) by `get` against
   `sftp get` and a raw TCP copy through the same proxy (the proxy's own ceiling);
+- sync: the tree again by `eke-client sync` against `rsync -a` over ssh (each with and without
+  --delete), up and down, on 127.0.0.1 and through the proxy: a run with nothing changed, and
+  one after 1% of the files (--sync-changed) were rewritten; every tool syncs a copy of its own,
+  all of them from the same state;
 - scale: a tree of 10,000 files of 1 KiB by `get -r` against one of 1,000 of 1 KiB: time per
   file, and the daemon's RSS (VmRSS) sampled during each against idle (the large tree is run
   --scale-repeat times, once by default: it takes 15 to 45 s here);
@@ -24,6 +28,7 @@ the bench (above 1: eketwist faster).
 """
 
 import contextlib
+import json
 import os
 import pathlib
 import shutil
@@ -37,10 +42,10 @@ from eketwist import userdb
 from bench.delayproxy import DelayProxy
 from bench.openssh import Sshd, have_rsync, have_sshd
 from bench.tools import MiB, drop_file, eke_transfer, median, raw_tcp, run_measured, sha1_of, warm_memory
-from bench.tree import make_tree
+from bench.tree import change_tree, make_tree
 from tests.support.processes import Daemon, rss_bytes, write_random
 
-SECTIONS = ("tree", "latency", "scale", "disk")
+SECTIONS = ("tree", "latency", "sync", "scale", "disk")
 CIPHER = "aes128-gcm@openssh.com"  # OpenSSH's fastest here (README.md, Performance)
 USER = "shapes"
 PASSWORD = "bench shapes password"
@@ -57,6 +62,8 @@ def add_options(parser):
                              "or more per file (default: 0, not run, so that make bench stays under 10 minutes)")
     parser.add_argument("--delay-ms", type=float, default=10.0, help="the proxy's delay each way (default: 10)")
     parser.add_argument("--latency-size-mib", type=int, default=256, help="the large file through the proxy (default: 256)")
+    parser.add_argument("--sync-changed", type=int, metavar="N",
+                        help="files of the tree rewritten between a sync and the next (default: 1%% of --tree)")
     parser.add_argument("--scale-files", type=int, default=10000, help="files in the large tree (default: 10000)")
     parser.add_argument("--scale-size", type=int, default=1024, help="size of each (default: 1024)")
     parser.add_argument("--scale-repeat", type=int, default=1, metavar="R",
@@ -229,13 +236,21 @@ def section_tree(setting):
     return figures
 
 
+@contextlib.contextmanager
+def over_link(setting):
+    """The delaying proxy (--delay-ms each way) in front of the daemon and of the sshd (None
+    without one), for a `with` block: (eketwist's proxy, the sshd's)."""
+    with contextlib.ExitStack() as stack:
+        eke_proxy = stack.enter_context(DelayProxy(setting.daemon.port, setting.args.delay_ms))
+        ssh_proxy = stack.enter_context(DelayProxy(setting.sshd.port, setting.args.delay_ms)) if setting.sshd else None
+        yield eke_proxy, ssh_proxy
+
+
 def section_latency(setting):
     args = setting.args
     name = setting.tree("tree", args.tree, args.tree_size)
     figures = {"delay_ms_each_way": args.delay_ms, "round_trip_ms": 2 * args.delay_ms}
-    with contextlib.ExitStack() as stack:
-        eke_proxy = stack.enter_context(DelayProxy(setting.daemon.port, args.delay_ms))
-        ssh_proxy = stack.enter_context(DelayProxy(setting.sshd.port, args.delay_ms)) if setting.sshd else None
+    with over_link(setting) as (eke_proxy, ssh_proxy):
         figures["tree"] = dict(tree_description(args), sftp_repeat=min(args.latency_sftp_repeat, args.shape_repeat))
         figures["tree"]["rows"] = tree_rows(setting, name, eke_proxy.port, ssh_proxy and ssh_proxy.port,
                                             args.latency_sftp_repeat)
@@ -281,6 +296,93 @@ def large_over_link(setting, eke_proxy, ssh_proxy):
     if "sftp_get" in figures:
         figures["eke_get_speed_vs_sftp_get"] = figures["sftp_get"]["seconds"] / figures["eke_get"]["seconds"]
     figures["eke_get_speed_vs_raw_tcp"] = figures["raw_tcp"]["seconds"] / figures["eke_get"]["seconds"]
+    return figures
+
+
+# -- sync: the same tree again, after a few of its files changed
+
+
+SYNC_TOOLS = ("eke", "eke_delete", "rsync", "rsync_delete")
+SYNC_RATIOS = (("eke", "rsync"), ("eke_delete", "rsync_delete"), ("eke", "rsync_delete"))
+
+
+def sync_run(setting, tool, source, destination, up, ports, expected_transfers=None):
+    """One timed sync of `source` into `destination` by `tool` (remote: the one in the root or
+    the sshd's), checked: the two trees the same afterwards and, for eketwist, as many files
+    sent as were expected. (seconds, eketwist's run or None)"""
+    eke_port, ssh_port = ports
+    delete = ("--delete",) if tool.endswith("_delete") else ()
+    os.sync()
+    run = None
+    if tool.startswith("eke"):
+        remote = f":{(destination if up else source).relative_to(setting.root)}"
+        ends = (str(source), remote) if up else (remote, str(destination))
+        run = eke_transfer(setting.daemon, USER, PASSWORD, "--json", "sync", *delete, *ends, port=eke_port)
+        seconds = run["seconds"]
+        transfers = json.loads(run["out"])["transfers"]
+        if expected_transfers is not None and transfers != expected_transfers:
+            raise RuntimeError(f"{tool} {source} -> {destination}: {transfers} files sent, {expected_transfers} expected")
+    else:
+        ends = (f"{source}/", ("remote", f"{destination}/")) if up else (("remote", f"{source}/"), f"{destination}/")
+        seconds = setting.sshd.rsync(*ends, CIPHER, port=ssh_port, options=delete)[0]
+    same_tree(source, destination)
+    return seconds, run
+
+
+def sync_rows(runs, eke_runs):
+    rows = {tool: {"seconds": median(times), "runs": times} for tool, times in runs.items()}
+    for tool, measured in eke_runs.items():
+        rows[tool].update(client_cpu_s=median(r["client_cpu"] for r in measured),
+                          server_cpu_s=median(r["server_cpu"] for r in measured))
+    rows["ratios"] = {f"{eke}_vs_{baseline}": rows[eke]["seconds"] / rows[baseline]["seconds"]
+                      for eke, baseline in SYNC_RATIOS if baseline in rows}
+    return rows
+
+
+def section_sync(setting):
+    """A second sync of the tree by `eke-client sync` against rsync over ssh, up and down, on
+    127.0.0.1 and through the delaying proxy: with nothing changed, then with --sync-changed
+    files rewritten. Each tool (and each of its --delete variants) keeps a copy of its own per
+    direction and link, made by its own first sync (not timed); a round changes the two
+    sources once, then every tool brings its copy up to date, then runs again with nothing to do."""
+    args = setting.args
+    name = setting.tree("sync", args.tree, args.tree_size)
+    sources = {"up": setting.sources / name, "down": setting.root / name}
+    tools = [tool for tool in SYNC_TOOLS if tool.startswith("eke") or (setting.sshd and have_rsync())]
+    states = ("changed", "unchanged")
+    with over_link(setting) as (eke_proxy, ssh_proxy):
+        links = {"127.0.0.1": (setting.daemon.port, setting.sshd and setting.sshd.port),
+                 "link": (eke_proxy.port, ssh_proxy and ssh_proxy.port)}
+        copies = {(link, direction, tool): (setting.root if direction == "up" else setting.out) / f"sync-{link}-{direction}-{tool}"
+                  for link in links for direction in sources for tool in tools}
+        print(f"sync: first copies ({len(copies)}) ...", file=sys.stderr, flush=True)
+        for (link, direction, tool), copy in copies.items():
+            sync_run(setting, tool, sources[direction], copy, direction == "up", links[link])
+        runs = {(link, direction, state, tool): [] for link in links for direction in sources for state in states
+                for tool in tools}
+        eke_runs = {key: [] for key in runs if key[-1].startswith("eke")}
+        changed = max(args.tree // 100, 1) if args.sync_changed is None else args.sync_changed
+        for round_number in range(args.shape_repeat):
+            print(f"sync: round {round_number + 1} of {args.shape_repeat} ...", file=sys.stderr, flush=True)
+            for source in sources.values():
+                change_tree(source, changed, round_number)
+            for link, ports in links.items():
+                for direction, source in sources.items():
+                    for state in states:
+                        for tool in tools:
+                            seconds, run = sync_run(setting, tool, source, copies[link, direction, tool], direction == "up",
+                                                    ports, changed if state == "changed" else 0)
+                            runs[link, direction, state, tool].append(seconds)
+                            if run is not None:
+                                eke_runs[link, direction, state, tool].append(run)
+    figures = {"files": args.tree, "file_bytes": args.tree_size, "changed_files": changed, "repeat": args.shape_repeat,
+               "round_trip_ms": 2 * args.delay_ms}
+    for link in links:
+        figures[link] = {
+            direction: {state: sync_rows({tool: runs[link, direction, state, tool] for tool in tools},
+                                         {tool: eke_runs[link, direction, state, tool] for tool in tools if tool.startswith("eke")})
+                        for state in states}
+            for direction in sources}
     return figures
 
 
@@ -384,7 +486,8 @@ def section_disk(setting):
     return figures
 
 
-SECTION_RUNNERS = {"tree": section_tree, "latency": section_latency, "scale": section_scale, "disk": section_disk}
+SECTION_RUNNERS = {"tree": section_tree, "latency": section_latency, "sync": section_sync, "scale": section_scale,
+                   "disk": section_disk}
 
 
 # -- the table
@@ -404,6 +507,7 @@ def print_tables(results):
 
     tree = results.get("tree")
     latency = results.get("latency")
+    far = sftp_skipped = None  # the tree table's, which `seconds` reads
     if tree or latency:
         shape = tree or latency["tree"]
         local = tree and tree["127.0.0.1"]
@@ -441,6 +545,27 @@ def print_tables(results):
             row("sftp get, aes128-gcm", f"{large['sftp_get']['seconds']:.2f} s", f"{large['sftp_get']['mb_per_s']:.0f} MB/s")
             row("eketwist get speed / sftp get", f"{large['eke_get_speed_vs_sftp_get']:.2f}x")
         row("eketwist get speed / raw TCP", f"{large['eke_get_speed_vs_raw_tcp']:.2f}x")
+    sync = results.get("sync")
+    if sync:
+        links = ("127.0.0.1", "link")
+        print(f"\nsync: a second run over {sync['files']} files of {sync['file_bytes']} bytes in 10 directories on the real "
+              f"disk, with nothing changed or {sync['changed_files']} files rewritten (new bytes and mtime, same size), "
+              f"whole commands, medians of {sync['repeat']} runs")
+        row("", "127.0.0.1", f"{sync['round_trip_ms']:g} ms round trip")
+        names = {"eke": "eketwist sync", "eke_delete": "eketwist sync --delete", "rsync": "rsync -a over ssh",
+                 "rsync_delete": "rsync -a --delete"}
+        for direction, way in (("up", "local -> remote"), ("down", "remote -> local")):
+            for state in ("unchanged", "changed"):
+                print(f"  {direction} ({way}), " + ("nothing changed" if state == "unchanged" else f"{sync['changed_files']} changed"))
+                tables = [sync[link][direction][state] for link in links]
+                for tool, name in names.items():
+                    row(f"    {name}", *(seconds(rows, tool) for rows in tables))
+                row("      eketwist sync: CPU client / server",
+                    *(f"{rows['eke']['client_cpu_s']:.2f} / {rows['eke']['server_cpu_s']:.2f} s" for rows in tables))
+                for eke, baseline in SYNC_RATIOS:
+                    row(f"    {names[eke].replace('eketwist ', '')} / {names[baseline].replace(' over ssh', '')}",
+                        *(ratio(rows, f"{eke}_vs_{baseline}") for rows in tables))
+        print(f"  (load average: {sync['loadavg']['before']} before, {sync['loadavg']['after']} after)")
     scale = results.get("scale")
     if scale:
         big, small = scale["large"], scale["reference"]

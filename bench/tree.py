@@ -25,6 +25,19 @@ def make_tree(top, files, size):
         (directory / f"f{index}").write_bytes(os.urandom(size))
 
 
+def change_tree(top, count, round_number):
+    """Rewrite `count` files of the tree at `top` with new bytes of the same size (so their
+    mtime is new and their size is not: a sync must notice by the mtime), spread over the tree
+    and different ones each round; their paths relative to `top`."""
+    names = sorted(os.path.relpath(os.path.join(d, f), top) for d, _, files in os.walk(top) for f in files)
+    stride = max(len(names) // count, 1)
+    chosen = names[round_number % stride::stride][:count]
+    for name in chosen:
+        path = pathlib.Path(top, name)
+        path.write_bytes(os.urandom(path.stat().st_size))
+    return chosen
+
+
 def timed(port, *args, cwd):
     started = time.perf_counter()
     result = run_client(port, "-q", *args, cwd=cwd, user="writer")
