@@ -231,6 +231,11 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
             return request.deferred
         if not self.pipelined and self.requesting.in_flight:
             raise RuntimeError(f"a request while {self.state}")
+        unsendable = _unsendable(message or {"path": request.remote})
+        if unsendable is not None:  # failed here: a request sent would have to be answered
+            request.cleanup(keep_part=False)
+            self._later(request.deferred, unsendable)
+            return request.deferred
         self.outbox.add(request, state, message, then)
         self._send_queued()
         return request.deferred
@@ -553,6 +558,19 @@ class ClientProtocol(SecureConnection, TimeoutMixin):
         self._password = None
         before_answer = self.requesting is None and isinstance(self.prover.state, prover.AwaitingParams)
         self._fail_pending(_lost_because(reason, self.transport, before_answer))
+
+
+def _unsendable(message):
+    """The error of a message that cannot be sent: a name that is not UTF-8 (a local file's
+    name, or an argument, in another encoding), which JSON cannot carry; else None."""
+    for value in message.values():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                return LocalIOError(f"{shown}: the name is not UTF-8, which the protocol needs")
+    return None
 
 
 def _lost_because(reason, transport, before_answer):

@@ -6,6 +6,7 @@ transfer and the side their directories are made on.
 """
 
 import os
+import stat
 import sys
 import time
 
@@ -324,22 +325,33 @@ class Download:
 
     @staticmethod
     async def make_directory(step):
+        """The top as the user named it (its parents made, symlinks in it followed); inside
+        the tree, a directory of its own: a symlink there is never followed, whatever it
+        leads to (files written through it would land outside the tree)."""
+        path = step.local_path
         try:
-            os.makedirs(step.local_path, exist_ok=True)
+            if step.name is None:
+                os.makedirs(path, exist_ok=True)
+            elif not stat.S_ISDIR(_lstat_mode(path)):
+                os.mkdir(path)
         except FileExistsError:
-            raise errors.LocalIOError(f"{step.local_path}: exists and is not a directory") from None
+            raise errors.LocalIOError(f"local {path}: exists and is not a directory (a symlink is not followed)") from None
         except NotADirectoryError:
-            raise errors.LocalIOError(f"{step.local_path}: a part of this path is a file, not a directory") from None
+            raise errors.LocalIOError(f"local {path}: a part of this path is a file, not a directory") from None
         except OSError as problem:
-            raise errors.LocalIOError(f"{step.local_path}: cannot create the directory: {problem.strerror}") from None
+            raise errors.LocalIOError(f"local {path}: cannot create the directory: {problem.strerror}") from None
 
     @staticmethod
     async def finish_directory(step):
         try:
-            os.chmod(step.local_path, local_mode(step.mode))
-            os.utime(step.local_path, (step.mtime, step.mtime))
+            fd = os.open(step.local_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchmod(fd, local_mode(step.mode))
+                os.utime(fd, (step.mtime, step.mtime))
+            finally:
+                os.close(fd)
         except OSError as problem:
-            raise errors.LocalIOError(f"{step.local_path}: cannot set its mode and time: {problem.strerror}") from None
+            raise errors.LocalIOError(f"local {step.local_path}: cannot set its mode and time: {problem.strerror}") from None
 
     @staticmethod
     def differs(local):
@@ -372,6 +384,14 @@ class Upload:
     @staticmethod
     def total_bytes(transfers):
         return sum(_size(step.local_path) for step in transfers)
+
+
+def _lstat_mode(path):
+    """The mode of `path` itself; 0 when there is nothing there."""
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return 0
 
 
 def _size(path):

@@ -215,11 +215,12 @@ def put_tree(local, target, existing=()):
             yield (AlreadyComplete if complete else Transfer)(target, local, item["name"])
 
 
-def local_tree(local):
+def local_tree(local, others=False):
     """The directories and regular files under the local directory `local`, as entries like a
     recursive LIST's ({name, kind, size, mtime, mode}, names relative and "/"-joined), depth
     first in name order, each directory before its contents; what is not sent, as a Skip or
-    SkipContents. An explicit stack: os.walk recursed (Python 3.11), and a tree 1,000 levels
+    SkipContents, or, with `others` (a destination's tree, where they may be in the way), as
+    entries of kind "symlink" or "other". An explicit stack: os.walk recursed (Python 3.11), and a tree 1,000 levels
     deep raised RecursionError."""
     stack = [("", _children(local))]
     while stack:
@@ -237,7 +238,12 @@ def local_tree(local):
             yield Skip(child.path, problem.strerror)
             continue
         name = prefix + child.name
-        if stat.S_ISLNK(st.st_mode):
+        if not _is_utf8(child.name):
+            yield Skip(child.path, "its name is not UTF-8, which the protocol needs")
+        elif others and not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            kind = "symlink" if stat.S_ISLNK(st.st_mode) else "other"
+            yield {"name": name, "kind": kind, "size": 0, "mtime": st.st_mtime, "mode": st.st_mode}
+        elif stat.S_ISLNK(st.st_mode):
             yield Skip(child.path, "a symlink")
         elif stat.S_ISDIR(st.st_mode):
             yield {"name": name, "kind": "dir", "size": 0, "mtime": st.st_mtime, "mode": st.st_mode}
@@ -246,6 +252,14 @@ def local_tree(local):
             yield {"name": name, "kind": "file", "size": st.st_size, "mtime": st.st_mtime, "mode": st.st_mode}
         else:
             yield Skip(child.path, "not a regular file")
+
+
+def _is_utf8(name):
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes os.fsdecode kept as surrogates
+        return False
+    return True
 
 
 def same_entry(ours, theirs):
@@ -275,15 +289,23 @@ class Compare(_Named):
     __slots__ = ()
 
 
-def excluded(name, patterns):
-    """rsync's rule, simplified: a pattern without "/" matches any name in the path; one with
-    "/" matches the whole relative path (a leading "/" anchors it at the top)."""
-    last = name.rsplit("/", 1)[-1]
+def excluded(name, patterns, is_dir=False):
+    """rsync's rules: a pattern ending in "/" matches directories only; one with another "/"
+    matches the end of the path, segment for segment (`*` stays within a name), or, with a
+    leading "/", the path from the top; one without matches the last name. So a directory
+    excluded keeps all it holds out too (sync_steps does not descend into it)."""
+    segments = name.split("/")
     for pattern in patterns:
-        if "/" in pattern:
-            if fnmatch.fnmatchcase(name, pattern.lstrip("/")):
-                return True
-        elif fnmatch.fnmatchcase(last, pattern):
+        if pattern.endswith("/"):
+            if not is_dir:
+                continue
+            pattern = pattern.rstrip("/")
+        anchored = pattern.startswith("/")
+        wanted = pattern.strip("/").split("/")
+        if len(wanted) > len(segments) or (anchored and len(wanted) != len(segments)):
+            continue
+        tail = segments[-len(wanted):]
+        if all(fnmatch.fnmatchcase(part, want) for part, want in zip(tail, wanted)):
             return True
     return False
 
@@ -311,7 +333,7 @@ def sync_steps(remote, local, source, destination, *, delete=False, excludes=(),
         name = entry["name"]
         if under(name, skipped_dirs):
             continue
-        if excluded(name, excludes):
+        if excluded(name, excludes, entry["kind"] == "dir"):
             if entry["kind"] == "dir":
                 skipped_dirs.append(name)
             ours.add(name)  # an excluded name on the other side is kept
@@ -321,7 +343,7 @@ def sync_steps(remote, local, source, destination, *, delete=False, excludes=(),
         if entry["kind"] == "dir":
             if there is not None and there["kind"] != "dir":
                 if not delete:
-                    later.append(Skip(name, "a file of that name is in the way (sync --delete replaces it)"))
+                    later.append(Skip(name, f"a {there['kind']} of that name is in the way (sync --delete replaces it)"))
                     skipped_dirs.append(name)
                     continue
                 deletions.append(Delete(remote, local, name, there["kind"]))
@@ -350,7 +372,7 @@ def sync_steps(remote, local, source, destination, *, delete=False, excludes=(),
             name = entry["name"]
             if name in ours or under(name, gone) or under(name, skipped_dirs):
                 continue
-            if excluded(name, excludes):
+            if excluded(name, excludes, entry["kind"] == "dir"):
                 skipped_dirs.append(name)
                 continue
             gone.append(name)

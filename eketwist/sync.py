@@ -71,7 +71,7 @@ def _local_side(local, remote_tree):
     wanted = {entry["name"] for entry in remote_tree if entry["kind"] == "file"}
     suffix = files.CLIENT_PART_SUFFIX
     return [
-        item for item in local_tree(local)
+        item for item in local_tree(local, others=True)
         if isinstance(item, dict) and not (item["name"].endswith(suffix) and item["name"][: -len(suffix)] in wanted)
     ]
 

@@ -389,3 +389,18 @@ def test_local_tree_is_a_listing_of_the_local_side(tmp_path):
     assert [(e["name"], e["kind"], e["size"]) for e in entries] == [("d", "dir", 0), ("d/f.bin", "file", 3)]
     assert entries[1]["mtime"] == 1_600_000_000.0
     assert [type(item) for item in items if not isinstance(item, dict)] == [Skip]
+
+
+@pytest.mark.parametrize("pattern, name, is_dir, expected", [
+    ("*.tmp", "a/b/c.tmp", False, True),
+    ("cache", "a/cache", True, True),
+    ("cache/", "a/cache", True, True),
+    ("cache/", "a/cache", False, False),  # a trailing "/": directories only
+    ("docs/*.pdf", "docs/a.pdf", False, True),
+    ("docs/*.pdf", "x/docs/a.pdf", False, True),  # the end of the path
+    ("docs/*.pdf", "docs/sub/a.pdf", False, False),  # * stays within a name
+    ("/build", "build", True, True),
+    ("/build", "src/build", True, False),  # anchored at the top
+])
+def test_sync_excludes_follow_rsyncs_rules(pattern, name, is_dir, expected):
+    assert plan.excluded(name, [pattern], is_dir) is expected
