@@ -107,10 +107,17 @@ def check_arguments(parser, args, environ=os.environ):
         for option, value in (("--host", args.host), ("--port", args.port), ("--tls", args.tls)):
             if value:
                 parser.error(f"{option} and --connect do not go together: the endpoint names the host and port (and can say tls: itself)")
+    if args.ca_file and args.connect:
+        parser.error("--ca-file and --connect do not go together: a tls: endpoint names what it trusts (trustRoots=)")
     if args.ca_file and not args.tls:
         parser.error("--ca-file goes with --tls")
     if args.host is None:
         args.host = environ.get("EKE_HOST") or "127.0.0.1"
+    try:
+        if not args.host or args.host.encode("idna") == b"":
+            raise UnicodeError("empty")
+    except UnicodeError:
+        parser.error(f"--host: not a host name or address: {args.host!r}")
     if args.port is None:
         try:
             args.port = port_number(environ.get("EKE_PORT") or str(DEFAULT_PORT))
@@ -142,6 +149,13 @@ def _check_paths(parser, args):
             for local in sources:
                 if os.path.isdir(local):
                     parser.error(f"{local}: a directory: put -r sends it with its contents")
+    elif args.command == "get" and len(args.paths) > 2 and args.paths[-1] != "-":
+        from .plan import get_arguments
+
+        try:
+            get_arguments(args.paths)
+        except UsageError as problem:
+            parser.error(problem.message)
     elif args.command == "get" and args.paths[-1] == "-" and len(args.paths) > 1:
         if len(args.paths) > 2 or args.recursive:
             parser.error("get REMOTE -: one file only to stdout")
@@ -255,8 +269,9 @@ def build_parser():
     sync.add_argument("-c", "--checksum", action="store_true", help="compare files of equal size by SHA-1, not modification time")
     sync.add_argument(
         "--exclude", action="append", default=[], metavar="PATTERN",
-        help="leave out names matching PATTERN (repeatable): without '/', any name in the tree "
-        "('*.tmp', 'cache'); with '/', the path from the top ('/build', 'docs/*.pdf')",
+        help="leave out names matching PATTERN (repeatable), by rsync's rules: without '/', any name "
+        "in the tree ('*.tmp', 'cache'); a trailing '/', directories only; with '/', the end of the "
+        "path ('docs/*.pdf'); a leading '/', from the top ('/build')",
     )
 
     for sub in commands.choices.values():

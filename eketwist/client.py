@@ -102,6 +102,8 @@ def _why_not_connected(problem):
         if isinstance(problem, kind):
             return reason
     if isinstance(problem, error.ConnectError) and problem.osError is not None:
+        if isinstance(problem.osError, int):  # some endpoints give the errno alone
+            return os.strerror(problem.osError)
         return getattr(problem.osError, "strerror", None) or str(problem.osError)
     return str(problem) or type(problem).__name__
 
@@ -165,6 +167,8 @@ async def login(reactor, args, password, prompted, reporter, stop, prelude):
             await client.authenticated_deferred
             return client
         except errors.NameMismatch as failure:
+            if args.connect:  # its host and port are the endpoint's: name it in the endpoint
+                raise errors.NameMismatch(f"{failure.message} (connect with a name it is for)") from None
             from twisted.internet.threads import deferToThread
 
             names = await deferToThread(certificate_names, args.host, args.port, args.timeout)
@@ -209,6 +213,7 @@ async def run(reactor, args, password, prompted, reporter, stop, prelude=None):
         from .sync import run_sync
 
         await {**COMMANDS, **MANAGE, "sync": run_sync}[args.command](session, args)
+        stop.finishing = True
     finally:
         await close(reactor, client)
     return session.first_error
@@ -225,6 +230,8 @@ class Interruption:
         self.reactor = None  # while the reactor runs and nothing blocks it
         self.client = None
         self.command = None  # the command's Deferred
+        self.finishing = False  # the command's work is done: it only says goodbye
+        self.finished = False  # the reactor has stopped: the end is being reported
 
     def install(self):
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -233,20 +240,24 @@ class Interruption:
                 signal.signal(signum, self._signalled)
 
     def _signalled(self, signum, frame):
-        if self.error is not None:  # a second time: the user means it
+        if self.error is not None or self.finished:  # a second time, or while the end is
+            os.write(2, b"eke-client: interrupted\n")  # written (to a pipe that may be full)
             os._exit(errors.EXIT_SIGNAL_BASE + signum)
         self.error = errors.Interrupted(signum)
         if self.reactor is None:
             raise self.error  # out of whatever blocks: the prompt, the first round, imports
         self.reactor.callFromThread(self._stop)
 
-    def output_closed(self):
-        """Called on the reactor's thread when stdout or stderr is a closed pipe."""
+    def output_closed(self, error=None):
+        """Called on the reactor's thread when stdout or stderr cannot be written: a closed
+        pipe (OutputClosed), or `error` (a full disk, say)."""
         if self.error is None:
-            self.error = errors.OutputClosed()
+            self.error = error or errors.OutputClosed()
             self._stop()
 
     def _stop(self):
+        if self.finishing:
+            return  # all was done: the goodbye goes on, the result stands
         if self.client is not None and not self.client.closing:
             self.client.interrupt(self.error)
         elif self.command is not None:
@@ -291,6 +302,8 @@ def main(argv=None):
     stop = Interruption()
     stop.install()
     reporter = error = args = None
+    if sys.stderr is None:  # started with it closed: messages go nowhere, quietly
+        sys.stderr = open(os.devnull, "w")
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -298,6 +311,8 @@ def main(argv=None):
         # Past --help and usage errors, which do without it (and its escaping's regular expressions).
         from .report import Reporter
 
+        if sys.stdout is None:
+            raise errors.LocalIOError("stdout is closed: there is nowhere to write the results")
         reporter = Reporter(args, on_output_closed=stop.output_closed)
         error = _command(args, reporter, stop)
     except EketwistError as failure:  # an interrupt before or after the reactor ran
@@ -308,7 +323,12 @@ def main(argv=None):
         error = EketwistError(
             f"unexpected failure (a bug; EKE_DEBUG=1 shows where): {type(unexpected).__name__}: {unexpected}"
         )
-    sys.exit(_report_end(args, reporter, error))
+    try:
+        code = _report_end(args, reporter, error)
+    except OSError as problem:  # stdout full or gone while the end was written
+        os.write(2, f"eke-client: cannot write to stdout: {problem.strerror}\n".encode())
+        code = errors.EXIT_LOCAL_IO
+    sys.exit(code)
 
 
 def _command(args, reporter, stop):
@@ -353,8 +373,9 @@ def _command(args, reporter, stop):
     reactor.callWhenRunning(start)
     reactor.run(installSignalHandlers=False)
     stop.reactor = None
+    stop.finished = True
     result = outcome[0]
-    if isinstance(stop.error, errors.OutputClosed):
+    if isinstance(stop.error, (errors.OutputClosed, errors.LocalIOError)):
         return stop.error  # even if all was done: some of it could not be shown
     if not isinstance(result, Failure):
         return result

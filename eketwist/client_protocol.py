@@ -583,7 +583,7 @@ def _lost_because(reason, transport, before_answer):
     if module.startswith("OpenSSL"):
         return ConnectionFailed(_tls_failure(reason.value))
     if before_answer and not ISSLTransport.providedBy(transport):
-        return ConnectionFailed("the server closed the connection before answering (if that port serves TLS, add --tls)")
+        return ConnectionFailed("the server closed the connection before answering (if that port serves TLS, connect with TLS: --tls)")
     return ConnectionFailed("the connection to the server was lost")
 
 

@@ -133,6 +133,8 @@ UP_TO_DATE = "already up to date"
 async def run_get(session, args):
     remotes, local = get_arguments(args.paths)
     remotes = await expand_all(session, remotes)
+    if len(remotes) > 1 and local is not None and local != "-" and not os.path.isdir(local):
+        raise UsageError(f"{local}: the globs name several files: the last argument must be an existing directory")
     if local == "-":
         await _get_to_stdout(session, remotes[0], args)
         return

@@ -46,7 +46,13 @@ async def expand(client, pattern):
                     matched.append(remote_join(base, entry["name"]))
         found = matched
     if not found:
-        raise errors.NotFound(f"{pattern}: no match on the server")
+        # As bash does by default, a pattern that matches nothing names itself: a remote name
+        # with [, * or ? in it can still be given.
+        try:
+            await client.stat(pattern)
+            return [pattern]
+        except errors.NotFound:
+            raise errors.NotFound(f"{pattern}: no match on the server") from None
     return sorted(found)
 
 

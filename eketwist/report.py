@@ -6,7 +6,7 @@ import sys
 import time
 from collections import deque
 
-from .errors import Interrupted
+from .errors import Interrupted, LocalIOError
 from .textsafe import escape, json_text
 
 
@@ -31,43 +31,50 @@ class Reporter:
         self._results = None  # stat's entries, df's space: in --json's document
         self.extra = {}  # more members of --json's document (sync's counts)
         self._on_output_closed = on_output_closed
-        self.output_closed = False
+        self.output_closed = False  # a closed pipe: nothing more is written anywhere
+        self._broken: set = set()  # the streams that failed
 
     def _above_bars(self, line, stream):
         """A line on its own above the progress bars (they are cleared and drawn again)."""
         from tqdm import tqdm
 
-        if self.output_closed:
+        if id(stream) in self._broken:
             return
         try:
             tqdm.write(line, file=stream)
             stream.flush()
-        except BrokenPipeError:
-            self.output_was_closed()
+        except OSError as problem:
+            self.output_was_closed(problem, stream)
 
     def _put(self, stream, text, flush=True):
         """Write to stdout or stderr; a closed pipe (`| head`) ends the command quietly."""
-        if self.output_closed:
+        if id(stream) in self._broken:
             return
         try:
             stream.write(text)
             if flush:
                 stream.flush()
-        except BrokenPipeError:
-            self.output_was_closed()
+        except OSError as problem:
+            self.output_was_closed(problem, stream)
 
-    def output_was_closed(self):
-        self.output_closed = True
-        # Python would complain again when it flushes at exit: the descriptors now lead nowhere.
+    def output_was_closed(self, problem=None, stream=None):
+        """`stream` (stdout or stderr) could not be written: the command ends, quietly for a
+        closed pipe (`| head`), else saying why on the other stream (exit 8). The failed
+        descriptors then lead nowhere: Python would complain again when it flushes at exit."""
+        quiet = problem is None or isinstance(problem, BrokenPipeError)
+        failed = (self.out, self.err) if quiet else (stream,)
+        self._broken.update(id(each) for each in failed)
+        self.output_closed = self.output_closed or quiet
         devnull = os.open(os.devnull, os.O_WRONLY)
-        for stream in (self.out, self.err):
+        for each in failed:
             try:
-                os.dup2(devnull, stream.fileno())
-            except (OSError, ValueError):
+                os.dup2(devnull, each.fileno())
+            except (OSError, ValueError, AttributeError):
                 pass
         os.close(devnull)
         if self._on_output_closed is not None:
-            self._on_output_closed()
+            name = "stderr" if stream is self.err else "stdout"
+            self._on_output_closed(None if quiet else LocalIOError(f"cannot write to {name}: {problem.strerror}"))
 
     def say(self, text):
         if not self.quiet:
@@ -185,8 +192,8 @@ class Reporter:
         try:
             self._listing(path, entries, long)
             self.out.flush()
-        except BrokenPipeError:
-            self.output_was_closed()
+        except OSError as problem:
+            self.output_was_closed(problem, self.out)
 
     def _listing(self, path, entries, long):
         out = self.out

@@ -133,13 +133,21 @@ def _plan_shown(session, steps, up):
 
 
 def _summary(session, steps, destination, planned=False):
-    sent = [step for step in steps if isinstance(step, Transfer)]
-    deleted = sum(isinstance(step, Delete) for step in steps)
-    same = sum(isinstance(step, AlreadyComplete) for step in steps)
+    """The last line, and --json's counts: what was done (or, planned, would be), from the
+    outcomes; failures are counted apart."""
     reporter = session.reporter
-    reporter.extra.update(up_to_date=same, transfers=len(sent), deletions=deleted)
-    if not sent and not deleted:
+    same = sum(isinstance(step, AlreadyComplete) for step in steps)
+    if planned:
+        sent = sum(isinstance(step, Transfer) for step in steps)
+        deleted = sum(isinstance(step, Delete) for step in steps)
+        failed = 0
+    else:
+        statuses = [record["status"] for record in reporter.files]
+        sent, deleted, failed = statuses.count("ok"), statuses.count("deleted"), statuses.count("error")
+    reporter.extra.update(up_to_date=same, transfers=sent, deletions=deleted, failures=failed)
+    if not sent and not deleted and not failed:
         reporter.say(f"nothing to do: {destination or 'the destination'} is up to date ({same} files)")
         return
     verb = "would be" if planned else "were"
-    reporter.say(f"sync: {len(sent)} files {verb} transferred, {deleted} {verb} deleted, {same} up to date")
+    trouble = f", {failed} failed" if failed else ""
+    reporter.say(f"sync: {sent} files {verb} transferred, {deleted} {verb} deleted, {same} up to date{trouble}")
