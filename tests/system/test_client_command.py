@@ -71,6 +71,9 @@ def assert_one_clean_failure(result, code, *fragments):
     (["get", "a", "b", "-"], {}, "one file only to stdout"),
     (["get", "--json", "a", "-"], {}, "no room for --json"),
     (["ls"], {"EKE_USER": ""}, "--user is required"),
+    (["--host", "a..b", "ls"], {}, "--host: not a host name or address: 'a..b'"),
+    (["--connect", "tcp:127.0.0.1:1", "--ca-file", "x", "ls"], {}, "--ca-file and --connect"),
+    (["get", "a", "b", "not-a-directory"], {}, "not-a-directory: with several files to get"),
 ])
 def test_usage_errors_name_the_option_before_connecting(tmp_path, args, env, named):
     (tmp_path / "adir").mkdir()
@@ -209,6 +212,16 @@ def test_get_to_stdout_writes_only_the_verified_file(server, tmp_path):
     )
     assert result.returncode == 0 and result.stdout == (root / "sub" / "data.bin").read_bytes()
     assert b"  -\n" in result.stderr and os.listdir(tmp_path) == []
+
+
+def test_a_full_stdout_is_one_line_and_exit_8(server, tmp_path):
+    port, _ = server
+    for args in (["ls"], ["--json", "ls"], ["get", "hello.txt", str(tmp_path / "h")]):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([*CLIENT, "--port", str(port), "--user", "alice", *args], stdout=full,
+                                    stderr=subprocess.PIPE, text=True, env=dict(CLEAN_ENV, EKE_PASSWORD=PASSWORD), timeout=60)
+        assert result.returncode == 8 and "cannot write to stdout: No space left on device" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_ls_json_errors_keep_the_ls_document(server):

@@ -243,3 +243,44 @@ def test_no_operation_reaches_partial_uploads_or_the_root(server, tmp_path):
         result = writer(port, *args)
         assert result.returncode in (5, 9), (args, result.stderr)
     assert part.read_bytes() == b"someone's upload" and (root / "hello.txt").exists()
+
+
+def test_sync_down_never_writes_through_a_symlink_in_the_destination(server, tmp_path):
+    port, root, _ = server
+    (root / "tree" / "sub").mkdir(parents=True)
+    (root / "tree" / "sub" / "data.bin").write_bytes(b"from the server")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.bin").write_bytes(b"precious")
+    local = tmp_path / "dest"
+    local.mkdir()
+    (local / "sub").symlink_to(victim)
+    kept = writer(port, "sync", ":tree", str(local))
+    assert kept.returncode == 0 and "sub: skipped: a symlink of that name is in the way" in kept.stderr
+    replaced = writer(port, "sync", "--delete", ":tree", str(local))
+    assert replaced.returncode == 0, replaced.stderr
+    assert (victim / "data.bin").read_bytes() == b"precious"
+    assert not (local / "sub").is_symlink() and (local / "sub" / "data.bin").read_bytes() == b"from the server"
+
+
+def test_a_name_that_is_not_utf8_fails_alone(server, tmp_path):
+    port, root, _ = server
+    (root / "in").mkdir()
+    for name in (b"a", b"\xff.txt", b"c"):
+        (tmp_path / os.fsdecode(name)).write_bytes(name)
+    result = subprocess.run(
+        [*CLIENT, "--port", str(port), "--user", "writer", "--timeout", "10", "put", "a", os.fsdecode(b"\xff.txt"), "c", "in/"],
+        cwd=tmp_path, env=dict(os.environ, EKE_PASSWORD=WRITER_PASSWORD), capture_output=True, timeout=60,
+    )
+    assert result.returncode == 8 and b"the name is not UTF-8" in result.stderr
+    assert sorted(os.listdir(root / "in")) == ["a", "c"]
+
+
+def test_globs_reach_names_with_glob_characters_and_refuse_several_into_one_file(server, tmp_path):
+    port, root, _ = server
+    (root / "r[1].txt").write_text("literal")
+    result = run_client(port, "get", "r[1].txt", cwd=tmp_path)
+    assert result.returncode == 0 and (tmp_path / "r[1].txt").read_text() == "literal"
+    several = run_client(port, "get", "*.txt", "one-file", cwd=tmp_path)
+    assert several.returncode == 2 and several.stderr.count("\n") == 1
+    assert "the globs name several files" in several.stderr and not (tmp_path / "one-file").exists()
