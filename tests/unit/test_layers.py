@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "eketwist"
 
 LAYERS = [
     # 0. core: pure functions and tables, no I/O
-    {"errors", "pbkdf", "spake2plus", "records", "textsafe", "guard", "logs", "tuning"},
+    {"errors", "pbkdf", "spake2plus", "records", "textsafe", "guard", "logs", "tuning", "sizes"},
     # 1. wire: the codec for frames and messages, and the protocol's constants and rules
     {"wire"},
     # 2. machines: the handshake and the requests, both sides, no I/O
