@@ -101,8 +101,8 @@ class User:
     extra: dict = field(default_factory=dict, repr=False)
     # docs/protocol.md section 7.7: at most this many bytes in regular files (and partial
     # uploads) under the root, and this many of them; None: no such limit.
-    quota_bytes: int = None
-    quota_files: int = None
+    quota_bytes: int = field(default=None, repr=False)
+    quota_files: int = field(default=None, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "rights", parse_rights(self.rights))
@@ -453,6 +453,9 @@ class UsersStore:
         # check(users) -> a problem or None: what a new file must also pass to replace the
         # last good copy (the daemon's: none of its own files inside a user's new root).
         self.check = None
+        # reloaded(users): told of each new copy once it is in use (the daemon's: count the
+        # roots of users with quotas).
+        self.reloaded = None
         self._stamp = self._current_stamp()
         self.users = load(path)  # a broken file at start is fatal: the caller reports it
         self.users.prepare()  # before the first handshake, not during it
@@ -487,6 +490,8 @@ class UsersStore:
             )
             return False
         self.users = users
+        if self.reloaded is not None:
+            self.reloaded(users)
         self.log.info("users file reloaded ({reason}): {count} users", reason=reason, count=len(users.by_name))
         self._warn_about()
         return True
