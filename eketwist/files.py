@@ -428,6 +428,12 @@ class PartFile:
         self._writer = None
         self._write_in_place = write_in_place
         self.stored = None  # after finish: the stat of the file under its final name
+        # What the transfer left on the disk (a server's quotas count it): renamed into place,
+        # replacing `replaced` (the lstat of what the name held, or None); or, given up,
+        # `kept` for a resume (else removed).
+        self.renamed = False
+        self.replaced = None
+        self.kept = False
         self._closing_writer = None  # let go by abort, still writing or closing
 
     # Attempts at locking the part file while its holders keep giving it up (each attempt that
@@ -605,11 +611,16 @@ class PartFile:
             # is ours until it is gone (see _open_part).
             at = {"src_dir_fd": self._dir_fd, "dst_dir_fd": self._dir_fd}
             if replace:
+                try:
+                    self.replaced = os.stat(self.destination, dir_fd=self._dir_fd, follow_symlinks=False)
+                except OSError:
+                    self.replaced = None
                 os.replace(self.part, self.destination, **at)
             else:
                 os.link(self.part, self.destination, follow_symlinks=False, **at)  # no clobbering
                 os.unlink(self.part, dir_fd=self._dir_fd)
             self._named = False
+            self.renamed = True
             self._file.close()
 
     @contextlib.contextmanager
@@ -657,6 +668,8 @@ class PartFile:
                 os.unlink(self.part, dir_fd=self._dir_fd)
             except FileNotFoundError:
                 pass
+        if self._named:
+            self.kept = keep_part
         self._named = False
         writer, self._writer = self._writer, None
         if writer is not None:

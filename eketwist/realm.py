@@ -15,7 +15,7 @@ from twisted.cred.credentials import ICredentials
 from twisted.internet import defer
 from zope.interface import implementer
 
-from . import storage
+from . import quotas, storage
 from .storage import IStorage
 
 
@@ -41,22 +41,30 @@ class KeyConfirmationChecker:
 
 @implementer(portal.IRealm)
 class UsersRealm:
-    """A user's storage.Root: their own root, or the server's, with their rights."""
+    """A user's storage.Root: their own root, or the server's, with their rights and quotas.
+    `accounts`: the server's quotas.Accounts (None: no quotas at all)."""
 
-    def __init__(self, default_root, protected, max_upload_size):
+    def __init__(self, default_root, protected, max_upload_size, accounts=None):
         self.default_root = default_root
         self.protected = protected
         self.max_upload_size = max_upload_size
+        self.accounts = accounts
 
     def requestAvatar(self, user, mind, *interfaces):
         if IStorage not in interfaces:
             raise NotImplementedError("this realm only gives IStorage avatars")
+        path = user.root or self.default_root
+        quota = None
+        if self.accounts is not None:
+            if user.has_quota:
+                self.accounts.track(path)  # counted already, or from now on
+            # Also without limits of their own: their changes count for those sharing the root.
+            quota = quotas.Quota(self.accounts, path, user.quota_bytes, user.quota_files)
         root = storage.Root(
-            user.root or self.default_root, protected=self.protected,
-            rights=user.rights, max_upload_size=self.max_upload_size,
+            path, protected=self.protected, rights=user.rights, max_upload_size=self.max_upload_size, quota=quota,
         )
         return IStorage, root, lambda: None
 
 
-def users_portal(default_root, protected, max_upload_size):
-    return portal.Portal(UsersRealm(default_root, protected, max_upload_size), [KeyConfirmationChecker()])
+def users_portal(default_root, protected, max_upload_size, accounts=None):
+    return portal.Portal(UsersRealm(default_root, protected, max_upload_size, accounts), [KeyConfirmationChecker()])

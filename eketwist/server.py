@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from . import files, guard, realm, serving, storage, transfers, tuning, userdb, verifier, wire
+from . import files, guard, quotas, realm, serving, storage, transfers, tuning, userdb, verifier, wire
 from .connection import SecureConnection, StopReading
 from .errors import (
     MANAGE_REFUSAL_CODES,
@@ -322,8 +322,8 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             # Pipelined (version 2): this request waits for the answer to the one before.
             self._next_request = message
             return True  # the frames after it wait too (see SecureConnection.resume_frames)
-        self._REQUEST_HANDLERS[type(event)](self, event)
-        return False
+        # True: the request waits for the count of the user's quota; the frames after it too.
+        return bool(self._REQUEST_HANDLERS[type(event)](self, event))
 
     def data_received(self, chunk):
         event = self.serving.data(len(chunk))
@@ -519,8 +519,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         except EketwistError as error:
             self.refuse("remove", request.path, error, MANAGE_REFUSAL_CODES)
             return
-        self.send_control({"type": "done", "removed": removed})
-        self.log_event("removed {path} ({count} name)", path=request.path, count=removed)
+        self.freed(removed)
+        self.send_control({"type": "done", "removed": removed.names})
+        self.log_event("removed {path} ({count} name)", path=request.path, count=removed.names)
 
     def _remove_directory(self, request):
         try:
@@ -528,15 +529,16 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         except EketwistError as error:
             self.refuse("rmdir", request.path, error, MANAGE_REFUSAL_CODES)
             return
-        self.send_control({"type": "done", "removed": removed})
+        self.send_control({"type": "done", "removed": removed.names})
         self.log_event("removed the directory {path}", path=request.path)
 
     def _rename(self, request):
         try:
-            self.storage.rename(request.path, request.to, request.force, self.username)
+            replaced = self.storage.rename(request.path, request.to, request.force, self.username)
         except EketwistError as error:
             self.refuse("rename", f"{request.path} -> {request.to}", error, MANAGE_REFUSAL_CODES)
             return
+        self.freed(replaced)
         self.send_control({"type": "done", "removed": 0})
         self.log_event(
             "renamed {path} to {to}{replacing}", path=request.path, to=request.to,
@@ -552,16 +554,48 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         self.send_control({"type": "done", "removed": 0})
         self.log_event("changed the mode of {path} to {mode:04o}", path=request.path, mode=request.mode & 0o777)
 
+    def freed(self, removed):
+        """A change took `removed` (a storage.Removed) off the disk: the root's usage is less."""
+        if self.storage.quota is not None:
+            self.storage.quota.freed(removed)
+
     def _hash(self, request):
         transfers.Hashing.start(self, request)
 
+    def _when_counted(self, handler, request):
+        """Run `handler(request)` once the user's usage is counted (their quotas need it): at
+        once, or, returning True, later, the client's next messages held meanwhile. Nothing
+        else waits: other users, and this user's requests that need no count."""
+        quota = self.storage.quota
+        if quota is None or quota.counted:
+            handler(self, request)
+            return False
+        self.setTimeout(None)  # the client waits for our disk
+
+        def counted(_):
+            if self.closing:
+                return
+            self.guarded(handler, self, request)
+            if not self.closing:
+                self.resume_frames()
+
+        quota.when_counted().addCallback(counted).addErrback(self.internal_failure)
+        return True
+
     def _space(self, request):
+        return self._when_counted(ServerProtocol._answer_space, request)
+
+    def _answer_space(self, request):
         try:
             space = self.storage.space()
         except EketwistError as error:
             self.refuse("space", ".", error)
             return
+        if self.storage.quota is not None:
+            space.update(self.storage.quota.space())
         self.send_control({"type": "space", **space})
+        if self.serving.version == 1 or not self.owed:
+            self.setTimeout(self.factory.idle_timeout)
 
     def receive_inline(self):
         """An inline upload's partial file is open: its DATA follows the PUT (version 2)."""
@@ -572,6 +606,9 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
         pass  # the refused inline upload's END: its refusal was the answer
 
     def _put(self, request):
+        return self._when_counted(ServerProtocol._open_upload, request)
+
+    def _open_upload(self, request):
         self.upload_in_progress = transfers.Upload.open(self, request.upload)
         if self.upload_in_progress is not None:
             self.upload_in_progress.start()
@@ -660,8 +697,13 @@ class ServerFactory(protocol.Factory):
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.max_upload_size = max_upload_size
+        # What the roots of users with quotas hold (docs/protocol.md section 7.7), counted from
+        # the disk now and when a reload gives a quota on a root not yet counted.
+        self.accounts = quotas.Accounts(threads.deferToThread, self.log)
+        self.track_quota_roots(self.users.users)
+        self.users.reloaded = self.track_quota_roots
         # Who an authenticated user is on the disk: twisted.cred's realm gives their avatar.
-        self.portal = realm.users_portal(self.root, self.protected, max_upload_size)
+        self.portal = realm.users_portal(self.root, self.protected, max_upload_size, self.accounts)
         self.partial_max_age = partial_max_age
         self.clock = clock or reactor
         self.guard = guard.Guard(policy, self.clock)
@@ -733,6 +775,11 @@ class ServerFactory(protocol.Factory):
         everyone.addCallback(lambda _: deadline.cancel() if deadline.active() else None)
         return everyone
 
+    def track_quota_roots(self, users):
+        for user in users.by_name.values():
+            if user.has_quota:
+                self.accounts.track(user.root or self.root)
+
     def roots(self):
         """Every root a user may write to: the server's and the users' own."""
         users = self.users.current()
@@ -757,9 +804,12 @@ class ServerFactory(protocol.Factory):
 
         def sweep():
             now = time.time()
-            return sum(storage.remove_stale_parts(root, max_age, now) for root in roots)
+            return [(root, storage.remove_stale_parts(root, max_age, now)) for root in roots]
 
-        def swept(removed):
+        def swept(removals):
+            for root, removed in removals:
+                self.accounts.freed(root, removed)
+            removed = sum(removed.names for _, removed in removals)
             if removed:
                 self.log.info("removed {count} stale partial uploads", count=removed)
             return removed

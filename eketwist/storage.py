@@ -17,6 +17,7 @@ import json
 import os
 import stat
 import sys
+from typing import NamedTuple
 
 from zope.interface import Interface, implementer
 
@@ -80,6 +81,23 @@ def _openat2(dir_fd, relative, flags):
         if code != errno.EAGAIN:  # EAGAIN: a rename raced the lookup; the kernel asks to retry
             break
     raise OSError(code, os.strerror(code), relative)
+
+
+class Removed(NamedTuple):
+    """What a change took off the disk: the names removed, and of them the regular files (their
+    number and bytes), which quotas count (partial uploads included)."""
+
+    names: int
+    bytes: int = 0
+    files: int = 0
+
+    def __add__(self, other):
+        return Removed(self.names + other.names, self.bytes + other.bytes, self.files + other.files)
+
+
+def _freed(st):
+    """Removed for one name, from its lstat."""
+    return Removed(1, st.st_size, 1) if stat.S_ISREG(st.st_mode) else Removed(1)
 
 
 def segments(requested):
@@ -204,10 +222,12 @@ class IStorage(Interface):
 class Root:
     """One root directory, as a user's requests see it. `protected`: a callable giving the
     (device, inode) pairs never served nor replaced, whatever leads to them (the users file,
-    the daemon's log: defence in depth, as the daemon refuses to start with them in a root)."""
+    the daemon's log: defence in depth, as the daemon refuses to start with them in a root).
+    `quota`: the user's quotas.Quota (its limits and the root's usage), or None."""
 
-    def __init__(self, path, protected=lambda: frozenset(), rights=RIGHTS, max_upload_size=None):
+    def __init__(self, path, protected=lambda: frozenset(), rights=RIGHTS, max_upload_size=None, quota=None):
         self.path = path
+        self.quota = quota
         self._protected = protected
         self.rights = frozenset(rights)  # what this user may do (docs/protocol.md section 7.7)
         self.max_upload_size = max_upload_size
@@ -451,8 +471,10 @@ class Root:
         """A PartFile for an upload of `requested` by `user` of `size` bytes, beside its
         destination, which it will replace only with `force`. Refuses read-only accounts,
         sizes over the limit, directories, protected files, missing parents and, without
-        `force`, existing names, before a byte is sent. Needs the write right, and overwrite
-        too to replace a name that exists."""
+        `force`, existing names, and uploads that would pass a quota (NoSpace), before a byte
+        is sent. Needs the write right, and overwrite too to replace a name that exists. The
+        PartFile's `reservation` is the room it holds in the quota (quotas.Reservation), or
+        None."""
         self._need("write", requested)
         cap = self.max_upload_size
         if cap is not None and size > cap:
@@ -478,13 +500,27 @@ class Root:
                     raise Exists(f"{requested}: already exists on the server (use --force to replace it)")
                 self._need("overwrite", requested)
             label = json.dumps({"user": user, "name": name}).encode("utf-8")
+            part_name = server_part_name(name, user)
+            reservation = None
+            if self.quota is not None:
+                try:
+                    partial = os.stat(part_name, dir_fd=parent_fd, follow_symlinks=False)
+                except OSError:
+                    partial = None
+                reservation = self.quota.reserve(requested, size, replaced=st, partial=partial)
             try:
-                return PartFile(
-                    name, server_part_name(name, user), requested, lock=True, private=True, dir_fd=parent_fd, label=label
-                )
+                part = PartFile(name, part_name, requested, lock=True, private=True, dir_fd=parent_fd, label=label)
             except LocalIOError:
+                if reservation is not None:
+                    reservation.cancel()
                 # Put there by someone else (a FIFO, a hard link to another file): not ours.
                 raise BadPath(f"{requested}: path refused: its partial upload is not the server's own file") from None
+            except BaseException:
+                if reservation is not None:
+                    reservation.cancel()
+                raise
+            part.reservation = reservation
+            return part
         finally:
             os.close(parent_fd)
 
@@ -507,8 +543,9 @@ class Root:
 
     def remove(self, requested, recursive=False):
         """Remove `requested` (never following it): a file, symlink, FIFO or socket; with
-        `recursive`, a directory and everything under it (see _TreeRemoval). How many names
-        were removed. Blocking: a recursive removal runs in a thread."""
+        `recursive`, a directory and everything under it (see _TreeRemoval). What was removed
+        (Removed; a refusal part-way carries it as `freed`). Blocking: a recursive removal runs
+        in a thread."""
         self._need("delete", requested)
         parent_fd, name, st = self._the_name(requested)
         try:
@@ -517,7 +554,7 @@ class Root:
                     os.unlink(name, dir_fd=parent_fd)
                 except OSError as problem:
                     raise _change_error(problem, requested) from None
-                return 1
+                return _freed(st)
             if not recursive:
                 raise NotAFile(f"{requested}: is a directory (remove it with rmdir, or recursively)")
             return _TreeRemoval(parent_fd, name, requested, self._protected()).run()
@@ -539,7 +576,7 @@ class Root:
                 if problem.errno == errno.ENOTDIR:  # swapped for something else meanwhile
                     raise NotADirectory(f"{requested}: is not a directory") from None
                 raise _change_error(problem, requested) from None
-            return 1
+            return Removed(1)
         finally:
             os.close(parent_fd)
 
@@ -547,7 +584,7 @@ class Root:
         """Rename `requested` (any kind, never followed) to `to`, in one rename(2). Without
         `force` an existing `to` is never replaced; with it, a file or symlink is, and an empty
         directory by a directory. Needs the rename right, and overwrite to replace. `user`: whose
-        running upload of `requested` makes it busy."""
+        running upload of `requested` makes it busy. What was replaced (Removed, 0 names)."""
         self._need("rename", requested)
         source, target = segments(requested), segments(to)
         if not target:
@@ -572,7 +609,7 @@ class Root:
                 if existing is not None:
                     self._check_not_protected(existing, to)
                     if to_name == from_name and _same_file(os.fstat(from_fd), os.fstat(to_fd)):
-                        return  # P itself: renamed onto itself, nothing to do
+                        return Removed(0)  # P itself: renamed onto itself, nothing to do
                     if not force:
                         raise Exists(f"{to}: already exists on the server (use --force to replace it)")
                     self._need("overwrite", to)
@@ -587,6 +624,9 @@ class Root:
                 except OSError as problem:
                     replacing = existing is not None and stat.S_ISDIR(existing.st_mode)
                     raise _rename_error(problem, requested, to, replacing) from None
+                if existing is None or _same_file(st, existing):  # rename(2) does nothing to a hard link
+                    return Removed(0)
+                return _freed(existing)._replace(names=0)
             finally:
                 os.close(to_fd)
         finally:
@@ -759,6 +799,7 @@ class _TreeRemoval:
         self.shown = shown
         self.protected = protected
         self.removed = 0
+        self.freed = Removed(0)  # the regular files among what was removed (names counted apart)
         self.left = None  # the first refusal for something left in place
         self.frames = [_Frame(name, self._enter(parent_fd, name, shown))]
 
@@ -785,13 +826,14 @@ class _TreeRemoval:
         return frame.fd
 
     def run(self):
-        """How many names were removed; or the refusal, carrying that number as `removed`
-        (what went before it stays removed)."""
+        """What was removed (Removed); or the refusal, carrying the number of names as
+        `removed` and what was removed as `freed` (what went before it stays removed)."""
         try:
             while self.frames:
                 self._step()
         except EketwistError as refusal:
             refusal.removed = self.removed
+            refusal.freed = self.result()
             raise
         finally:
             for frame in self.frames:
@@ -799,8 +841,12 @@ class _TreeRemoval:
                     os.close(frame.fd)
         if self.left is not None:
             self.left.removed = self.removed
+            self.left.freed = self.result()
             raise self.left
-        return self.removed
+        return self.result()
+
+    def result(self):
+        return self.freed._replace(names=self.removed)
 
     def _step(self):
         depth = len(self.frames) - 1
@@ -901,6 +947,7 @@ class _TreeRemoval:
                 ))
             else:
                 self.removed += 1
+                self.freed += _freed(unlinked)
             return
         try:
             os.unlink(name, dir_fd=directory)
@@ -909,6 +956,7 @@ class _TreeRemoval:
         except OSError as problem:
             raise _change_error(problem, self._path(depth, name)) from None
         self.removed += 1
+        self.freed += _freed(st)
 
     def _keep(self, frame, name, refusal):
         frame.skip.add(name)
@@ -932,17 +980,19 @@ class _Frame:
 
 
 def _unlink_unless_locked(directory, name):
-    """Remove the partial upload `name` unless an upload holds its lock; False if it does (or
-    it became another file meanwhile: a committed upload's file, a new upload's part file)."""
+    """Remove the partial upload `name` unless an upload holds its lock: the lstat of what was
+    removed (a stat of size 0 if it was already gone); False if an upload holds it (or it
+    became another file meanwhile: a committed upload's file, a new upload's part file)."""
     import fcntl
 
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
     except FileNotFoundError:
-        return True
+        return _GONE
     except OSError:
+        gone = os.stat(name, dir_fd=directory, follow_symlinks=False)
         os.unlink(name, dir_fd=directory)  # not ours to open: not an upload's either
-        return True
+        return gone
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -953,26 +1003,30 @@ def _unlink_unless_locked(directory, name):
         try:
             named = os.stat(name, dir_fd=directory, follow_symlinks=False)
         except FileNotFoundError:
-            return True
+            return _GONE
         if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
             return False
         os.unlink(name, dir_fd=directory)
-        return True
+        return held
     finally:
         os.close(fd)
 
 
+# What _unlink_unless_locked says for a name already gone: nothing of it counts.
+_GONE = os.stat_result((stat.S_IFDIR, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+
+
 def remove_stale_parts(root, max_age, now):
-    """Delete partial uploads under `root` untouched for `max_age` seconds and not in use; how
-    many were removed. Blocking (run it in a thread): walks by descriptors, iteratively (no
+    """Delete partial uploads under `root` untouched for `max_age` seconds and not in use; what
+    was removed (Removed). Blocking (run it in a thread): walks by descriptors, iteratively (no
     recursion limit), never through a symlink, holding two directory descriptors at a time
     (the subdirectories still to visit are kept as names), and opens nothing that is not a
     regular file (a FIFO with the reserved name must not hang it)."""
-    removed = 0
+    removed = Removed(0)
     try:
         top = os.open(root, _DIRECTORY_FLAGS)
     except OSError:
-        return 0
+        return removed
     pending: "list[tuple[str, ...]]" = [()]
     try:
         while pending:
@@ -998,14 +1052,15 @@ def remove_stale_parts(root, max_age, now):
 
 
 def _remove_if_stale(directory, name, max_age, now):
+    nothing = Removed(0)
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
     except OSError:
-        return 0
+        return nothing
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < max_age:
-            return 0
+            return nothing
         import fcntl
 
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while an upload holds it
@@ -1015,10 +1070,10 @@ def _remove_if_stale(directory, name, max_age, now):
         st = os.fstat(fd)
         named = os.stat(name, dir_fd=directory, follow_symlinks=False)
         if (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino) or now - st.st_mtime < max_age:
-            return 0
+            return nothing
         os.unlink(name, dir_fd=directory)
-        return 1
+        return _freed(st)
     except OSError:
-        return 0
+        return nothing
     finally:
         os.close(fd)

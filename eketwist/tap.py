@@ -15,7 +15,7 @@ import sys
 from twisted.application import internet
 from twisted.python import usage
 
-from . import __version__, exposure, guard, logs, proxy, server, service, userdb
+from . import __version__, exposure, guard, logs, proxy, server, service, sizes, userdb
 from .tuning import tune_allocator
 
 PROGRAM = "twistd eke"
@@ -287,16 +287,10 @@ def _running_pid(pidfile):
 
 
 def parse_size(text):
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    plain = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (plain[:-1], plain[-1]) if plain and plain[-1] in units else (plain, "")
     try:
-        value = int(float(number) * units[unit])
-    except (ValueError, OverflowError):  # OverflowError: inf
-        raise usage.UsageError(f"--max-upload-size: not a size (e.g. 500M, 10G): {text!r}") from None
-    if value < 0:
-        raise usage.UsageError(f"--max-upload-size: must not be negative: {text!r}")
-    return value
+        return sizes.parse_size(text)
+    except ValueError as problem:
+        raise usage.UsageError(f"--max-upload-size: {problem}") from None
 
 
 _SEPARATOR = re.compile(r"(?<!\\):")

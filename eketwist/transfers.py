@@ -237,16 +237,23 @@ class Removal(_InThread):
     def start(cls, connection, request):
         cls(connection, request)._run(connection.storage.remove, request.path, True)
 
+    def _done(self, removed):
+        self.connection.freed(removed)  # also when the connection is gone: the files are
+        super()._done(removed)
+
     def answer(self, removed):
-        return {"type": "done", "removed": removed}
+        return {"type": "done", "removed": removed.names}
 
     def log(self, removed):
         self.connection.log_event(
             "removed {path} ({count} names, {seconds:.3f} s)",
-            path=self.request.path, count=removed, seconds=time.monotonic() - self.started,
+            path=self.request.path, count=removed.names, seconds=time.monotonic() - self.started,
         )
 
     def _failed(self, failure):
+        freed = getattr(failure.value, "freed", None)
+        if freed is not None:
+            self.connection.freed(freed)
         removed = getattr(failure.value, "removed", 0)
         if removed and not self.connection.closing:
             # Refused part-way (an upload running inside, the filesystem said no): what went
@@ -352,6 +359,8 @@ class Upload:
         self.connection = connection
         self.upload = upload  # the serving machine's record of the PUT
         self.part = part  # files.PartFile, open from the PUT on
+        # The room held in the user's quota (quotas.Reservation) until settle(), or None.
+        self.reservation = getattr(part, "reservation", None)
         self.prefix_sha1 = None
         self.resumed_from = 0
         self.started = time.monotonic()
@@ -419,6 +428,7 @@ class Upload:
         self.part.written()
         if size != self.upload.size:
             self.part.abort()
+            self.settle()
             self._refused(IntegrityError(f"{path}: the file changed size while it was sent"))
             return
         # Verified, flushed and renamed in a thread (files.GroupCommit, with the uploads that
@@ -441,8 +451,15 @@ class Upload:
             connection.refuse("put", self.upload.path, error, UPLOAD_END_REFUSAL_CODES)
             connection.factory.transfer_over()
 
+    def settle(self):
+        """The upload is over: what it left on the disk counts in the quota's usage, and the
+        room it held is given back."""
+        if self.reservation is not None:
+            self.reservation.settle(self.part)
+
     def _stored(self, digest, size):
         connection = self.connection
+        self.settle()
         self._log_stored(digest, size)
         stored = {"type": "stored", "size": size, "sha1": digest}
         if connection.serving.version >= 2:
@@ -467,6 +484,7 @@ class Upload:
 
     def _not_stored(self, failure):
         connection = self.connection
+        self.settle()
         if failure.check(EketwistError) and wire_code(failure.value) in UPLOAD_END_REFUSAL_CODES:
             self._refused(failure.value)
             return
@@ -487,6 +505,7 @@ class Upload:
         """The connection ends before END: keep the partial file for a resume, or remove it.
         (After END the commit in its thread finishes the upload.)"""
         self.part.abort(keep_part=keep_part)
+        self.settle()
         self.connection.factory.transfer_over()
         self.connection.log_event(
             "put {path} aborted after {nbytes} bytes ({why}); partial {kept}",

@@ -32,6 +32,9 @@ DEFAULT_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
 READ = "read"
 READ_WRITE = "read-write"
 BUNDLES = (READ, READ_WRITE)
+QUOTAS = ("quota_bytes", "quota_files")
+# A quota is a JSON integer; 2^63 - 1 bytes is more than any filesystem holds.
+MAX_QUOTA = 2**63 - 1
 
 
 class Rights(frozenset):
@@ -96,6 +99,10 @@ class User:
     root: str = None  # None: the server's --root
     rights: Rights = Rights(RIGHT_BUNDLES[READ])  # a bundle's name or a list of names is taken too
     extra: dict = field(default_factory=dict, repr=False)
+    # docs/protocol.md section 7.7: at most this many bytes in regular files (and partial
+    # uploads) under the root, and this many of them; None: no such limit.
+    quota_bytes: int = field(default=None, repr=False)
+    quota_files: int = field(default=None, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "rights", parse_rights(self.rights))
@@ -112,7 +119,14 @@ class User:
         }
         if self.root is not None:
             obj["root"] = self.root
+        for name in QUOTAS:
+            if getattr(self, name) is not None:
+                obj[name] = getattr(self, name)
         return obj
+
+    @property
+    def has_quota(self):
+        return self.quota_bytes is not None or self.quota_files is not None
 
 
 def make_user(name, password, scrypt=None, salt=None, root=None, rights=READ):
@@ -217,9 +231,17 @@ def _parse_user(obj):
     if root is not None and not (isinstance(root, str) and os.path.isabs(root) and "\x00" not in root and _is_utf8(root)):
         raise ValueError("root must be an absolute path")
     rights = parse_rights(obj.get("rights", READ))
-    known = {"user", "scrypt", "salt", "w0", "L", "root", "rights"}
+    quotas = {}
+    for quota in QUOTAS:
+        value = obj.get(quota)
+        if value is not None and not (type(value) is int and 0 <= value <= MAX_QUOTA):
+            raise ValueError(f"{quota} must be a whole number, 0 or more")
+        quotas[quota] = value
+    known = {"user", "scrypt", "salt", "w0", "L", "root", "rights", *QUOTAS}
     extra = {k: v for k, v in obj.items() if k not in known}
-    return User(name=name, scrypt=dict(obj["scrypt"]), salt=salt, w0=w0, L=L, root=root, rights=rights, extra=extra)
+    return User(
+        name=name, scrypt=dict(obj["scrypt"]), salt=salt, w0=w0, L=L, root=root, rights=rights, extra=extra, **quotas,
+    )
 
 
 def parse(text, source="users file"):
@@ -431,6 +453,9 @@ class UsersStore:
         # check(users) -> a problem or None: what a new file must also pass to replace the
         # last good copy (the daemon's: none of its own files inside a user's new root).
         self.check = None
+        # reloaded(users): told of each new copy once it is in use (the daemon's: count the
+        # roots of users with quotas).
+        self.reloaded = None
         self._stamp = self._current_stamp()
         self.users = load(path)  # a broken file at start is fatal: the caller reports it
         self.users.prepare()  # before the first handshake, not during it
@@ -465,6 +490,8 @@ class UsersStore:
             )
             return False
         self.users = users
+        if self.reloaded is not None:
+            self.reloaded(users)
         self.log.info("users file reloaded ({reason}): {count} users", reason=reason, count=len(users.by_name))
         self._warn_about()
         return True

@@ -17,7 +17,7 @@ import sys
 import textwrap
 import warnings
 
-from . import __version__, userdb, wire
+from . import __version__, sizes, userdb, wire
 from .errors import EXIT_FAILURE, EXIT_LOCAL_IO, EXIT_OK, EXIT_USAGE, EketwistError, LocalIOError, UsageError
 
 DEFAULT_USERS = "./eke-users"
@@ -98,8 +98,8 @@ def build_parser():
             _account_options(sub)
         subparsers.append(sub)
     modify = commands.add_parser(
-        "modify", help="change a user's root or rights",
-        description="Change a user's root or rights (at least one); the password stays.",
+        "modify", help="change a user's root, rights or quotas",
+        description="Change a user's root, rights or quotas (at least one); the password stays.",
     )
     modify.add_argument("name", metavar="NAME")
     _account_options(modify)
@@ -107,7 +107,7 @@ def build_parser():
     remove.add_argument("name", metavar="NAME")
     listing = commands.add_parser(
         "list", help="list the users",
-        description="List the users, one per line: name, rights, root and scrypt cost, tab-separated.",
+        description="List the users, one per line: name, rights, root, scrypt cost and quotas, tab-separated.",
     )
     for sub in (*subparsers, modify, remove, listing):
         _add_common_options(sub, suppress=True)
@@ -126,6 +126,44 @@ def _account_options(parser):
         help="read (the default for new users: list,read), read-write (all), or a comma-separated list of "
         f"{', '.join(userdb.RIGHT_NAMES)} (e.g. list,read,write)",
     )
+    parser.add_argument(
+        "--quota-bytes", type=_quota(sizes.parse_size), metavar="SIZE",
+        help="the most the user's root may hold in files and partial uploads, in bytes (suffixes K, M, G, T: "
+        "powers of 1024; users sharing a root share it); 'none' for no limit",
+    )
+    parser.add_argument(
+        "--quota-files", type=_quota(_file_count), metavar="N",
+        help="the most files (partial uploads included) the user's root may hold; 'none' for no limit",
+    )
+
+
+# What a quota option gives for 'none': the quota is removed (None is "not given").
+NO_QUOTA = "none"
+
+
+def _quota(parse):
+    def convert(text):
+        if text.strip().lower() == NO_QUOTA:
+            return NO_QUOTA
+        try:
+            value = parse(text)
+        except ValueError as problem:
+            raise argparse.ArgumentTypeError(str(problem)) from None
+        if value > userdb.MAX_QUOTA:
+            raise argparse.ArgumentTypeError(f"too large: {text!r}")
+        return value
+
+    return convert
+
+
+def _file_count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise ValueError(f"must not be negative: {text!r}")
+    return value
 
 
 def _rights(text):
@@ -142,10 +180,12 @@ def check_args(args):
     problem = wire.check_username(args.name)
     if problem:
         raise UsageError(f"NAME {args.name!r}: {problem}")
-    if args.command == "modify" and args.root is None and args.rights is None:
+    if args.command == "modify" and all(
+        value is None for value in (args.root, args.rights, args.quota_bytes, args.quota_files)
+    ):
         raise UsageError(
-            f"modify {args.name}: nothing to change: give --root DIR (or --root default) and/or "
-            f"--rights {'|'.join(userdb.BUNDLES)}|RIGHT,RIGHT..."
+            f"modify {args.name}: nothing to change: give --root DIR (or --root default), "
+            f"--rights {'|'.join(userdb.BUNDLES)}|RIGHT,RIGHT..., --quota-bytes SIZE|none and/or --quota-files N|none"
         )
     if args.command in ("add", "passwd"):
         problem = userdb.check_scrypt(dict(userdb.DEFAULT_SCRYPT, n=args.scrypt_n))
@@ -223,7 +263,24 @@ def _load_or_new(path, create):
 
 def describe(user):
     """What the users file records about a user's account, as the confirmations show it."""
-    return f"{user.rights}, {'root ' + user.root if user.root else 'server root'}"
+    quota = describe_quota(user)
+    return f"{user.rights}, {'root ' + user.root if user.root else 'server root'}" + (f", {quota}" if quota else "")
+
+
+def describe_quota(user):
+    """'quota 10.0 GiB and 1000 files', or "" without quotas."""
+    limits = []
+    if user.quota_bytes is not None:
+        limits.append(_size_label(user.quota_bytes))
+    if user.quota_files is not None:
+        limits.append(f"{user.quota_files} file{'s' if user.quota_files != 1 else ''}")
+    return "quota " + " and ".join(limits) if limits else ""
+
+
+def _size_label(count):
+    """10.0 GiB when that is exact, else 1.4 MiB (1500000 bytes)."""
+    shown = sizes.human_size(count)
+    return shown if sizes.parse_size(shown.replace(" ", "")) == count else f"{shown} ({count} bytes)"
 
 
 def run(args, out=None):
@@ -239,7 +296,8 @@ def run(args, out=None):
             _write(
                 out,
                 f"{user.name}\t{user.rights}\t{user.root or '(server root)'}\t"
-                f"scrypt n={user.scrypt['n']} r={user.scrypt['r']} p={user.scrypt['p']}\n",
+                f"scrypt n={user.scrypt['n']} r={user.scrypt['r']} p={user.scrypt['p']}\t"
+                f"{describe_quota(user) or 'no quota'}\n",
             )
         if not users.by_name:
             _warn(f"{path} has no users: nobody can log in")
@@ -290,7 +348,10 @@ def _change(args, path):
         password = read_new_password(args)
         user = userdb.make_user(args.name, password, dict(userdb.DEFAULT_SCRYPT, n=args.scrypt_n))
         if previous is not None:
-            user = dataclasses.replace(user, root=previous.root, rights=previous.rights, extra=previous.extra)
+            user = dataclasses.replace(
+                user, root=previous.root, rights=previous.rights, extra=previous.extra,
+                quota_bytes=previous.quota_bytes, quota_files=previous.quota_files,
+            )
             done = f"changed the password of {args.name} (scrypt n={args.scrypt_n})"
         else:
             user = _apply_account(args, user)
@@ -306,6 +367,10 @@ def _apply_account(args, user):
         changes["root"] = None if args.root == "default" else args.root
     if args.rights is not None:
         changes["rights"] = args.rights
+    for quota in userdb.QUOTAS:
+        value = getattr(args, quota)
+        if value is not None:
+            changes[quota] = None if value == NO_QUOTA else value
     return dataclasses.replace(user, **changes)
 
 

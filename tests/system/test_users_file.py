@@ -293,7 +293,7 @@ def test_each_change_is_confirmed_in_one_line(tmp_path):
     for args, line in steps:
         result = eke_users(path, *args, password=PASSWORD)
         assert (result.returncode, result.stdout, result.stderr) == (0, line + "\n", ""), args
-    assert eke_users(path, "list").stdout == f"alice\tread\t(server root)\tscrypt n={FAST_SCRYPT['n']} r=8 p=1\n"
+    assert eke_users(path, "list").stdout == f"alice\tread\t(server root)\tscrypt n={FAST_SCRYPT['n']} r=8 p=1\tno quota\n"
 
 
 def test_modify_with_nothing_to_change_is_a_usage_error(tmp_path):
@@ -566,3 +566,71 @@ def test_an_unknown_right_is_a_usage_error_naming_it(tmp_path, rights):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--rights" in result.stderr.splitlines()[-1] and f"unknown right {bad!r}" in result.stderr.splitlines()[-1]
     assert path.read_bytes() == before
+
+
+# -- quotas (docs/protocol.md sections 7.7 and 11)
+
+
+def test_quotas_round_trip_through_eke_users_and_the_file(tmp_path):
+    path = tmp_path / "users"
+    steps = [
+        (fast("add", "dave", "--password-stdin", "--quota-bytes", "10G", "--quota-files", "1000"),
+         "added dave (read, server root, quota 10.0 GiB and 1000 files)"),
+        (("modify", "dave", "--quota-bytes", "1500000"),  # only quotas: a change all the same
+         "modified dave (read, server root, quota 1.4 MiB (1500000 bytes) and 1000 files)"),
+        (("modify", "dave", "--quota-files", "none"), "modified dave (read, server root, quota 1.4 MiB (1500000 bytes))"),
+        (("modify", "dave", "--quota-bytes", "1500000"), "dave unchanged (read, server root, quota 1.4 MiB (1500000 bytes))"),
+        (("modify", "dave", "--quota-files", "1"), "modified dave (read, server root, quota 1.4 MiB (1500000 bytes) and 1 file)"),
+    ]
+    for args, line in steps:
+        result = eke_users(path, *args, password=PASSWORD)
+        assert (result.returncode, result.stdout, result.stderr) == (0, line + "\n", ""), args
+    record = json.loads(path.read_text().splitlines()[-1])
+    assert (record["quota_bytes"], record["quota_files"]) == (1500000, 1)
+    assert eke_users(path, "list").stdout.endswith("\tquota 1.4 MiB (1500000 bytes) and 1 file\n")
+    # A new password keeps the quotas, and so does the file's every other reader.
+    assert eke_users(path, *fast("passwd", "dave", "--password-stdin"), password=PASSWORD).returncode == 0
+    dave = userdb.load(path).by_name["dave"]
+    assert (dave.quota_bytes, dave.quota_files, dave.has_quota) == (1500000, 1, True)
+    eke_users(path, "modify", "dave", "--quota-bytes", "none", "--quota-files", "none")
+    record = json.loads(path.read_text().splitlines()[-1])
+    assert "quota_bytes" not in record and "quota_files" not in record
+    assert eke_users(path, "list").stdout.endswith("\tno quota\n")
+    assert not userdb.load(path).by_name["dave"].has_quota
+
+
+@pytest.mark.parametrize(("option", "value", "problem"), [
+    ("--quota-bytes", "10X", "not a size"), ("--quota-bytes", "-1", "must not be negative"),
+    ("--quota-files", "1.5", "not a whole number"), ("--quota-files", "-3", "must not be negative"),
+])
+def test_a_bad_quota_is_a_usage_error_naming_the_option(tmp_path, option, value, problem):
+    path = tmp_path / "users"
+    saved(path, "bob")
+    before = path.read_bytes()
+    result = eke_users(path, "modify", "bob", option, value)
+    assert result.returncode == 2 and option in result.stderr.splitlines()[-1] and problem in result.stderr
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "true", '"10G"', "9223372036854775808"])
+def test_a_quota_that_is_not_a_count_makes_the_file_unusable(tmp_path, value):
+    path = tmp_path / "users"
+    saved(path, "bob")
+    lines = path.read_text().splitlines()
+    lines[-1] = lines[-1][:-1] + f', "quota_files": {value}}}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(userdb.UsersFileError, match=f"line {len(lines)}: quota_files must be a whole number"):
+        userdb.load(path)
+
+
+def test_quotas_and_unknown_members_are_kept_apart(tmp_path):
+    path = tmp_path / "users"
+    saved(path, "bob")
+    lines = path.read_text().splitlines()
+    lines[-1] = lines[-1][:-1] + ', "quota_bytes": 0, "later": {"x": 1}}'
+    path.write_text("\n".join(lines) + "\n")
+    bob = userdb.load(path).by_name["bob"]
+    assert (bob.quota_bytes, bob.quota_files, bob.extra) == (0, None, {"later": {"x": 1}})
+    eke_users(path, "modify", "bob", "--rights", "read-write")
+    record = json.loads(path.read_text().splitlines()[-1])
+    assert (record["quota_bytes"], record["later"]) == (0, {"x": 1})

@@ -9,13 +9,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "eketwist"
 
 LAYERS = [
     # 0. core: pure functions and tables, no I/O
-    {"errors", "pbkdf", "spake2plus", "records", "textsafe", "guard", "logs", "tuning"},
+    {"errors", "pbkdf", "spake2plus", "records", "textsafe", "guard", "logs", "tuning", "sizes"},
     # 1. wire: the codec for frames and messages, and the protocol's constants and rules
     {"wire"},
     # 2. machines: the handshake and the requests, both sides, no I/O
     {"verifier", "serving", "prover", "requesting"},
     # 3. protocols and storage: Twisted glue, the client's fast start, a user's root, files
-    {"connection", "server", "transfers", "realm", "client_protocol", "prelude", "storage", "files", "userdb", "proxy"},
+    {"connection", "server", "transfers", "realm", "client_protocol", "prelude", "storage", "files", "userdb", "proxy", "quotas"},
     # 4. edges: the twistd plugin's service, the client and users commands
     {"tap", "service", "sdnotify", "exposure", "client", "arguments", "commands", "manage", "sync", "globs", "plan",
      "report", "users", "__main__", "__init__"},

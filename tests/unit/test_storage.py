@@ -202,7 +202,7 @@ def test_stale_partials_sweep_never_opens_a_fifo_or_follows_a_link(tmp_path):
     stale.write_text("x")
     os.utime(stale, (0, 0))
     result = []
-    sweeper = threading.Thread(target=lambda: result.append(storage.remove_stale_parts(str(tmp_path), 3600, time.time())))
+    sweeper = threading.Thread(target=lambda: result.append(storage.remove_stale_parts(str(tmp_path), 3600, time.time()).names))
     sweeper.start()
     sweeper.join(5)
     assert not sweeper.is_alive(), "the sweep hangs on a FIFO"
@@ -230,7 +230,7 @@ def test_a_deep_tree_is_listed_and_swept_without_recursion_limits(tmp_path):
     try:
         deep = list(storage.Root(str(tmp_path)).listing("", recursive=True))
         assert len(deep) == depth
-        assert storage.remove_stale_parts(str(tmp_path), 3600, time.time()) == 1
+        assert storage.remove_stale_parts(str(tmp_path), 3600, time.time()).names == 1
     finally:
         sys.setrecursionlimit(default_limit)
         subprocess.run(["rm", "-rf", str(tmp_path / "d")], check=True)  # pytest's rmtree recurses
@@ -437,7 +437,7 @@ def test_stale_partials_are_removed_unless_in_use(tmp_path):
     os.utime(old, (0, 0))
     os.utime(busy, (0, 0))
     holder = files.PartFile(str(tmp_path / "dest"), str(busy), lock=True)
-    assert storage.remove_stale_parts(str(tmp_path), max_age=3600, now=time.time()) == 1
+    assert storage.remove_stale_parts(str(tmp_path), max_age=3600, now=time.time()).names == 1
     assert not old.exists() and busy.exists() and fresh.exists()
     holder.abort(keep_part=True)
 
@@ -467,7 +467,7 @@ def test_the_sweep_removes_only_the_stale_file_it_locked(tmp_path, monkeypatch):
         return real_flock(fd, operation)
 
     monkeypatch.setattr(fcntl, "flock", uploads_meanwhile)
-    assert storage.remove_stale_parts(str(tmp_path), max_age=3600, now=time.time()) == 0
+    assert storage.remove_stale_parts(str(tmp_path), max_age=3600, now=time.time()).names == 0
     monkeypatch.undo()
     later[0].write(b"new")
     later[0].finish(3, hashlib.sha1(b"new").digest())
@@ -567,7 +567,7 @@ def test_the_sweep_holds_few_descriptors_however_wide_the_tree(tmp_path):
         "import resource, sys, time\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
         "from eketwist import storage\n"
-        "print(storage.remove_stale_parts(sys.argv[1], 3600, time.time()))"
+        "print(storage.remove_stale_parts(sys.argv[1], 3600, time.time()).names)"
     )
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "3000", result.stderr

@@ -106,7 +106,7 @@ def test_remove_unlinks_a_file_a_symlink_a_fifo_and_a_socket(tree):
     sock.close()
     os.symlink("d", root / "dirlink")
     for name in ("f.txt", "out", "out-file", "fifo", "sock", "dirlink", "d/e/b.txt"):
-        assert served(root).remove(name) == 1
+        assert served(root).remove(name).names == 1
         assert not os.path.lexists(root / name)
     assert (root / "d").is_dir() and (root / "d" / "a.txt").exists()  # the link only
     assert_outside_untouched(outside)
@@ -127,10 +127,10 @@ def test_remove_recursive_removes_the_tree_and_counts_its_names(tree):
     root, outside = tree
     os.symlink(outside, root / "d" / "e" / "link-out")  # a link inside: removed as a link
     os.symlink("../..", root / "d" / "e" / "loop")
-    assert served(root).remove("d", recursive=True) == 6  # d, e, a.txt, b.txt and the two links
+    assert served(root).remove("d", recursive=True).names == 6  # d, e, a.txt, b.txt and the two links
     assert not os.path.lexists(root / "d")
-    assert served(root).remove("empty", recursive=True) == 1
-    assert served(root).remove("f.txt", recursive=True) == 1  # a file: as without recursive
+    assert served(root).remove("empty", recursive=True).names == 1
+    assert served(root).remove("f.txt", recursive=True).names == 1  # a file: as without recursive
     assert sorted(os.listdir(root)) == ["out", "out-file"]
     assert_outside_untouched(outside)
 
@@ -149,7 +149,7 @@ def test_remove_recursive_of_a_deep_tree_holds_few_descriptors(tmp_path, monkeyp
     (deep / "last").write_text("x")
     names = sum(len(dirs) + len(names) for _, dirs, names in os.walk(root / "top")) + 1
     before = len(os.listdir("/proc/self/fd"))
-    assert served(root).remove("top", recursive=True) == names
+    assert served(root).remove("top", recursive=True).names == names
     assert os.listdir(root) == [] and len(os.listdir("/proc/self/fd")) == before
 
 
@@ -171,7 +171,7 @@ def test_the_walk_never_follows_a_directory_swapped_for_a_symlink(tree, monkeypa
 
     monkeypatch.setattr(os, "open", open_then_swap)
     removed = served(root).remove("d", recursive=True)
-    assert swapped and removed == 3  # a.txt, the link e, d
+    assert swapped and removed == (3, 1, 1)  # a.txt, the link e, d
     assert not os.path.lexists(root / "d")
     assert (outside / "sub" / "victim").read_text() == "keep me too"
     assert sorted(p.name for p in outside.iterdir()) == ["precious", "sub"]
@@ -230,7 +230,7 @@ def test_partial_uploads_inside_are_removed_unless_an_upload_holds_them(tree):
         assert sorted(os.listdir(root / "d")) == ["e"] and os.listdir(root / "d" / "e") == [".eke-part.running"]
     finally:
         os.close(fd)
-    assert served(root).remove("d", recursive=True) == 3  # once the upload is over
+    assert served(root).remove("d", recursive=True).names == 3  # once the upload is over
     assert not (root / "d").exists()
 
 
@@ -267,7 +267,7 @@ def test_a_permission_refused_by_the_filesystem_keeps_what_was_removed(tree, mon
 
 def test_rmdir_removes_an_empty_directory_only(tree):
     root, outside = tree
-    assert served(root).remove_directory("empty/") == 1
+    assert served(root).remove_directory("empty/") == (1, 0, 0)
     assert not (root / "empty").exists()
     with pytest.raises(errors.NotEmpty, match="d: the directory is not empty"):
         served(root).remove_directory("d")
@@ -493,7 +493,7 @@ def test_files_appearing_in_a_directory_being_emptied(tree, monkeypatch, appeari
         with pytest.raises(errors.Busy, match="d/e: files keep appearing in it"):
             served(root).remove("d", recursive=True)
     else:
-        assert served(root).remove("d", recursive=True) == outcome  # d, e, a.txt, b.txt and the late file
+        assert served(root).remove("d", recursive=True).names == outcome  # d, e, a.txt, b.txt and the late file
         assert not (root / "d").exists()
 
 

@@ -1,0 +1,246 @@
+"""Quotas (docs/protocol.md sections 7.7 and 7.10) through the real ServerProtocol, in memory
+(tests/support/conversation.py): refusals before READY and of inline PUTs, what resume and
+replace count, what REMOVE frees, SPACE, and uploads running at once on several connections."""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import pytest
+
+from eketwist import quotas, userdb, wire
+
+from ..support.conversation import Conversation, make_world, threads_by_hand
+from ..support.processes import FAST_SCRYPT
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
+
+from .test_manage import ask, log_lines, settle  # noqa: F401 - log_lines is a fixture
+
+
+@pytest.fixture
+def threads():
+    with threads_by_hand() as pool:
+        yield pool
+
+
+def world_with_quota(tmp_path, quota_bytes=None, quota_files=None):
+    """make_world's root (hello.txt: 6 bytes, 1 file), its user "fuzzer" with these quotas."""
+    root, users_path, _, _ = world = make_world(tmp_path, FAST_SCRYPT)
+    users = userdb.load(users_path)
+    users.by_name["fuzzer"] = dataclasses.replace(
+        users.by_name["fuzzer"], quota_bytes=quota_bytes, quota_files=quota_files,
+    )
+    userdb.save(users_path, users)
+    return world
+
+
+def connected(world, threads, factory=None, host="127.0.0.1", version=1):
+    conversation = Conversation(world, factory=factory, host=host, version=version)
+    conversation.reach("ready")
+    conversation.frames_out()
+    return conversation
+
+
+def answers(conversation):
+    return [json.loads(p) for kind, p in conversation.frames_out() if kind == wire.CONTROL]
+
+
+def usage(conversation, root):
+    return conversation.factory.accounts.usage_of(str(root))
+
+
+def on_disk(root):
+    """(bytes, files) of the regular files under root, partial uploads included, by os.walk."""
+    sizes = [os.lstat(os.path.join(top, name)).st_size for top, _, names in os.walk(root) for name in names
+             if os.path.isfile(os.path.join(top, name)) and not os.path.islink(os.path.join(top, name))]
+    return sum(sizes), len(sizes)
+
+
+def upload(conversation, threads, path, content, force=False, offset=0):
+    """PUT, UPLOAD from `offset`, DATA, END: the answers after UPLOAD (STORED or an ERROR)."""
+    [ready] = ask(conversation, threads, {"type": "put", "path": path, "size": len(content), "force": force})
+    assert ready["type"] == "ready", ready
+    conversation.feed(
+        conversation.message_frame({"type": "upload", "offset": offset})
+        + (conversation.record(wire.DATA, content[offset:]) if content[offset:] else b"")
+        + conversation.message_frame({"type": "end", "size": len(content), "sha1": hashlib.sha1(content).hexdigest()})
+    )
+    settle(conversation, threads)
+    return answers(conversation)
+
+
+def test_the_count_scans_files_and_partials_and_never_follows_a_symlink(tmp_path):
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "one").write_bytes(b"x" * 10)
+    (root / "a" / "b" / ".eke-part.0123").write_bytes(b"y" * 5)  # a partial upload counts
+    (root / "empty").write_bytes(b"")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "big").write_bytes(b"z" * 1000)
+    os.symlink(tmp_path / "outside", root / "a" / "link-to-dir")
+    os.symlink(tmp_path / "outside" / "big", root / "link-to-file")
+    os.mkfifo(root / "fifo")
+    assert quotas.scan(str(root)) == (15, 3)
+
+
+def test_the_count_walks_a_tree_deeper_than_it_holds(tmp_path):
+    root = tmp_path / "root"
+    deep = root
+    for level in range(12):
+        deep = deep / f"d{level}"
+        (deep).mkdir(parents=True)
+        (deep / "f").write_bytes(b"x" * level)
+    assert quotas.scan(str(root), held=3) == (sum(range(12)), 12)
+
+
+def test_a_put_over_the_byte_quota_is_refused_before_ready_and_logged(tmp_path, threads, log_lines):
+    world = world_with_quota(tmp_path, quota_bytes=100)
+    root = world[0]
+    conversation = connected(world, threads)
+    [refusal] = ask(conversation, threads, {"type": "put", "path": "big.iso", "size": 95})
+    assert refusal == {"type": "error", "code": "no-space", "message": "big.iso: over your quota of 100 B (6 B used)"}
+    assert conversation.proto.state == "ready"
+    assert [name for name in os.listdir(root) if name.startswith(".eke-part.")] == []
+    assert any("put big.iso refused: big.iso: over your quota of 100 B" in line for line in log_lines)
+    assert upload(conversation, threads, "fits.bin", b"x" * 94)[0]["type"] == "stored"  # 6 + 94 = 100
+    assert (usage(conversation, root).bytes, usage(conversation, root).files) == (100, 2) == on_disk(root)
+    [space] = ask(conversation, threads, {"type": "space"})
+    assert (space["quota_bytes"], space["used_bytes"]) == (100, 100) and "quota_files" not in space
+
+
+def test_the_file_quota_counts_names_and_a_replace_needs_no_new_one(tmp_path, threads):
+    world = world_with_quota(tmp_path, quota_files=2)
+    root = world[0]
+    conversation = connected(world, threads)
+    assert upload(conversation, threads, "two.txt", b"2")[0]["type"] == "stored"
+    [refusal] = ask(conversation, threads, {"type": "put", "path": "three.txt", "size": 1})
+    assert (refusal["code"], refusal["message"]) == ("no-space", "three.txt: over your quota of 2 files (2 used)")
+    assert upload(conversation, threads, "two.txt", b"22", force=True)[0]["type"] == "stored"
+    [space] = ask(conversation, threads, {"type": "space"})
+    assert (space["quota_files"], space["used_files"]) == (2, 2) and "quota_bytes" not in space
+
+
+def test_an_inline_put_over_the_quota_is_refused_and_its_data_dropped(tmp_path, threads):
+    world = world_with_quota(tmp_path, quota_bytes=50)
+    root = world[0]
+    conversation = connected(world, threads, version=2)
+    content = os.urandom(60)
+    got = ask(
+        conversation, threads,
+        {"type": "put", "path": "inline.bin", "size": len(content), "inline": True},
+    )
+    conversation.feed(
+        conversation.record(wire.DATA, content)
+        + conversation.message_frame({"type": "end", "size": len(content), "sha1": hashlib.sha1(content).hexdigest()})
+        + conversation.message_frame({"type": "stat", "path": "inline.bin"})
+    )
+    settle(conversation, threads)
+    got += answers(conversation)
+    assert got[0]["code"] == "no-space" and "over your quota of 50 B" in got[0]["message"]
+    assert got[1]["code"] == "not-found"
+    assert not conversation.transport.disconnecting and on_disk(root) == (6, 1)
+
+
+def test_a_replace_counts_the_difference(tmp_path, threads):
+    world = world_with_quota(tmp_path, quota_bytes=1000)
+    root = world[0]
+    (root / "sub" / "big").write_bytes(b"b" * 900)  # before the count: 906 used
+    conversation = connected(world, threads)
+    [refusal] = ask(conversation, threads, {"type": "put", "path": "sub/new", "size": 100})
+    assert refusal["code"] == "no-space"
+    assert upload(conversation, threads, "sub/big", b"c" * 990, force=True)[0]["type"] == "stored"  # 6 + 990
+    assert usage(conversation, root).bytes == 996 == on_disk(root)[0]
+
+
+def test_a_kept_partial_counts_and_its_resume_counts_only_the_missing_bytes(tmp_path, threads):
+    world = world_with_quota(tmp_path, quota_bytes=1306)
+    root = world[0]
+    content = os.urandom(1000)
+    first = connected(world, threads)
+    [ready] = ask(first, threads, {"type": "put", "path": "file.bin", "size": 1000})
+    first.feed(first.message_frame({"type": "upload", "offset": 0}) + first.record(wire.DATA, content[:600]))
+    first.proto.connectionLost(Failure(ConnectionLost()))  # the partial file is kept
+    settle(first, threads)
+    factory = first.factory
+    assert (usage(first, root).bytes, usage(first, root).used_bytes) == (606, 606) == (on_disk(root)[0],) * 2
+    # Another user of the root takes 300 bytes: 906 used. The resume needs 400 more: it fits
+    # only because the partial file's 600 bytes are counted already.
+    other = connected(world, threads, factory=factory, host="127.0.0.2")
+    assert upload(other, threads, "other.bin", b"o" * 300)[0]["type"] == "stored"
+    assert usage(other, root).bytes == 906
+    resumed = connected(world, threads, factory=factory, host="127.0.0.3")
+    [ready] = ask(resumed, threads, {"type": "put", "path": "file.bin", "size": 1000})
+    assert ready.get("offset") == 600, ready
+    [space] = ask(other, threads, {"type": "space"})  # (the uploader may not ask now)
+    assert space["used_bytes"] == 1306  # the missing 400 reserved
+    resumed.feed(
+        resumed.message_frame({"type": "upload", "offset": 600}) + resumed.record(wire.DATA, content[600:])
+        + resumed.message_frame({"type": "end", "size": 1000, "sha1": hashlib.sha1(content).hexdigest()})
+    )
+    settle(resumed, threads)
+    assert answers(resumed)[0]["type"] == "stored"
+    assert (usage(resumed, root).bytes, usage(resumed, root).files) == on_disk(root) == (1306, 3)
+
+
+def test_remove_and_rename_free_what_they_removed(tmp_path, threads):
+    world = world_with_quota(tmp_path, quota_bytes=10_000, quota_files=10)
+    root = world[0]
+    (root / "sub" / "d").mkdir()
+    (root / "sub" / "d" / "a").write_bytes(b"a" * 100)
+    (root / "sub" / "d" / ".eke-part.00112233445566778899aabbccddeeff").write_bytes(b"p" * 50)
+    (root / "sub" / "b").write_bytes(b"b" * 200)
+    (root / "sub" / "c").write_bytes(b"c" * 300)
+    conversation = connected(world, threads)
+    settle(conversation, threads)
+    assert usage(conversation, root).bytes == 656
+    done = ask(conversation, threads, {"type": "rename", "path": "sub/c", "to": "sub/b", "force": True})
+    assert done[0]["type"] == "done" and usage(conversation, root).bytes == 456 == on_disk(root)[0]
+    done = ask(conversation, threads, {"type": "remove", "path": "sub/d", "recursive": True})
+    assert done[0] == {"type": "done", "removed": 3}
+    assert (usage(conversation, root).bytes, usage(conversation, root).files) == on_disk(root) == (306, 2)
+    ask(conversation, threads, {"type": "remove", "path": "sub/b"})
+    assert (usage(conversation, root).bytes, usage(conversation, root).files) == on_disk(root) == (6, 1)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_uploads_running_at_once_never_pass_the_quota_together(tmp_path, threads, version):
+    world = world_with_quota(tmp_path, quota_bytes=6 + 4 * 1000)  # room for four of the six
+    root = world[0]
+    first = connected(world, threads, version=version)
+    settle(first, threads)
+    connections = [first] + [
+        connected(world, threads, factory=first.factory, host=f"127.0.0.{index}", version=version) for index in range(2, 7)
+    ]
+    contents = [os.urandom(1000) for _ in connections]
+    # Every PUT first, then every upload's data: all six are in flight together.
+    offers = [ask(each, threads, {"type": "put", "path": f"f{index}", "size": 1000})[0]
+              for index, each in enumerate(connections)]
+    assert [offer["type"] for offer in offers] == ["ready"] * 4 + ["error"] * 2
+    assert {offer.get("code") for offer in offers[4:]} == {"no-space"}
+    for each, content in zip(connections[:4], contents):
+        each.feed(
+            each.message_frame({"type": "upload", "offset": 0}) + each.record(wire.DATA, content)
+            + each.message_frame({"type": "end", "size": 1000, "sha1": hashlib.sha1(content).hexdigest()})
+        )
+    for each in connections[:4]:
+        settle(each, threads)
+        assert answers(each)[0]["type"] == "stored"
+    counted = usage(first, root)
+    assert (counted.bytes, counted.files, counted.reserved_bytes, counted.reserved_files) == (4006, 5, 0, 0)
+    assert on_disk(root) == (4006, 5)
+
+
+def test_a_put_waits_for_the_count_and_other_users_do_not(tmp_path, threads):
+    world = world_with_quota(tmp_path, quota_bytes=100)
+    root = world[0]
+    conversation = connected(world, threads)
+    assert not usage(conversation, root).counted  # the count waits in its thread
+    conversation.feed(conversation.message_frame({"type": "put", "path": "x", "size": 10}))
+    assert answers(conversation) == [] and conversation.proto.state == "working"
+    conversation.feed(conversation.message_frame({"type": "stat", "path": "x"}))  # held meanwhile
+    settle(conversation, threads)
+    got = answers(conversation)
+    assert got[0]["type"] == "ready"
+    assert usage(conversation, root).counted
