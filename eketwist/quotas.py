@@ -14,7 +14,7 @@ from twisted.internet import defer
 
 from .errors import NoSpace
 from .sizes import human_size
-from .storage import _DIRECTORY_FLAGS, _open_directory_nofollow, _walk_down
+from .storage import walk_entries
 
 
 def root_key(path):
@@ -23,65 +23,18 @@ def root_key(path):
     return st.st_dev, st.st_ino
 
 
-def scan(root, held=64):
+def scan(root):
     """(bytes, files): the sizes and number of the regular files under `root`, partial uploads
-    included. Blocking (run it in a thread). Never follows a symlink: each directory is opened
-    from its parent's descriptor with O_NOFOLLOW. Memory stays bounded: the walk is depth
-    first, holding one descriptor and one directory stream per level, at most `held` levels;
-    a directory deeper than that is remembered by its names and walked afterwards from the
-    root. What cannot be read (gone meanwhile, no permission) is skipped."""
-    try:
-        top = os.open(root, _DIRECTORY_FLAGS)
-    except OSError:
-        return 0, 0
+    included. Blocking (run it in a thread); never follows a symlink (storage.walk_entries)."""
     total = files = 0
-    deeper = [()]
-    try:
-        while deeper:
-            names = deeper.pop()
-            try:
-                fd = _walk_down(top, names)
-            except OSError:
-                continue  # gone, or swapped for a symlink since it was seen
-            stack = []
-            try:
-                stack.append((names, fd, os.scandir(fd)))
-            except OSError:
-                os.close(fd)
-                continue
-            while stack:
-                names, fd, entries = stack[-1]
-                try:
-                    child = next(entries, None)
-                except OSError:
-                    child = None
-                if child is None:
-                    entries.close()
-                    os.close(fd)
-                    stack.pop()
-                    continue
-                try:
-                    st = child.stat(follow_symlinks=False)
-                except OSError:
-                    continue  # gone since the directory was read
-                if stat.S_ISREG(st.st_mode):
-                    total += st.st_size
-                    files += 1
-                elif stat.S_ISDIR(st.st_mode):
-                    if len(stack) >= held:
-                        deeper.append((*names, child.name))
-                        continue
-                    try:
-                        sub = _open_directory_nofollow(child.name, fd)
-                    except OSError:
-                        continue
-                    try:
-                        stack.append(((*names, child.name), sub, os.scandir(sub)))
-                    except OSError:
-                        os.close(sub)
-            # (a failure above leaves nothing open: every frame is closed as it is popped)
-    finally:
-        os.close(top)
+    for _, child in walk_entries(root):
+        try:
+            st = child.stat(follow_symlinks=False)
+        except OSError:
+            continue  # gone since its directory was read
+        if stat.S_ISREG(st.st_mode):
+            total += st.st_size
+            files += 1
     return total, files
 
 

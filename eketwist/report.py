@@ -7,6 +7,7 @@ import time
 from collections import deque
 
 from .errors import Interrupted, LocalIOError
+from .sizes import human_size
 from .textsafe import escape, json_text
 
 
@@ -320,17 +321,6 @@ def _bar(err, total, desc, files=None, **options):
         total=total, desc=desc, file=err, bar_format=_OVERALL_FORMAT if files else _FILE_FORMAT,
         **options,
     )
-
-
-def human_size(count):
-    """Bytes in binary units (KiB = 1024), as the progress bars show them."""
-    if count < 1024:
-        return f"{count:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        count /= 1024
-        if count < 1024 or unit == "TiB":
-            return f"{count:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def _mode_string(entry):

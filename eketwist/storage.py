@@ -1016,17 +1016,16 @@ def _unlink_unless_locked(directory, name):
 _GONE = os.stat_result((stat.S_IFDIR, 0, 0, 0, 0, 0, 0, 0, 0, 0))
 
 
-def remove_stale_parts(root, max_age, now):
-    """Delete partial uploads under `root` untouched for `max_age` seconds and not in use; what
-    was removed (Removed). Blocking (run it in a thread): walks by descriptors, iteratively (no
-    recursion limit), never through a symlink, holding two directory descriptors at a time
-    (the subdirectories still to visit are kept as names), and opens nothing that is not a
-    regular file (a FIFO with the reserved name must not hang it)."""
-    removed = Removed(0)
+def walk_entries(root):
+    """(directory descriptor, entry) for everything under `root` that is not a directory.
+    Blocking (run it in a thread): walks by descriptors, iteratively (no recursion limit),
+    never through a symlink, holding two directory descriptors at a time (the subdirectories
+    still to visit are kept as names); what cannot be read (gone meanwhile, no permission) is
+    passed over. The descriptor is valid until the next entry is asked for."""
     try:
         top = os.open(root, _DIRECTORY_FLAGS)
     except OSError:
-        return removed
+        return
     pending: "list[tuple[str, ...]]" = [()]
     try:
         while pending:
@@ -1040,14 +1039,24 @@ def remove_stale_parts(root, max_age, now):
                     for child in scan:
                         if child.is_dir(follow_symlinks=False):
                             pending.append((*names, child.name))
-                        elif child.name.startswith(SERVER_PART_PREFIX):
-                            removed += _remove_if_stale(directory, child.name, max_age, now)
+                        else:
+                            yield directory, child
             except OSError:
                 pass
             finally:
                 os.close(directory)
     finally:
         os.close(top)
+
+
+def remove_stale_parts(root, max_age, now):
+    """Delete partial uploads under `root` untouched for `max_age` seconds and not in use; what
+    was removed (Removed). Blocking (run it in a thread); opens nothing that is not a regular
+    file (a FIFO with the reserved name must not hang it)."""
+    removed = Removed(0)
+    for directory, child in walk_entries(root):
+        if child.name.startswith(SERVER_PART_PREFIX):
+            removed += _remove_if_stale(directory, child.name, max_age, now)
     return removed
 
 
