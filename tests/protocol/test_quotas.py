@@ -244,3 +244,22 @@ def test_a_put_waits_for_the_count_and_other_users_do_not(tmp_path, threads):
     got = answers(conversation)
     assert got[0]["type"] == "ready"
     assert usage(conversation, root).counted
+
+
+def test_the_sweep_of_stale_partial_uploads_gives_their_room_back(tmp_path, threads):
+    world = world_with_quota(tmp_path, quota_bytes=2000)
+    root = world[0]
+    first = connected(world, threads)
+    [ready] = ask(first, threads, {"type": "put", "path": "file.bin", "size": 1000})
+    first.feed(first.message_frame({"type": "upload", "offset": 0}) + first.record(wire.DATA, b"p" * 700))
+    first.proto.connectionLost(Failure(ConnectionLost()))  # the partial file is kept, and counted
+    settle(first, threads)
+    factory = first.factory
+    assert usage(first, root).bytes == 706 == on_disk(root)[0]
+    [part] = [name for name in os.listdir(root) if name.startswith(".eke-part.")]
+    old = os.stat(root / part).st_mtime - 2 * factory.partial_max_age
+    os.utime(root / part, (old, old))
+    swept = factory.sweep_partial_uploads()
+    settle(first, threads)
+    assert swept.result == 1 and not (root / part).exists()
+    assert (usage(first, root).bytes, usage(first, root).files) == (6, 1) == on_disk(root)
