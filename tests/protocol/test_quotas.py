@@ -263,3 +263,21 @@ def test_the_sweep_of_stale_partial_uploads_gives_their_room_back(tmp_path, thre
     settle(first, threads)
     assert swept.result == 1 and not (root / part).exists()
     assert (usage(first, root).bytes, usage(first, root).files) == (6, 1) == on_disk(root)
+
+
+def test_a_quota_given_by_a_reload_counts_the_root_then(tmp_path, threads):
+    world = world_with_quota(tmp_path)  # no quota yet: nothing is counted
+    root, users_path = world[0], world[1]
+    first = connected(world, threads)
+    assert upload(first, threads, "before.bin", b"b" * 50)[0]["type"] == "stored"
+    factory = first.factory
+    assert usage(first, root) is None
+    users = userdb.load(users_path)
+    users.by_name["fuzzer"] = dataclasses.replace(users.by_name["fuzzer"], quota_bytes=100)
+    userdb.save(users_path, users)
+    later = connected(world, threads, factory=factory, host="127.0.0.2")
+    settle(later, threads)
+    # Counted from the disk when the reload gave the quota: what was uploaded before counts.
+    assert (usage(later, root).bytes, usage(later, root).files) == (56, 2) == on_disk(root)
+    [refusal] = ask(later, threads, {"type": "put", "path": "big.bin", "size": 45})
+    assert refusal["code"] == "no-space" and "over your quota of 100 B (56 B used)" in refusal["message"]
