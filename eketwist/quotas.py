@@ -196,7 +196,7 @@ class Quota:
     def space(self):
         """SPACE's quota members (docs/protocol.md section 7.10): none without limits."""
         usage = self.usage
-        members = {}
+        members: dict = {}
         if self.quota_bytes is not None:
             members.update(quota_bytes=self.quota_bytes, used_bytes=usage.used_bytes if usage else 0)
         if self.quota_files is not None:

@@ -195,13 +195,20 @@ class _InThread:
     big file): the connection stays in state working, without an idle timeout (the client
     waits for our disk), until the answer or the refusal."""
 
-    what = None
+    what: str = ""  # the request, as refusals are logged
     refusals = REFUSAL_CODES
 
     def __init__(self, connection, request):
         self.connection = connection
         self.request = request
         self.started = time.monotonic()
+
+    def answer(self, result):
+        """The message answering the request, from what the thread returned."""
+        raise NotImplementedError
+
+    def log(self, result):
+        """Log what was done."""
 
     def _run(self, function, *args):
         self.connection.setTimeout(None)
