@@ -429,6 +429,7 @@ class PartFile:
         self._write_in_place = write_in_place
         self.stored = None  # after finish: the stat of the file under its final name
         self.reservation = None  # the room a quota holds for it (storage.Root.receive's)
+        self.may_replace = False  # set by storage.Root.receive: whether its commit may replace
         # What the transfer left on the disk (a server's quotas count it): renamed into place,
         # replacing `replaced` (the lstat of what the name held, or None); or, given up,
         # `kept` for a resume (else removed).

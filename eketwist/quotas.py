@@ -23,11 +23,12 @@ def root_key(path):
     return st.st_dev, st.st_ino
 
 
-def scan(root):
+def scan(root, unreadable=None):
     """(bytes, files): the sizes and number of the regular files under `root`, partial uploads
-    included. Blocking (run it in a thread); never follows a symlink (storage.walk_entries)."""
+    included. Blocking (run it in a thread); never follows a symlink (storage.walk_entries);
+    `unreadable(names)` for each directory it could not read (its files are not counted)."""
     total = files = 0
-    for _, child in walk_entries(root):
+    for _, child in walk_entries(root, unreadable):
         try:
             st = child.stat(follow_symlinks=False)
         except OSError:
@@ -123,7 +124,18 @@ class Accounts:
             self.log.failure("counting the files under {root} failed", failure, root=path)
             usage.set_counted((0, 0))
 
-        self._defer_to_thread(scan, path).addCallbacks(counted, failed)
+        unreadable = []  # filled in the thread, read once it is done
+
+        def counted_all(result):
+            if unreadable:
+                self.log.warn(
+                    "{count} directories under {root} could not be read: their files are not in the "
+                    "quota count (first: {first}); give the server read access to them and restart it",
+                    count=len(unreadable), root=path, first="/".join(unreadable[0]),
+                )
+            counted(result)
+
+        self._defer_to_thread(scan, path, unreadable.append).addCallbacks(counted_all, failed)
 
     def usage_of(self, path):
         """The Usage of the root `path` if it is tracked, else None."""
@@ -174,12 +186,12 @@ class Quota:
         usage = self.usage
         if usage is None or not usage.counted:
             return None
-        replaced_bytes, replaced_files = _regular(replaced)
         part_bytes, part_files = _regular(partial)
-        # What the disk will hold more once the upload is in (never less: a smaller file frees
-        # its room only when it is in place).
-        need_bytes = max(0, size - replaced_bytes - part_bytes)
-        need_files = max(0, 1 - replaced_files - part_files)
+        # What the disk will hold more while the upload runs: the file it replaces stays until
+        # the new one takes its place (and may be removed or renamed meanwhile, by anyone
+        # sharing the root), so its room is not lent to the upload; settle() gives it back.
+        need_bytes = max(0, size - part_bytes)
+        need_files = max(0, 1 - part_files)
         if self.quota_bytes is not None and usage.used_bytes + need_bytes > self.quota_bytes:
             raise NoSpace(
                 f"{shown}: over your quota of {human_size(self.quota_bytes)} ({human_size(usage.used_bytes)} used)"

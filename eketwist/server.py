@@ -515,7 +515,7 @@ class ServerProtocol(SecureConnection, TimeoutMixin):
             transfers.Removal.start(self, request)  # a whole tree: in a thread
             return
         try:
-            removed = self.storage.remove(request.path)
+            removed = self.storage.remove(request.path, user=self.username)
         except EketwistError as error:
             self.refuse("remove", request.path, error, MANAGE_REFUSAL_CODES)
             return

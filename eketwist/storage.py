@@ -41,6 +41,10 @@ _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK
 _INODE_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK)
 
 
+# What CHMOD never takes from the server, the owner of what it stores (see Root.change_mode).
+OWNER_KEEPS_FILE = stat.S_IRUSR | stat.S_IWUSR
+OWNER_KEEPS_DIRECTORY = OWNER_KEEPS_FILE | stat.S_IXUSR
+
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
@@ -520,6 +524,10 @@ class Root:
                     reservation.cancel()
                 raise
             part.reservation = reservation
+            # What the commit may replace: with force, the name checked above, or, with the
+            # overwrite right, whatever is there by then; without that right a name that
+            # appears meanwhile is not replaced (the commit refuses it with exists).
+            part.may_replace = force and (st is not None or "overwrite" in self.rights)
             return part
         finally:
             os.close(parent_fd)
@@ -541,14 +549,16 @@ class Root:
             raise
         return parent_fd, name, st
 
-    def remove(self, requested, recursive=False):
+    def remove(self, requested, recursive=False, user=None):
         """Remove `requested` (never following it): a file, symlink, FIFO or socket; with
         `recursive`, a directory and everything under it (see _TreeRemoval). What was removed
         (Removed; a refusal part-way carries it as `freed`). Blocking: a recursive removal runs
-        in a thread."""
+        in a thread. `user`: whose upload of it, running, makes it busy (as for rename)."""
         self._need("delete", requested)
         parent_fd, name, st = self._the_name(requested)
         try:
+            if user is not None and _upload_running(parent_fd, server_part_name(name, user)):
+                raise Busy(f"{requested}: an upload of it is in progress")
             if not stat.S_ISDIR(st.st_mode):
                 try:
                     os.unlink(name, dir_fd=parent_fd)
@@ -617,7 +627,9 @@ class Root:
                         kinds = ("a directory", "a file") if stat.S_ISDIR(st.st_mode) else ("a file", "a directory")
                         raise Exists(f"{to}: {kinds[0]} cannot replace {kinds[1]}")
                 try:
-                    if force:
+                    # Replacing only what was checked, by whom may: a name that appears after
+                    # the check is not replaced without the overwrite right.
+                    if force and (existing is not None or "overwrite" in self.rights):
                         os.rename(from_name, to_name, src_dir_fd=from_fd, dst_dir_fd=to_fd)
                     else:
                         _rename_noreplace(from_fd, from_name, to_fd, to_name, stat.S_ISDIR(st.st_mode))
@@ -633,8 +645,11 @@ class Root:
             os.close(from_fd)
 
     def change_mode(self, requested, mode):
-        """Set the permission bits of the file or directory `requested` to `mode & 0o777`
-        (the umask does not apply; a symlink is refused, never followed)."""
+        """Set the permission bits of the file or directory `requested` to `mode & 0o777`,
+        the owner's read and write (and search, for a directory) kept: the server owns what it
+        stores and must keep reading it (a directory it could not read would hide its files
+        from the quota count, the sweep and REMOVE). The umask does not apply; a symlink is
+        refused, never followed."""
         self._need("chmod", requested)
         parent_fd, name, st = self._the_name(requested)
         try:
@@ -648,13 +663,14 @@ class Root:
                     kind = "is a symlink" if stat.S_ISLNK(held.st_mode) else "is not a regular file or a directory"
                     raise NotAFile(f"{requested}: {kind}")
                 self._check_not_protected(held, requested)
+                mode = (mode & MODE_MASK) | (OWNER_KEEPS_DIRECTORY if stat.S_ISDIR(held.st_mode) else OWNER_KEEPS_FILE)
                 if _INODE_FLAGS == os.O_RDONLY | os.O_NONBLOCK:
-                    os.fchmod(fd, mode & MODE_MASK)
+                    os.fchmod(fd, mode)
                 else:
                     # An O_PATH descriptor cannot be fchmod'ed; its /proc name reaches that
                     # very inode, whatever happens to the name meanwhile (and O_PATH needs no
                     # read permission: a mode 000 file can be given its bits back).
-                    os.chmod(f"/proc/self/fd/{fd}", mode & MODE_MASK)
+                    os.chmod(f"/proc/self/fd/{fd}", mode)
             except OSError as problem:
                 raise _change_error(problem, requested) from None
             finally:
@@ -945,7 +961,7 @@ class _TreeRemoval:
                 self._keep(frame, name, Busy(
                     f"{self._path(depth)}: an upload into it is in progress; the rest was removed"
                 ))
-            else:
+            elif unlinked is not _GONE:  # (gone meanwhile: nothing of it was removed here)
                 self.removed += 1
                 self.freed += _freed(unlinked)
             return
@@ -1016,12 +1032,13 @@ def _unlink_unless_locked(directory, name):
 _GONE = os.stat_result((stat.S_IFDIR, 0, 0, 0, 0, 0, 0, 0, 0, 0))
 
 
-def walk_entries(root):
+def walk_entries(root, unreadable=None):
     """(directory descriptor, entry) for everything under `root` that is not a directory.
     Blocking (run it in a thread): walks by descriptors, iteratively (no recursion limit),
     never through a symlink, holding two directory descriptors at a time (the subdirectories
-    still to visit are kept as names); what cannot be read (gone meanwhile, no permission) is
-    passed over. The descriptor is valid until the next entry is asked for."""
+    still to visit are kept as names); what is gone meanwhile is passed over, and a directory
+    that cannot be read otherwise is given to `unreadable` (its names from the top). The
+    descriptor is valid until the next entry is asked for."""
     try:
         top = os.open(root, _DIRECTORY_FLAGS)
     except OSError:
@@ -1032,8 +1049,11 @@ def walk_entries(root):
             names = pending.pop()
             try:
                 directory = _walk_down(top, names)
-            except OSError:
-                continue  # gone, or swapped for a symlink since it was seen
+            except (FileNotFoundError, NotADirectoryError, OSError) as problem:
+                # Gone, or swapped for a symlink since it was seen (ELOOP), or unreadable.
+                if unreadable is not None and isinstance(problem, PermissionError):
+                    unreadable(names)
+                continue
             try:
                 with os.scandir(directory) as scan:
                     for child in scan:
@@ -1041,6 +1061,9 @@ def walk_entries(root):
                             pending.append((*names, child.name))
                         else:
                             yield directory, child
+            except PermissionError:
+                if unreadable is not None:
+                    unreadable(names)
             except OSError:
                 pass
             finally:

@@ -242,7 +242,7 @@ class Removal(_InThread):
 
     @classmethod
     def start(cls, connection, request):
-        cls(connection, request)._run(connection.storage.remove, request.path, True)
+        cls(connection, request)._run(connection.storage.remove, request.path, True, connection.username)
 
     def _done(self, removed):
         self.connection.freed(removed)  # also when the connection is gone: the files are
@@ -444,7 +444,7 @@ class Upload:
         if not pipelined:
             connection.setTimeout(None)
         upload = self.upload
-        committed = connection.committer.commit(self.part, upload.mtime, upload.mode, upload.force, (size, sha1))
+        committed = connection.committer.commit(self.part, upload.mtime, upload.mode, self.part.may_replace, (size, sha1))
         committed.addCallbacks(self._stored, self._not_stored, callbackArgs=(size,))
 
     def _refused(self, error):

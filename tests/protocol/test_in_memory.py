@@ -317,11 +317,13 @@ def test_a_fatal_error_in_a_pipeline_fails_the_rest_and_keeps_what_was_finished(
     session = Session(world)
     client = _authenticated(session, threads)
     gets = [client.get(f"sub/big{i}", str(tmp_path / f"big{i}")) for i in range(6)]
-    for _ in range(400):  # until the third file flows
+    for _ in range(400):  # until two files are in and the third flows
         session.pump.pump()
         threads.run()
         session.clock.advance(0)
-        if (tmp_path / "big2.part").exists() and (tmp_path / "big2.part").stat().st_size:
+        # (Counted by the answers, not by the third .part's size: its bytes are written by a
+        # worker thread, and under load it could still be empty when all six had come.)
+        if sum(get.called for get in gets) >= 2:
             break
     session.factory.drain(grace=0)  # the transfer is cut: a fatal try-later
     session.settle(threads)

@@ -440,3 +440,24 @@ def test_a_remove_refused_part_way_logs_what_went(fresh_world, threads, log_line
         "removed 4 names under t before the refusal",  # x.txt, y.txt, b/z.txt and b
         "remove t refused: t/a: an upload into it is in progress; the rest was removed",
     ]
+
+
+def test_a_put_with_force_never_replaces_without_overwrite_a_name_that_appears_meanwhile(tmp_path, threads):
+    """PUT with force of a name that is not there needs no overwrite right; if the name
+    appears before the upload is committed (someone else's file, in a drop box), it is not
+    replaced: exists."""
+    world = world_with_rights(tmp_path, userdb.Rights({"list", "read", "write"}))
+    root = world[0]
+    conversation = connected(world)
+    content = b"evil"
+    [ready] = ask(conversation, threads, {"type": "put", "path": "report.pdf", "size": len(content), "force": True})
+    assert ready["type"] == "ready"
+    (root / "report.pdf").write_bytes(b"the victim's")  # appears before the END
+    conversation.feed(
+        conversation.message_frame({"type": "upload", "offset": 0}) + conversation.record(wire.DATA, content)
+        + conversation.message_frame({"type": "end", "size": len(content), "sha1": hashlib.sha1(content).hexdigest()})
+    )
+    settle(conversation, threads)
+    [answer] = [json.loads(p) for kind, p in conversation.frames_out() if kind == wire.CONTROL]
+    assert answer["type"] == "error" and answer["code"] == "exists", answer
+    assert (root / "report.pdf").read_bytes() == b"the victim's"

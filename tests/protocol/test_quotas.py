@@ -110,16 +110,21 @@ def test_a_put_over_the_byte_quota_is_refused_before_ready_and_logged(tmp_path, 
     assert (space["quota_bytes"], space["used_bytes"]) == (100, 100) and "quota_files" not in space
 
 
-def test_the_file_quota_counts_names_and_a_replace_needs_no_new_one(tmp_path, threads):
-    world = world_with_quota(tmp_path, quota_files=2)
+def test_the_file_quota_counts_names_and_a_replace_holds_one_while_it_runs(tmp_path, threads):
+    world = world_with_quota(tmp_path, quota_files=3)
     root = world[0]
     conversation = connected(world, threads)
     assert upload(conversation, threads, "two.txt", b"2")[0]["type"] == "stored"
-    [refusal] = ask(conversation, threads, {"type": "put", "path": "three.txt", "size": 1})
-    assert (refusal["code"], refusal["message"]) == ("no-space", "three.txt: over your quota of 2 files (2 used)")
+    assert upload(conversation, threads, "three.txt", b"3")[0]["type"] == "stored"
+    [refusal] = ask(conversation, threads, {"type": "put", "path": "four.txt", "size": 1})
+    assert (refusal["code"], refusal["message"]) == ("no-space", "four.txt: over your quota of 3 files (3 used)")
+    [refusal] = ask(conversation, threads, {"type": "put", "path": "two.txt", "size": 2, "force": True})
+    assert refusal["code"] == "no-space"  # its partial file is a fourth while it runs
+    [done] = ask(conversation, threads, {"type": "remove", "path": "three.txt"})
+    assert done["type"] == "done"
     assert upload(conversation, threads, "two.txt", b"22", force=True)[0]["type"] == "stored"
     [space] = ask(conversation, threads, {"type": "space"})
-    assert (space["quota_files"], space["used_files"]) == (2, 2) and "quota_bytes" not in space
+    assert (space["quota_files"], space["used_files"]) == (3, 2) and "quota_bytes" not in space
 
 
 def test_an_inline_put_over_the_quota_is_refused_and_its_data_dropped(tmp_path, threads):
@@ -143,15 +148,17 @@ def test_an_inline_put_over_the_quota_is_refused_and_its_data_dropped(tmp_path, 
     assert not conversation.transport.disconnecting and on_disk(root) == (6, 1)
 
 
-def test_a_replace_counts_the_difference(tmp_path, threads):
+def test_a_replace_needs_room_for_both_while_it_runs_and_then_gives_the_old_back(tmp_path, threads):
     world = world_with_quota(tmp_path, quota_bytes=1000)
     root = world[0]
     (root / "sub" / "big").write_bytes(b"b" * 900)  # before the count: 906 used
     conversation = connected(world, threads)
-    [refusal] = ask(conversation, threads, {"type": "put", "path": "sub/new", "size": 100})
+    # The old file stays until the new one takes its place (and could be removed meanwhile
+    # to make room for a third): its room is not lent to the upload.
+    [refusal] = ask(conversation, threads, {"type": "put", "path": "sub/big", "size": 990, "force": True})
     assert refusal["code"] == "no-space"
-    assert upload(conversation, threads, "sub/big", b"c" * 990, force=True)[0]["type"] == "stored"  # 6 + 990
-    assert usage(conversation, root).bytes == 996 == on_disk(root)[0]
+    assert upload(conversation, threads, "sub/big", b"c" * 90, force=True)[0]["type"] == "stored"  # 906 + 90
+    assert usage(conversation, root).bytes == 96 == on_disk(root)[0]  # the old 900 given back
 
 
 def test_a_kept_partial_counts_and_its_resume_counts_only_the_missing_bytes(tmp_path, threads):

@@ -372,9 +372,13 @@ def test_chmod_sets_the_bits_given_without_the_umask(tree):
     assert stat.S_IMODE((root / "f.txt").stat().st_mode) == 0o777
     served(root).change_mode("f.txt", 0o6755)  # setuid and setgid are never set
     assert stat.S_IMODE((root / "f.txt").stat().st_mode) == 0o755
+    # The owner (the server) keeps reading and writing what it stores: a directory it could
+    # not read would hide its files from the quota count, the sweep and REMOVE.
     served(root).change_mode("d", 0)
-    assert stat.S_IMODE((root / "d").stat().st_mode) == 0
-    served(root).change_mode("d", 0o1750)  # nor sticky; and a mode 000 directory gets its bits back
+    assert stat.S_IMODE((root / "d").stat().st_mode) == 0o700
+    served(root).change_mode("f.txt", 0)
+    assert stat.S_IMODE((root / "f.txt").stat().st_mode) == 0o600
+    served(root).change_mode("d", 0o1750)  # nor sticky
     assert stat.S_IMODE((root / "d").stat().st_mode) == 0o750
     for name in ("out", "out-file"):
         with pytest.raises(errors.NotAFile, match="is a symlink"):
