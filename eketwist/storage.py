@@ -834,12 +834,28 @@ class _TreeRemoval:
         return "/".join(parts)
 
     def _fd(self, depth):
-        """The descriptor of the directory at `depth`, opened again if it was let go."""
+        """The descriptor of the directory at `depth`, opened again if it was let go: from
+        the nearest one held, level by level (no recursion: a tree may be thousands deep),
+        the levels opened on the way held too (the next steps up need them), HELD at most."""
         frame = self.frames[depth]
         if frame.fd is None:
-            parent = self._fd(depth - 1) if depth else self.parent_fd
-            frame.fd = self._enter(parent, frame.name, self._path(depth))
+            start = depth
+            while start > 0 and self.frames[start - 1].fd is None:
+                start -= 1
+            parent = self.frames[start - 1].fd if start else self.parent_fd
+            for level in range(start, depth + 1):
+                each = self.frames[level]
+                each.fd = self._enter(parent, each.name, self._path(level))
+                parent = each.fd
+                self._hold_at_most()
         return frame.fd
+
+    def _hold_at_most(self):
+        """Close the shallowest descriptors held past HELD (they are opened again if needed)."""
+        held = [frame for frame in self.frames if frame.fd is not None]
+        for frame in held[: max(0, len(held) - self.HELD)]:
+            os.close(frame.fd)
+            frame.fd = None
 
     def run(self):
         """What was removed (Removed); or the refusal, carrying the number of names as
@@ -884,10 +900,7 @@ class _TreeRemoval:
                     continue
                 raise _change_error(problem, self._path(depth, name)) from None
             self.frames.append(_Frame(name, fd))
-            held = [index for index, each in enumerate(self.frames) if each.fd is not None]
-            if len(held) > self.HELD:
-                os.close(self.frames[held[0]].fd)
-                self.frames[held[0]].fd = None
+            self._hold_at_most()
             return
         if frame.more:
             return  # another pass over this directory

@@ -525,3 +525,24 @@ def test_a_file_that_keeps_changing_while_hashed_is_busy(tree, monkeypatch):
     handle, _ = served(root).open_for_hashing("f.txt")
     with handle, pytest.raises(errors.Busy, match="f.txt: the file keeps changing"):
         files.hash_whole(handle, "f.txt")
+
+
+def test_a_recursive_remove_of_a_tree_deeper_than_the_recursion_limit(tmp_path):
+    """1,200 levels (made by descriptors: the path is longer than PATH_MAX): removed whole,
+    without recursion, and with no descriptor left open."""
+    root = tmp_path / "root"
+    root.mkdir()
+    current = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for level in range(1200):
+        name = "t" if level == 0 else "a"
+        os.mkdir(name, dir_fd=current)
+        deeper = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=current)
+        os.close(current)
+        current = deeper
+        if level % 200 == 0:  # a file every 200 levels: 6 in all
+            os.close(os.open(f"f{level}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=current))
+    os.close(current)
+    before = len(os.listdir("/proc/self/fd"))
+    removed = served(root).remove("t", recursive=True)
+    assert removed.names == 1200 + 6 and removed.files == 6 and os.listdir(root) == []
+    assert len(os.listdir("/proc/self/fd")) == before
