@@ -65,15 +65,18 @@ def read_part_label(dir_fd, name):
         os.close(fd)
 
 
-def hash_prefix(handle, length):
+def hash_prefix(handle, length, cancelled=None):
     """SHA-1 state over the first `length` bytes of an open file, or None if it is shorter.
-    Runs in a thread: hashlib releases the GIL on large buffers."""
+    Runs in a thread: hashlib releases the GIL on large buffers. `cancelled()`, asked before
+    each block: true stops it (Cancelled)."""
     sha1 = hashlib.sha1()
     handle.seek(0)
     remaining = length
     buffer = bytearray(min(HASH_BLOCK, max(length, 1)))
     view = memoryview(buffer)
     while remaining:
+        if cancelled is not None and cancelled():
+            raise Cancelled("the hash was no longer wanted")
         got = handle.readinto(view[: min(remaining, len(buffer))])
         if not got:
             return None
@@ -82,12 +85,17 @@ def hash_prefix(handle, length):
     return sha1
 
 
-def hash_whole(handle, shown_name="the file", attempts=3):
+class Cancelled(EketwistError):
+    """The work was no longer wanted (its connection had gone)."""
+
+
+def hash_whole(handle, shown_name="the file", attempts=3, cancelled=None):
     """(stat, hex SHA-1) of an open regular file, read whole, with the stat it had throughout;
-    a file that keeps changing while it is read is Busy. Runs in a thread."""
+    a file that keeps changing while it is read is Busy. Runs in a thread; see hash_prefix for
+    `cancelled`."""
     for _ in range(attempts):
         before = os.fstat(handle.fileno())
-        sha1 = hash_prefix(handle, before.st_size)
+        sha1 = hash_prefix(handle, before.st_size, cancelled)
         after = os.fstat(handle.fileno())
         if sha1 is not None and DigestCache.key(before) == DigestCache.key(after):
             return after, sha1.hexdigest()

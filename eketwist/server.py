@@ -20,7 +20,7 @@ import os
 import socket
 import time
 
-from twisted.internet import protocol, threads
+from twisted.internet import defer, protocol, threads
 from twisted.internet.interfaces import IPushProducer
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
@@ -669,6 +669,9 @@ class ServerFactory(protocol.Factory):
     # which a connection takes no further upload until its own are answered (each holds a
     # part file's descriptors; see serving.Serving.MAX_COMMITTING for one connection's share).
     COMMITTING_LIMIT = 256
+    # Files read whole for HASH at once, server-wide: each holds a thread of the reactor's pool
+    # (10) for as long as its disk takes, and commits need the others.
+    HASHING_LIMIT = 2
     # The protocol versions this server speaks (a test makes one that speaks only version 1,
     # as an older eketwist did).
     versions = wire.VERSIONS
@@ -713,6 +716,7 @@ class ServerFactory(protocol.Factory):
         self._trim_call = None
         self.draining = False
         self.committing = 0  # uploads past END awaiting their commit, in all connections
+        self.hashing = defer.DeferredSemaphore(self.HASHING_LIMIT)  # HASH requests reading
         self.log_limiter = guard.LogLimiter(self.clock)
 
     def transfer_over(self):

@@ -290,12 +290,16 @@ class Hashing(_InThread):
             handle.close()
             hashing._done((st, cached))
             return
-        hashing._run(hashing._hash, handle, request.path)
+        connection.setTimeout(None)
+        # In turn with the other connections' (see ServerFactory.HASHING_LIMIT); one whose
+        # client has gone stops at its next block, or before it starts.
+        done = connection.factory.hashing.run(threads.deferToThread, hashing._hash, handle, request.path, connection)
+        done.addCallbacks(hashing._done, hashing._failed)
 
     @staticmethod
-    def _hash(handle, shown_name):
+    def _hash(handle, shown_name, connection):
         with handle:
-            return files.hash_whole(handle, shown_name)
+            return files.hash_whole(handle, shown_name, cancelled=lambda: connection.closing)
 
     def _done(self, result):
         st, digest = result

@@ -9,6 +9,8 @@ import os
 import stat
 
 import pytest
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
 
 from eketwist import serving, userdb, wire
 from eketwist.errors import ProtocolError
@@ -461,3 +463,32 @@ def test_a_put_with_force_never_replaces_without_overwrite_a_name_that_appears_m
     [answer] = [json.loads(p) for kind, p in conversation.frames_out() if kind == wire.CONTROL]
     assert answer["type"] == "error" and answer["code"] == "exists", answer
     assert (root / "report.pdf").read_bytes() == b"the victim's"
+
+
+def test_hashes_take_turns_server_wide_and_one_whose_client_left_stops(fresh_world, threads):
+    """HASH reads a whole file in a thread of the pool commits need too: at most
+    HASHING_LIMIT at once in all connections; one whose connection has gone stops before it
+    reads (a read-only user's ten HASHes of a huge file held every thread)."""
+    root = fresh_world[0]
+    (root / "big.bin").write_bytes(os.urandom(300_000))
+    first = connected(fresh_world)
+    factory = first.factory
+    others = []
+    for index in range(3):
+        other = Conversation(fresh_world, factory=factory, host=f"127.0.0.{index + 2}")
+        other.reach("ready")
+        other.frames_out()
+        others.append(other)
+    everyone = [first, *others]
+    for conversation in everyone:
+        conversation.feed(conversation.message_frame({"type": "hash", "path": "big.bin"}))
+    factory.clock.advance(0)
+    assert len(threads.pending) == factory.HASHING_LIMIT == 2
+    gone = others[-1]
+    gone.proto.connectionLost(Failure(ConnectionLost()))
+    settle(first, threads)
+    digest = hashlib.sha1((root / "big.bin").read_bytes()).hexdigest()
+    for conversation in everyone[:-1]:
+        [answer] = [json.loads(p) for kind, p in conversation.frames_out() if kind == wire.CONTROL]
+        assert answer["type"] == "digest" and answer["sha1"] == digest
+    assert factory.hashing.tokens == factory.HASHING_LIMIT  # every turn given back
