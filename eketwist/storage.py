@@ -41,6 +41,19 @@ _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK
 _INODE_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK)
 
 
+def _fchmod_by_name(parent_fd, name, held, mode):
+    """CHMOD without /proc: the name opened for reading (it is a regular file or a directory,
+    checked on `held`, so opening it has no side effect), and changed only if it is still the
+    inode `held` was."""
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    try:
+        if not _same_file(os.fstat(fd), held):
+            raise FileNotFoundError(errno.ENOENT, "replaced meanwhile")
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 # What CHMOD never takes from the server, the owner of what it stores (see Root.change_mode).
 OWNER_KEEPS_FILE = stat.S_IRUSR | stat.S_IWUSR
 OWNER_KEEPS_DIRECTORY = OWNER_KEEPS_FILE | stat.S_IXUSR
@@ -636,8 +649,17 @@ class Root:
                 except OSError as problem:
                     replacing = existing is not None and stat.S_ISDIR(existing.st_mode)
                     raise _rename_error(problem, requested, to, replacing) from None
-                if existing is None or _same_file(st, existing):  # rename(2) does nothing to a hard link
+                if existing is None:
                     return Removed(0)
+                if _same_file(st, existing):
+                    # Two names of one file: rename(2) leaves both, so P would stay. It goes,
+                    # as a rename over a file takes P away (force and overwrite were checked).
+                    try:
+                        os.unlink(from_name, dir_fd=from_fd)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as problem:
+                        raise _change_error(problem, requested) from None
                 return _freed(existing)._replace(names=0)
             finally:
                 os.close(to_fd)
@@ -670,7 +692,10 @@ class Root:
                     # An O_PATH descriptor cannot be fchmod'ed; its /proc name reaches that
                     # very inode, whatever happens to the name meanwhile (and O_PATH needs no
                     # read permission: a mode 000 file can be given its bits back).
-                    os.chmod(f"/proc/self/fd/{fd}", mode)
+                    try:
+                        os.chmod(f"/proc/self/fd/{fd}", mode)
+                    except FileNotFoundError:  # no /proc (a chroot, a bare container)
+                        _fchmod_by_name(parent_fd, name, held, mode)
             except OSError as problem:
                 raise _change_error(problem, requested) from None
             finally:

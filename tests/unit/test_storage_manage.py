@@ -550,3 +550,26 @@ def test_a_recursive_remove_of_a_tree_deeper_than_the_recursion_limit(tmp_path):
         subprocess.run(["rm", "-rf", str(root / "t")], check=True)
     assert removed.names == 1200 + 6 and removed.files == 6 and os.listdir(root) == []
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_rename_over_another_name_of_the_same_file_takes_the_first_name_away(tree):
+    root, _ = tree
+    (root / "one").write_text("same")
+    os.link(root / "one", root / "two")
+    freed = served(root).rename("one", "two", force=True)
+    assert not (root / "one").exists() and (root / "two").read_text() == "same"
+    assert (freed.bytes, freed.files) == (4, 1)  # a name less: a file less for a quota
+
+
+def test_chmod_works_without_proc(tree, monkeypatch):
+    root, _ = tree
+    real_chmod = os.chmod
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        return real_chmod(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", no_proc)
+    served(root).change_mode("f.txt", 0o640)
+    assert stat.S_IMODE((root / "f.txt").stat().st_mode) == 0o640
