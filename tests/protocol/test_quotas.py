@@ -59,6 +59,15 @@ def on_disk(root):
     return sum(sizes), len(sizes)
 
 
+def wait_for_disk(root, nbytes):
+    """Until the files under root hold `nbytes`: a kept partial's bytes reach the disk from a
+    write-behind thread (a real one), after the connection's end is handled."""
+    deadline = time.monotonic() + 10
+    while on_disk(root)[0] != nbytes:
+        assert time.monotonic() < deadline, on_disk(root)
+        time.sleep(0.01)
+
+
 def upload(conversation, threads, path, content, force=False, offset=0):
     """PUT, UPLOAD from `offset`, DATA, END: the answers after UPLOAD (STORED or an ERROR)."""
     [ready] = ask(conversation, threads, {"type": "put", "path": path, "size": len(content), "force": force})
@@ -172,7 +181,8 @@ def test_a_kept_partial_counts_and_its_resume_counts_only_the_missing_bytes(tmp_
     first.proto.connectionLost(Failure(ConnectionLost()))  # the partial file is kept
     settle(first, threads)
     factory = first.factory
-    assert (usage(first, root).bytes, usage(first, root).used_bytes) == (606, 606) == (on_disk(root)[0],) * 2
+    wait_for_disk(root, 606)
+    assert (usage(first, root).bytes, usage(first, root).used_bytes) == (606, 606)
     # Another user of the root takes 300 bytes: 906 used. The resume needs 400 more: it fits
     # only because the partial file's 600 bytes are counted already.
     other = connected(world, threads, factory=factory, host="127.0.0.2")
@@ -263,13 +273,9 @@ def test_the_sweep_of_stale_partial_uploads_gives_their_room_back(tmp_path, thre
     first.proto.connectionLost(Failure(ConnectionLost()))  # the partial file is kept, and counted
     settle(first, threads)
     factory = first.factory
-    # The partial's bytes reach the disk from a write-behind thread (a real one): the sweep
-    # frees what the file holds when it is removed, so wait for them (a stale partial, hours
-    # old, was written long ago).
-    deadline = time.monotonic() + 10
-    while on_disk(root)[0] != 706:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    # The sweep frees what the file holds when it is removed (a stale partial, hours old, was
+    # written long ago).
+    wait_for_disk(root, 706)
     assert usage(first, root).bytes == 706
     [part] = [name for name in os.listdir(root) if name.startswith(".eke-part.")]
     old = os.stat(root / part).st_mtime - 2 * factory.partial_max_age
