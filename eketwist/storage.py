@@ -1070,44 +1070,127 @@ def _unlink_unless_locked(directory, name):
 _GONE = os.stat_result((stat.S_IFDIR, 0, 0, 0, 0, 0, 0, 0, 0, 0))
 
 
+class _WalkedDirectory:
+    """A directory of walk_entries: its parent and name (a chain to the top, no path kept),
+    and its descriptor while it is held."""
+
+    __slots__ = ("parent", "name", "depth", "fd")
+
+    def __init__(self, parent, name, fd=None):
+        self.parent = parent
+        self.name = name
+        self.depth = parent.depth + 1 if parent is not None else 0
+        self.fd = fd
+
+    def names(self):
+        chain = []
+        node = self
+        while node.parent is not None:
+            chain.append(node.name)
+            node = node.parent
+        return tuple(reversed(chain))
+
+
+# Directory descriptors walk_entries holds at most along its current path (deeper walks open
+# the shallower ones again from the nearest held one when they come back up).
+WALK_HELD = 64
+
+
 def walk_entries(root, unreadable=None):
     """(directory descriptor, entry) for everything under `root` that is not a directory.
-    Blocking (run it in a thread): walks by descriptors, iteratively (no recursion limit),
-    never through a symlink, holding two directory descriptors at a time (the subdirectories
-    still to visit are kept as names); what is gone meanwhile is passed over, and a directory
-    that cannot be read otherwise is given to `unreadable` (its names from the top). The
-    descriptor is valid until the next entry is asked for."""
+    Blocking (run it in a thread). Depth first, by descriptors, iteratively (no recursion
+    limit), never through a symlink; each directory is opened from its parent's descriptor,
+    held along the current path (WALK_HELD at most), so that a tree costs about one open per
+    directory however deep it is, and what waits to be visited is a parent and a name each.
+    What is gone meanwhile is passed over; a directory that cannot be read otherwise is given
+    to `unreadable` (its names from the top). The descriptor is valid until the next entry is
+    asked for."""
     try:
-        top = os.open(root, _DIRECTORY_FLAGS)
+        top = _WalkedDirectory(None, None, os.open(root, _DIRECTORY_FLAGS))
     except OSError:
         return
-    pending: "list[tuple[str, ...]]" = [()]
+    held = [top]  # the current path's directories, the top first; some may have let go
+    pending = [top]
     try:
         while pending:
-            names = pending.pop()
+            node = pending.pop()
             try:
-                directory = _walk_down(top, names)
-            except (FileNotFoundError, NotADirectoryError, OSError) as problem:
+                directory = _walk_held(held, node)
+            except OSError as problem:
                 # Gone, or swapped for a symlink since it was seen (ELOOP), or unreadable.
                 if unreadable is not None and isinstance(problem, PermissionError):
-                    unreadable(names)
+                    unreadable(node.names())
                 continue
             try:
                 with os.scandir(directory) as scan:
                     for child in scan:
                         if child.is_dir(follow_symlinks=False):
-                            pending.append((*names, child.name))
+                            pending.append(_WalkedDirectory(node, child.name))
                         else:
                             yield directory, child
             except PermissionError:
                 if unreadable is not None:
-                    unreadable(names)
+                    unreadable(node.names())
             except OSError:
                 pass
-            finally:
-                os.close(directory)
     finally:
-        os.close(top)
+        for node in held:
+            if node.fd is not None:
+                os.close(node.fd)
+
+
+def _walk_held(held, node):
+    """`node`'s descriptor, `held` made the path to it: what is not on that path closed, the
+    missing levels opened from the nearest one held (O_NOFOLLOW each), WALK_HELD at most."""
+    while held[-1] is not node and not _is_ancestor(held[-1], node):
+        leaving = held.pop()
+        if leaving.fd is not None:
+            os.close(leaving.fd)
+            leaving.fd = None
+    if held[-1] is node:
+        return node.fd
+    chain = []
+    step = node
+    while step is not held[-1]:
+        chain.append(step)
+        step = step.parent
+    parent_fd = held[-1].fd
+    if parent_fd is None:  # let go: open it again from the nearest one held
+        parent_fd = _reopen(held)
+    for step in reversed(chain):
+        step.fd = _open_directory_nofollow(step.name, parent_fd)
+        held.append(step)
+        parent_fd = step.fd
+        _hold_at_most(held)
+    return node.fd
+
+
+def _is_ancestor(candidate, node):
+    step = node.parent
+    while step is not None and step.depth >= candidate.depth:
+        if step is candidate:
+            return True
+        step = step.parent
+    return False
+
+
+def _reopen(held):
+    """The descriptor of held[-1], let go: opened again level by level from the deepest held."""
+    index = len(held) - 1
+    while held[index].fd is None:
+        index -= 1
+    for level in range(index + 1, len(held)):
+        held[level].fd = _open_directory_nofollow(held[level].name, held[level - 1].fd)
+        _hold_at_most(held[: level + 1])
+    return held[-1].fd
+
+
+def _hold_at_most(held):
+    """Let go of the shallowest descriptors past WALK_HELD (never the top's nor the last)."""
+    open_ones = [node for node in held[1:-1] if node.fd is not None]
+    for node in open_ones[: max(0, len(open_ones) + 2 - WALK_HELD)]:
+        os.close(node.fd)
+        node.fd = None
 
 
 def remove_stale_parts(root, max_age, now):
