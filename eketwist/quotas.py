@@ -88,6 +88,32 @@ class Usage:
         """A storage.Removed: what a REMOVE, RENAME or sweep took off the disk."""
         self.change(-removed.bytes, -removed.files)
 
+    def reserve(self, nbytes, nfiles):
+        self.reserved_bytes += nbytes
+        self.reserved_files += nfiles
+
+
+class Nested:
+    """The usages a change under one root counts in: that root's own, if it is tracked, and
+    those of the tracked roots it lies inside (a user's root may be within another's). Read
+    as `own`; changed all together, so that no root's count misses what happens in it."""
+
+    def __init__(self, own, usages):
+        self.own = own
+        self.usages = usages
+
+    def reserve(self, nbytes, nfiles):
+        for usage in self.usages:
+            usage.reserve(nbytes, nfiles)
+
+    def change(self, nbytes, nfiles):
+        for usage in self.usages:
+            usage.change(nbytes, nfiles)
+
+    def freed(self, removed):
+        for usage in self.usages:
+            usage.freed(removed)
+
 
 class Accounts:
     """The server's usages, one per root that some user with a quota has. A root is counted
@@ -98,6 +124,7 @@ class Accounts:
         self._defer_to_thread = defer_to_thread
         self.log = log
         self._usages = {}
+        self._paths = {}  # the real path of each tracked root (roots may nest)
 
     def track(self, path):
         """The Usage of the root `path`, counted from now on; None if the root is not there."""
@@ -108,8 +135,20 @@ class Accounts:
         usage = self._usages.get(key)
         if usage is None:
             usage = self._usages[key] = Usage()
+            self._paths[key] = os.path.realpath(path)
             self._count(path, usage)
         return usage
+
+    def nested(self, path):
+        """The Nested usages of the root `path` (None when no tracked root contains it)."""
+        try:
+            real = os.path.realpath(path)
+            own = self._usages.get(root_key(path))
+        except OSError:
+            return None
+        usages = [self._usages[key] for key, top in self._paths.items()
+                  if real == top or real.startswith(top.rstrip("/") + "/")]
+        return Nested(own, usages) if usages else None
 
     def _count(self, path, usage):
         self.log.info("counting the files under {root} for quotas", root=path)
@@ -145,9 +184,9 @@ class Accounts:
             return None
 
     def freed(self, path, removed):
-        usage = self.usage_of(path)
-        if usage is not None:
-            usage.freed(removed)
+        nested = self.nested(path)
+        if nested is not None:
+            nested.freed(removed)
 
 
 class Quota:
@@ -183,27 +222,30 @@ class Quota:
         lstat of what is there now, or None), resuming or restarting its own partial upload
         `partial` (its lstat, or None): a Reservation, or None when the root is not counted.
         NoSpace, naming the quota, when the upload would pass one."""
-        usage = self.usage
-        if usage is None or not usage.counted:
+        nested = self._accounts.nested(self.path)
+        if nested is None:
             return None
+        usage = nested.own
         part_bytes, part_files = _regular(partial)
         # What the disk will hold more while the upload runs: the file it replaces stays until
         # the new one takes its place (and may be removed or renamed meanwhile, by anyone
         # sharing the root), so its room is not lent to the upload; settle() gives it back.
         need_bytes = max(0, size - part_bytes)
         need_files = max(0, 1 - part_files)
+        if usage is None or not usage.counted:  # no limit of our own to check (yet)
+            return Reservation(nested, need_bytes, need_files, part_bytes, part_files)
         if self.quota_bytes is not None and usage.used_bytes + need_bytes > self.quota_bytes:
             raise NoSpace(
                 f"{shown}: over your quota of {human_size(self.quota_bytes)} ({human_size(usage.used_bytes)} used)"
             )
         if self.quota_files is not None and usage.used_files + need_files > self.quota_files:
             raise NoSpace(f"{shown}: over your quota of {self.quota_files} files ({usage.used_files} used)")
-        return Reservation(usage, need_bytes, need_files, part_bytes, part_files)
+        return Reservation(nested, need_bytes, need_files, part_bytes, part_files)
 
     def freed(self, removed):
-        usage = self.usage
-        if usage is not None:
-            usage.freed(removed)
+        nested = self._accounts.nested(self.path)
+        if nested is not None:
+            nested.freed(removed)
 
     def space(self):
         """SPACE's quota members (docs/protocol.md section 7.10): none without limits."""
@@ -229,13 +271,12 @@ class Reservation:
     `settle` turns it into usage by what the upload left on the disk."""
 
     def __init__(self, usage, nbytes, nfiles, part_bytes, part_files):
-        self.usage = usage
+        self.usage = usage  # a Nested: the reservation counts in every root it lies in
         self.bytes = nbytes
         self.files = nfiles
         self.part_bytes = part_bytes
         self.part_files = part_files
-        usage.reserved_bytes += nbytes
-        usage.reserved_files += nfiles
+        usage.reserve(nbytes, nfiles)
         self.settled = False
 
     def cancel(self):
@@ -261,5 +302,4 @@ class Reservation:
     def _release(self):
         if not self.settled:
             self.settled = True
-            self.usage.reserved_bytes -= self.bytes
-            self.usage.reserved_files -= self.files
+            self.usage.reserve(-self.bytes, -self.files)

@@ -302,3 +302,32 @@ def test_a_quota_given_by_a_reload_counts_the_root_then(tmp_path, threads):
     assert (usage(later, root).bytes, usage(later, root).files) == (56, 2) == on_disk(root)
     [refusal] = ask(later, threads, {"type": "put", "path": "big.bin", "size": 45})
     assert refusal["code"] == "no-space" and "over your quota of 100 B (56 B used)" in refusal["message"]
+
+
+def test_a_root_inside_a_counted_root_counts_in_it_too(tmp_path, threads):
+    """bob has a quota on the server's root; fuzzer's own root lies inside it, without a
+    quota: what fuzzer uploads, keeps and removes counts in bob's root as well (it was left
+    out, and bob's REMOVE of it then took his usage below the disk's)."""
+    root, users_path, _, _ = world = world_with_quota(tmp_path)
+    (root / "inner").mkdir()
+    users = userdb.load(users_path)
+    users.by_name["fuzzer"] = dataclasses.replace(users.by_name["fuzzer"], root=str(root / "inner"))
+    users.by_name["bob"] = dataclasses.replace(
+        userdb.make_user("bob", "bob's pw", FAST_SCRYPT, rights=userdb.READ_WRITE), quota_bytes=1000,
+    )
+    userdb.save(users_path, users)
+    conversation = connected(world, threads)
+    settle(conversation, threads)  # bob's root counted at the start
+    outer = usage(conversation, root)
+    assert (outer.bytes, outer.files) == (6, 1)
+    [ready] = ask(conversation, threads, {"type": "put", "path": "big.bin", "size": 500})
+    assert ready["type"] == "ready" and outer.used_bytes == 506  # reserved in bob's root too
+    conversation.feed(
+        conversation.message_frame({"type": "upload", "offset": 0}) + conversation.record(wire.DATA, b"x" * 500)
+        + conversation.message_frame({"type": "end", "size": 500, "sha1": hashlib.sha1(b"x" * 500).hexdigest()})
+    )
+    settle(conversation, threads)
+    assert answers(conversation)[0]["type"] == "stored"
+    assert (outer.bytes, outer.files, outer.used_bytes) == (506, 2, 506) == (*on_disk(root), 506)
+    [done] = ask(conversation, threads, {"type": "remove", "path": "big.bin"})
+    assert done["type"] == "done" and (outer.bytes, outer.files) == (6, 1) == on_disk(root)
