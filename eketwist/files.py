@@ -484,6 +484,10 @@ class PartFile:
             os.close(fd)  # renamed or removed by the transfer that held it: open the name again
         raise self._busy()
 
+    def stat(self):
+        """The part file's own stat (the file held, whatever its name now is)."""
+        return os.fstat(self._file.fileno())
+
     def _busy(self):
         where = "local " if self._local else ""
         return Busy(f"{where}{self.shown_name}: another transfer to this file is in progress")

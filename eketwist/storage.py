@@ -26,7 +26,7 @@ from .errors import (
     TooLarge,
 )
 from .files import (
-    MODE_MASK, SERVER_PART_PREFIX, PartFile, local_mode, read_part_label, server_part_name, storage_error,
+    MODE_MASK, SERVER_PART_PREFIX, DigestCache, PartFile, local_mode, read_part_label, server_part_name, storage_error,
 )
 from .wire import MAX_NAME_BYTES, MAX_PATH_BYTES, RIGHT_BUNDLES, RIGHTS
 
@@ -518,24 +518,28 @@ class Root:
                 self._need("overwrite", requested)
             label = json.dumps({"user": user, "name": name}).encode("utf-8")
             part_name = server_part_name(name, user)
-            reservation = None
-            if self.quota is not None:
-                try:
-                    partial = os.stat(part_name, dir_fd=parent_fd, follow_symlinks=False)
-                except OSError:
-                    partial = None
-                reservation = self.quota.reserve(requested, size, replaced=st, partial=partial)
+            try:
+                before = os.stat(part_name, dir_fd=parent_fd, follow_symlinks=False)
+            except OSError:
+                before = None
             try:
                 part = PartFile(name, part_name, requested, lock=True, private=True, dir_fd=parent_fd, label=label)
             except LocalIOError:
-                if reservation is not None:
-                    reservation.cancel()
                 # Put there by someone else (a FIFO, a hard link to another file): not ours.
                 raise BadPath(f"{requested}: path refused: its partial upload is not the server's own file") from None
-            except BaseException:
-                if reservation is not None:
-                    reservation.cancel()
-                raise
+            reservation = None
+            if self.quota is not None:
+                # Reserved once the partial file is ours (locked): one removed meanwhile (a
+                # sweep, a REMOVE) was freed already, and is not counted out a second time.
+                held = part.stat()
+                # (The same inode number is not enough: a file made just now may reuse the one
+                # of the file removed; its size and times tell them apart.)
+                existed = before is not None and DigestCache.key(before) == DigestCache.key(held)
+                try:
+                    reservation = self.quota.reserve(requested, size, replaced=st, partial=held if existed else None)
+                except BaseException:
+                    part.abort(keep_part=existed)  # one made just now goes again
+                    raise
             part.reservation = reservation
             # What the commit may replace: with force, the name checked above, or, with the
             # overwrite right, whatever is there by then; without that right a name that

@@ -331,3 +331,34 @@ def test_a_root_inside_a_counted_root_counts_in_it_too(tmp_path, threads):
     assert (outer.bytes, outer.files, outer.used_bytes) == (506, 2, 506) == (*on_disk(root), 506)
     [done] = ask(conversation, threads, {"type": "remove", "path": "big.bin"})
     assert done["type"] == "done" and (outer.bytes, outer.files) == (6, 1) == on_disk(root)
+
+
+def test_a_partial_removed_just_before_its_resume_is_not_counted_out_twice(tmp_path, threads, monkeypatch):
+    """The sweep (or a REMOVE) may take a kept partial file between the PUT's look at it and
+    the lock on it: its bytes are freed by the sweep, and the new upload must not subtract
+    them again when it ends."""
+    from eketwist import storage
+
+    world = world_with_quota(tmp_path, quota_bytes=2000)
+    root = world[0]
+    content = os.urandom(1000)
+    first = connected(world, threads)
+    ask(first, threads, {"type": "put", "path": "file.bin", "size": 1000})
+    first.feed(first.message_frame({"type": "upload", "offset": 0}) + first.record(wire.DATA, content[:600]))
+    first.proto.connectionLost(Failure(ConnectionLost()))
+    settle(first, threads)
+    wait_for_disk(root, 606)
+    factory = first.factory
+    real_part_file = storage.PartFile
+
+    def swept_first(name, part_name, *args, dir_fd=None, **kwargs):
+        st = os.stat(part_name, dir_fd=dir_fd)
+        os.unlink(part_name, dir_fd=dir_fd)  # the sweep, at the worst moment
+        factory.accounts.freed(str(root), storage.Removed(1, st.st_size, 1))
+        monkeypatch.setattr(storage, "PartFile", real_part_file)
+        return real_part_file(name, part_name, *args, dir_fd=dir_fd, **kwargs)
+
+    monkeypatch.setattr(storage, "PartFile", swept_first)
+    again = connected(world, threads, factory=factory, host="127.0.0.2")
+    assert upload(again, threads, "file.bin", content)[0]["type"] == "stored"
+    assert (usage(again, root).bytes, usage(again, root).files) == on_disk(root) == (1006, 2)
