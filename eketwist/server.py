@@ -656,6 +656,19 @@ def _describe_peer(address):
     return f"{host}:{port}" if host is not None else str(address)
 
 
+class _ForgettingTurn:
+    """A user's HASH turn (DeferredSemaphore(1)) that drops out of the factory's map once no
+    HASH of that user runs or waits."""
+
+    def __init__(self, turn):
+        self._turn = turn
+
+    def run(self, function, *args, **kwargs):
+        done = self._turn.run(function, *args, **kwargs)
+        done.addBoth(self._turn.forget_when_idle)
+        return done
+
+
 class ServerFactory(protocol.Factory):
     protocol = ServerProtocol
     noisy = False
@@ -717,6 +730,7 @@ class ServerFactory(protocol.Factory):
         self.draining = False
         self.committing = 0  # uploads past END awaiting their commit, in all connections
         self.hashing = defer.DeferredSemaphore(self.HASHING_LIMIT)  # HASH requests reading
+        self._hashing_by_user: dict = {}  # one HASH at a time per user (hashing_of)
         self.log_limiter = guard.LogLimiter(self.clock)
 
     def transfer_over(self):
@@ -778,6 +792,21 @@ class ServerFactory(protocol.Factory):
         everyone = defer.gatherResults(ends)
         everyone.addCallback(lambda _: deadline.cancel() if deadline.active() else None)
         return everyone
+
+    def hashing_of(self, user):
+        """The turn of `user`'s HASH requests: one at a time, so that one user cannot hold every
+        server-wide turn. Forgotten once idle (a map of every name ever seen would grow)."""
+        turn = self._hashing_by_user.get(user)
+        if turn is None:
+            turn = self._hashing_by_user[user] = defer.DeferredSemaphore(1)
+
+            def forget_when_idle(result):
+                if turn.tokens == turn.limit and not turn.waiting:
+                    self._hashing_by_user.pop(user, None)
+                return result
+
+            turn.forget_when_idle = forget_when_idle
+        return _ForgettingTurn(turn)
 
     def track_quota_roots(self, users):
         for user in users.by_name.values():

@@ -465,30 +465,44 @@ def test_a_put_with_force_never_replaces_without_overwrite_a_name_that_appears_m
     assert (root / "report.pdf").read_bytes() == b"the victim's"
 
 
-def test_hashes_take_turns_server_wide_and_one_whose_client_left_stops(fresh_world, threads):
-    """HASH reads a whole file in a thread of the pool commits need too: at most
-    HASHING_LIMIT at once in all connections; one whose connection has gone stops before it
-    reads (a read-only user's ten HASHes of a huge file held every thread)."""
-    root = fresh_world[0]
+def test_hashes_take_turns_per_user_and_server_wide_and_one_whose_client_left_stops(fresh_world, threads):
+    """HASH reads a whole file in a thread of the pool commits need too: one at a time per
+    user, HASHING_LIMIT at once in all; one whose connection has gone stops before it reads
+    (a read-only user's ten HASHes of a huge file held every thread)."""
+    from eketwist import spake2plus
+
+    root, users_path, _, _ = fresh_world
     (root / "big.bin").write_bytes(os.urandom(300_000))
+    users = userdb.load(users_path)
+    keys = {}
+    for name in ("ann", "ben"):
+        users.by_name[name] = userdb.make_user(name, "pw", FAST_SCRYPT, rights=userdb.READ)
+        keys[name] = spake2plus.register(b"pw", users.by_name[name].salt, name.encode(), **FAST_SCRYPT)
+    userdb.save(users_path, users)
     first = connected(fresh_world)
     factory = first.factory
-    others = []
-    for index in range(3):
-        other = Conversation(fresh_world, factory=factory, host=f"127.0.0.{index + 2}")
-        other.reach("ready")
-        other.frames_out()
-        others.append(other)
-    everyone = [first, *others]
+
+    def another(user, host):
+        world = (root, users_path, *keys[user]) if user != "fuzzer" else fresh_world
+        conversation = Conversation(world, factory=factory, host=host, user=user)
+        conversation.reach("ready")
+        conversation.frames_out()
+        return conversation
+
+    again = another("fuzzer", "127.0.0.2")  # the same user: waits for its own first
+    ann = another("ann", "127.0.0.3")
+    ben = another("ben", "127.0.0.4")  # a third user: waits for a server-wide turn
+    everyone = [first, again, ann, ben]
     for conversation in everyone:
         conversation.feed(conversation.message_frame({"type": "hash", "path": "big.bin"}))
     factory.clock.advance(0)
-    assert len(threads.pending) == factory.HASHING_LIMIT == 2
-    gone = others[-1]
-    gone.proto.connectionLost(Failure(ConnectionLost()))
+    running = [args[2].username for _, _, args, _ in threads.pending]
+    assert sorted(running) == ["ann", "fuzzer"] and factory.HASHING_LIMIT == 2
+    ben.proto.connectionLost(Failure(ConnectionLost()))  # gone while waiting: never reads
     settle(first, threads)
     digest = hashlib.sha1((root / "big.bin").read_bytes()).hexdigest()
-    for conversation in everyone[:-1]:
+    for conversation in (first, again, ann):
         [answer] = [json.loads(p) for kind, p in conversation.frames_out() if kind == wire.CONTROL]
         assert answer["type"] == "digest" and answer["sha1"] == digest
     assert factory.hashing.tokens == factory.HASHING_LIMIT  # every turn given back
+    assert factory._hashing_by_user == {}  # and no user's turn kept

@@ -76,12 +76,13 @@ def make_world(base, fast_scrypt):
 class Conversation:
     """A well-behaved client, in memory, that brings the server to a state."""
 
-    def __init__(self, world, factory=None, host="127.0.0.1", version=1):
+    def __init__(self, world, factory=None, host="127.0.0.1", version=1, user="fuzzer"):
         """A new connection from `host`: to `factory` (another connection's, for several at once
         from one address), or to a server of its own; speaking protocol `version`."""
         self.world = world
         self.version = version
-        root, users, self.w0, self.w1 = world
+        self.user = user
+        root, users, self.w0, self.w1 = world  # w0, w1: `user`'s
         self.factory = factory or ServerFactory(
             str(root), str(users), "fuzz", policy=guard.Policy(delay_base=0), clock=Clock()
         )
@@ -121,7 +122,7 @@ class Conversation:
         return self.record(1, json.dumps(message).encode())
 
     def hello(self):
-        hello = {"type": "hello", "version": 1, "user": "fuzzer"}
+        hello = {"type": "hello", "version": 1, "user": self.user}
         if self.version != 1:
             hello["versions"] = [1, self.version]
         self.feed(self.handshake_frame(hello))
@@ -164,7 +165,7 @@ class Conversation:
             assert self.proto.state == "share-waiting" and not self.frames_out()
             return
         reply = json.loads(self.frames_out()[-1][1])
-        keys = spake2plus.prover_finish(context(self.version), b"fuzzer", params["server"].encode(), self.w0, self.w1, x,
+        keys = spake2plus.prover_finish(context(self.version), self.user.encode(), params["server"].encode(), self.w0, self.w1, x,
                                         share_p, bytes.fromhex(reply["share"]))
         if state == "confirm":
             return
