@@ -49,6 +49,8 @@ class EketwistError(Exception):
     exit_code = EXIT_FAILURE
     # Seconds before trying again is worth it, when the server says (an ERROR's retry_after).
     retry_after = None
+    # What a request refused part-way had done already (a recursive REMOVE's storage.Removed).
+    freed = None
 
     def __init__(self, message=None):
         super().__init__(message or self.__doc__.strip())

@@ -163,7 +163,7 @@ class Accounts:
             self.log.failure("counting the files under {root} failed", failure, root=path)
             usage.set_counted((0, 0))
 
-        unreadable = []  # filled in the thread, read once it is done
+        unreadable: list = []  # filled in the thread, read once it is done
 
         def counted_all(result):
             if unreadable:

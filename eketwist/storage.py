@@ -887,13 +887,12 @@ class _TreeRemoval:
             frame.fd = None
 
     def run(self):
-        """What was removed (Removed); or the refusal, carrying the number of names as
-        `removed` and what was removed as `freed` (what went before it stays removed)."""
+        """What was removed (Removed); or the refusal, carrying what was removed before it as
+        `freed` (it stays removed)."""
         try:
             while self.frames:
                 self._step()
         except EketwistError as refusal:
-            refusal.removed = self.removed
             refusal.freed = self.result()
             raise
         finally:
@@ -901,7 +900,6 @@ class _TreeRemoval:
                 if frame.fd is not None:
                     os.close(frame.fd)
         if self.left is not None:
-            self.left.removed = self.removed
             self.left.freed = self.result()
             raise self.left
         return self.result()

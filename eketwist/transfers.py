@@ -261,7 +261,7 @@ class Removal(_InThread):
         freed = getattr(failure.value, "freed", None)
         if freed is not None:
             self.connection.freed(freed)
-        removed = getattr(failure.value, "removed", 0)
+        removed = freed.names if freed is not None else 0
         if removed and not self.connection.closing:
             # Refused part-way (an upload running inside, the filesystem said no): what went
             # before is gone for good, and the log says how much.
