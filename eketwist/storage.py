@@ -863,28 +863,12 @@ class _TreeRemoval:
         return "/".join(parts)
 
     def _fd(self, depth):
-        """The descriptor of the directory at `depth`, opened again if it was let go: from
-        the nearest one held, level by level (no recursion: a tree may be thousands deep),
-        the levels opened on the way held too (the next steps up need them), HELD at most."""
-        frame = self.frames[depth]
-        if frame.fd is None:
-            start = depth
-            while start > 0 and self.frames[start - 1].fd is None:
-                start -= 1
-            parent = self.frames[start - 1].fd if start else self.parent_fd
-            for level in range(start, depth + 1):
-                each = self.frames[level]
-                each.fd = self._enter(parent, each.name, self._path(level))
-                parent = each.fd
-                self._hold_at_most()
-        return frame.fd
-
-    def _hold_at_most(self):
-        """Close the shallowest descriptors held past HELD (they are opened again if needed)."""
-        held = [frame for frame in self.frames if frame.fd is not None]
-        for frame in held[: max(0, len(held) - self.HELD)]:
-            os.close(frame.fd)
-            frame.fd = None
+        """The descriptor of the directory at `depth`, opened again if it was let go (a tree
+        may be thousands deep: see open_path)."""
+        return open_path(
+            self.frames, depth, self.parent_fd,
+            lambda parent, level: self._enter(parent, self.frames[level].name, self._path(level)), self.HELD,
+        )
 
     def run(self):
         """What was removed (Removed); or the refusal, carrying what was removed before it as
@@ -927,7 +911,7 @@ class _TreeRemoval:
                     continue
                 raise _change_error(problem, self._path(depth, name)) from None
             self.frames.append(_Frame(name, fd))
-            self._hold_at_most()
+            hold_at_most(self.frames, self.HELD)
             return
         if frame.more:
             return  # another pass over this directory
@@ -1149,22 +1133,15 @@ def _walk_held(held, node):
         if leaving.fd is not None:
             os.close(leaving.fd)
             leaving.fd = None
-    if held[-1] is node:
-        return node.fd
     chain = []
     step = node
     while step is not held[-1]:
         chain.append(step)
         step = step.parent
-    parent_fd = held[-1].fd
-    if parent_fd is None:  # let go: open it again from the nearest one held
-        parent_fd = _reopen(held)
-    for step in reversed(chain):
-        step.fd = _open_directory_nofollow(step.name, parent_fd)
-        held.append(step)
-        parent_fd = step.fd
-        _hold_at_most(held)
-    return node.fd
+    held.extend(reversed(chain))
+    # held[0], the top, is never let go: no base above it is needed.
+    return open_path(held, len(held) - 1, None, lambda parent, level: _open_directory_nofollow(held[level].name, parent),
+                     WALK_HELD - 1, first=1)
 
 
 def _is_ancestor(candidate, node):
@@ -1176,21 +1153,29 @@ def _is_ancestor(candidate, node):
     return False
 
 
-def _reopen(held):
-    """The descriptor of held[-1], let go: opened again level by level from the deepest held."""
-    index = len(held) - 1
-    while held[index].fd is None:
-        index -= 1
-    for level in range(index + 1, len(held)):
-        held[level].fd = _open_directory_nofollow(held[level].name, held[level - 1].fd)
-        _hold_at_most(held[: level + 1])
-    return held[-1].fd
+def open_path(path, depth, base_fd, open_level, limit, first=0):
+    """The descriptor of path[depth], in a path of directories (objects with `fd`, None when
+    let go): the levels let go opened again one by one from the nearest one held (`base_fd`
+    above path[0]), by `open_level(parent_fd, level)`, no recursion, each kept as the next
+    steps need them, at most `limit` held from path[first] on (see hold_at_most)."""
+    start = depth
+    while start > 0 and path[start - 1].fd is None:
+        start -= 1
+    parent = path[start - 1].fd if start else base_fd
+    for level in range(start, depth + 1):
+        if path[level].fd is None:
+            path[level].fd = open_level(parent, level)
+            hold_at_most(path[: level + 1], limit, first)
+        parent = path[level].fd
+    return path[depth].fd
 
 
-def _hold_at_most(held):
-    """Let go of the shallowest descriptors past WALK_HELD (never the top's nor the last)."""
-    open_ones = [node for node in held[1:-1] if node.fd is not None]
-    for node in open_ones[: max(0, len(open_ones) + 2 - WALK_HELD)]:
+def hold_at_most(path, limit, first=0):
+    """Let go of the shallowest descriptors held in path[first:] past `limit`, never the last
+    one's: open_path opens them again when they are needed."""
+    open_ones = [node for node in path[first:-1] if node.fd is not None]
+    held = len(open_ones) + (path[-1].fd is not None)
+    for node in open_ones[: max(0, held - limit)]:
         os.close(node.fd)
         node.fd = None
 
