@@ -656,19 +656,6 @@ def _describe_peer(address):
     return f"{host}:{port}" if host is not None else str(address)
 
 
-class _ForgettingTurn:
-    """A user's HASH turn (DeferredSemaphore(1)) that drops out of the factory's map once no
-    HASH of that user runs or waits."""
-
-    def __init__(self, turn):
-        self._turn = turn
-
-    def run(self, function, *args, **kwargs):
-        done = self._turn.run(function, *args, **kwargs)
-        done.addBoth(self._turn.forget_when_idle)
-        return done
-
-
 class ServerFactory(protocol.Factory):
     protocol = ServerProtocol
     noisy = False
@@ -730,7 +717,7 @@ class ServerFactory(protocol.Factory):
         self.draining = False
         self.committing = 0  # uploads past END awaiting their commit, in all connections
         self.hashing = defer.DeferredSemaphore(self.HASHING_LIMIT)  # HASH requests reading
-        self._hashing_by_user: dict = {}  # one HASH at a time per user (hashing_of)
+        self._hashing_by_user: dict = {}  # one HASH at a time per user (hash_in_turn)
         self.log_limiter = guard.LogLimiter(self.clock)
 
     def transfer_over(self):
@@ -793,20 +780,18 @@ class ServerFactory(protocol.Factory):
         everyone.addCallback(lambda _: deadline.cancel() if deadline.active() else None)
         return everyone
 
-    def hashing_of(self, user):
-        """The turn of `user`'s HASH requests: one at a time, so that one user cannot hold every
-        server-wide turn. Forgotten once idle (a map of every name ever seen would grow)."""
-        turn = self._hashing_by_user.get(user)
-        if turn is None:
-            turn = self._hashing_by_user[user] = defer.DeferredSemaphore(1)
+    def hash_in_turn(self, user, function, *args):
+        """Run `function(*args)` in a thread for a HASH of `user`'s: one at a time per user, then
+        in turn with the other users' (HASHING_LIMIT at once), so that one user cannot hold
+        every turn. A user's turn is forgotten once idle (a map of every name would grow)."""
+        turn = self._hashing_by_user.setdefault(user, defer.DeferredSemaphore(1))
 
-            def forget_when_idle(result):
-                if turn.tokens == turn.limit and not turn.waiting:
-                    self._hashing_by_user.pop(user, None)
-                return result
+        def forget_when_idle(result):
+            if turn.tokens == turn.limit and not turn.waiting and self._hashing_by_user.get(user) is turn:
+                del self._hashing_by_user[user]
+            return result
 
-            turn.forget_when_idle = forget_when_idle
-        return _ForgettingTurn(turn)
+        return turn.run(self.hashing.run, threads.deferToThread, function, *args).addBoth(forget_when_idle)
 
     def track_quota_roots(self, users):
         for user in users.by_name.values():

@@ -291,13 +291,9 @@ class Hashing(_InThread):
             hashing._done((st, cached))
             return
         connection.setTimeout(None)
-        # One at a time per user, then in turn with the other users' (see
-        # ServerFactory.HASHING_LIMIT): a user cannot hold every turn. One whose client has
-        # gone stops at its next block, or before it starts.
-        factory = connection.factory
-        done = factory.hashing_of(connection.username).run(
-            factory.hashing.run, threads.deferToThread, hashing._hash, handle, request.path, connection,
-        )
+        # In turn (ServerFactory.hash_in_turn); one whose client has gone stops at its next
+        # block, or before it starts.
+        done = connection.factory.hash_in_turn(connection.username, hashing._hash, handle, request.path, connection)
         done.addCallbacks(hashing._done, hashing._failed)
 
     @staticmethod
