@@ -19,7 +19,7 @@ import sys
 from . import errors
 from .arguments import build_parser, check_arguments
 from .errors import EketwistError, UsageError
-from .prelude import Prelude
+from .prelude import Prelude, host_port
 from .tuning import tune_allocator
 
 # Tries at an interactive prompt: each a new connection, and each counted by the server.
@@ -86,7 +86,7 @@ def where(args):
     """The server as the user named it, for messages."""
     if args.connect:
         return args.connect
-    return f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+    return host_port(args.host, args.port)
 
 
 def _why_not_connected(problem):

@@ -28,7 +28,8 @@ class FirstRound:
         return "<FirstRound>"  # not w0 or w1
 
 
-def _host_port(host, port):
+def host_port(host, port):
+    """host:port as messages show it (an IPv6 address in brackets)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -39,7 +40,7 @@ class Prelude:
         try:
             self.sock = socket.create_connection((host, port), timeout)
         except OSError as problem:
-            raise errors.ConnectionFailed(f"cannot connect to {_host_port(host, port)}: {problem.strerror or problem}") from None
+            raise errors.ConnectionFailed(f"cannot connect to {host_port(host, port)}: {problem.strerror or problem}") from None
         # Small frames leave at once (see connection.send_small_frames_at_once).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._timeout = timeout
